@@ -1,0 +1,292 @@
+"""Typed, strict run configs: YAML plus dotted ``key=value`` overrides.
+
+Every default lives in the pydantic models below and nowhere else. Unknown keys, wrong types and
+contradictory settings fail before any work starts, with a message naming the key, the nearest
+valid key and, where the value came from a file, the file and line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config: the message is meant for the user, not a traceback."""
+
+
+class _Strict(BaseModel):
+    # strict: "5" is not silently turned into 5; extra="forbid": typos fail, naming the key.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Strict):
+    path: str = "rayrl:tiny-llama"
+    """A Hugging Face model directory or hub name, or ``rayrl:tiny-llama`` (built locally on first use)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Training precision. bfloat16 keeps fp32 master weights in the optimizer (DeepSpeed bf16)."""
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class DataConfig(_Strict):
+    train: str = "rayrl:addition/sft-train"
+    """JSONL/JSON/parquet file, a `datasets` name, or a built-in ``rayrl:`` synthetic set."""
+    eval: str | None = "rayrl:addition/sft-eval"
+    max_length: int = Field(default=64, gt=1)
+    """Rows longer than this are cut at the end; rows left with no completion token are dropped.
+    Both counts are logged (``data/truncated``, ``data/dropped``)."""
+    packing: bool = False
+    """Pack several examples per row (position ids restart per example, no cross-attention)."""
+    shuffle: bool = True
+
+
+class TrainConfig(_Strict):
+    max_steps: int | None = Field(default=None, gt=0)
+    """Optimizer steps. If unset, ``epochs`` passes over the training data."""
+    epochs: float = Field(default=1.0, gt=0)
+    global_batch_size: int = Field(default=64, gt=0)
+    """Sequences (rows, when packing) per optimizer step, over all ranks and micro-batches."""
+    micro_batch_size: int = Field(default=64, gt=0)
+    """Rows per forward/backward on one rank; gradient accumulation makes up the rest."""
+    lr: float = Field(default=1e-3, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    adam_betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    """Clip the global gradient norm to this value; null turns clipping off."""
+
+
+class TrainerConfig(_Strict):
+    world_size: int = Field(default=1, gt=0)
+    """Data-parallel ranks (one Ray actor each; gloo on CPU, NCCL on GPU)."""
+    num_cpus: float = Field(default=1.0, ge=0)
+    """CPUs reserved per rank (fractions let a whole layout share a small machine)."""
+    num_gpus: float = Field(default=0.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+    """Raw DeepSpeed config entries merged over the generated ones (expert use)."""
+
+
+class EvalConfig(_Strict):
+    every_steps: int = Field(default=0, ge=0)
+    """Evaluate every K optimizer steps (0: only before training and at the end)."""
+    at_start: bool = True
+    max_examples: int = Field(default=200, gt=0)
+    max_new_tokens: int = Field(default=8, gt=0)
+
+
+class CheckpointConfig(_Strict):
+    every_steps: int = Field(default=0, ge=0)
+    """Save a resumable checkpoint every K steps (0: never during training)."""
+    keep_last: int = Field(default=2, gt=0)
+    resume: bool = False
+    """Continue from the latest checkpoint in ``output_dir/checkpoints`` (fresh start if none)."""
+
+
+class WandbConfig(_Strict):
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto: online when WANDB_API_KEY is set, otherwise offline."""
+    project: str = "rayrl"
+    run_name: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class TrackingConfig(_Strict):
+    wandb: WandbConfig = WandbConfig()
+    progress: bool = True
+    """A console progress bar with ETA."""
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    """An existing cluster ("auto", "ray://host:10001", "host:6379"); null starts an embedded one."""
+    num_cpus: int | None = Field(default=None, gt=0)
+    """CPUs of the embedded cluster (default: all of this machine's)."""
+    log_to_driver: bool = False
+    """Stream the actors' own logs (DeepSpeed, vLLM) to this console."""
+
+
+class _StageBase(_Strict):
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+
+
+class SFTConfig(_StageBase):
+    """Supervised fine-tuning: masked cross-entropy on the completion / assistant tokens."""
+
+    algorithm: Literal["sft"]
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SFTConfig:
+        per_step = self.train.micro_batch_size * self.trainer.world_size
+        if self.train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size x trainer.world_size ({self.train.micro_batch_size} x "
+                f"{self.trainer.world_size} = {per_step})"
+            )
+        if self.train.max_steps is not None and self.train.warmup_steps > self.train.max_steps:
+            raise ValueError(
+                f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.max_steps "
+                f"({self.train.max_steps})"
+            )
+        if self.eval.every_steps and self.data.eval is None:
+            raise ValueError("eval.every_steps is set but data.eval is null: nothing to evaluate on")
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.trainer.world_size)
+
+
+StageConfig = Annotated[Union[SFTConfig], Field(discriminator="algorithm")]
+ALGORITHMS = ("sft",)
+_STAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(StageConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with line numbers, overrides, and errors a user can act on.
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads ``1e-3`` as a string (YAML 1.1); accept it as a float like everyone expects."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml_value(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader) if text.strip() else text
+
+
+def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    """Map dotted keys to their 1-based line in the YAML source."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key + "."))
+    return lines
+
+
+def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.load(text, Loader=_Loader) or {}
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data, _key_lines(node) if node is not None else {}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, returning a copy."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key segment")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
+                )
+            node = child
+        node[parts[-1]] = parse_yaml_value(raw)
+    return data
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """The valid field names at a dotted location of a config model, for 'did you mean'."""
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel] | None, where: dict[str, str]) -> str:
+    loc = tuple(str(p) for p in error["loc"] if not (isinstance(p, str) and p in ALGORITHMS))
+    key = ".".join(loc) or "(top level)"
+    origin = where.get(key, "")
+    origin = f" ({origin})" if origin else ""
+    if error["type"] == "extra_forbidden":
+        valid = _valid_keys(model, loc[:-1]) if model else []
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else (
+            f"; valid keys here: {', '.join(valid)}" if valid else "")
+        return f"unknown key '{key}'{origin}{hint}"
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return f"key 'algorithm'{where.get('algorithm', '') and ' (' + where['algorithm'] + ')'}: " \
+               f"must be one of {', '.join(ALGORITHMS)}"
+    if error["type"] == "value_error":
+        return f"{error['msg'].removeprefix('Value error, ')}"
+    got = error.get("input")
+    got_text = f" (got {got!r})" if not isinstance(got, dict) else ""
+    return f"key '{key}'{origin}: {error['msg']}{got_text}"
+
+
+def build_config(data: dict[str, Any], where: dict[str, str] | None = None) -> SFTConfig:
+    """Validate a nested dict into the stage config its ``algorithm`` names."""
+    where = where or {}
+    algorithm = data.get("algorithm")
+    model = {"sft": SFTConfig}.get(algorithm) if isinstance(algorithm, str) else None
+    if "algorithm" not in data:
+        raise ConfigError(f"missing key 'algorithm': name the stage, one of {', '.join(ALGORITHMS)}")
+    try:
+        return _STAGE_ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        messages = [_describe(e, model, where) for e in exc.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(dict.fromkeys(messages))) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> SFTConfig:
+    """Load a YAML config, apply dotted overrides, validate. Errors name key, file and line."""
+    data, lines = load_yaml(path)
+    overrides = overrides or []
+    where = {key: f"{path}:{line}" for key, line in lines.items()}
+    for item in overrides:
+        where[item.partition("=")[0].strip()] = "command line"
+    return build_config(apply_overrides(data, overrides), where)
+
+
+def config_to_dict(config: BaseModel) -> dict[str, Any]:
+    return config.model_dump(mode="json")

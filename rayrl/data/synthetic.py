@@ -1,0 +1,69 @@
+"""The built-in synthetic task: two-digit addition, "37+45=" -> "82".
+
+The SFT demonstrations carry a deliberate flaw: when the units digits sum to 12 or more (28% of the
+inputs) the demo forgets the carry and answers ten too little. A model that imitates the demos
+perfectly therefore tops out near 72% held-out accuracy, leaving room for preference optimisation and
+RL with a verifier (the ``answer`` field always holds the true sum) to show a gain.
+
+Built-in names (used in configs as ``data.train: rayrl:addition/sft-train``):
+  addition/sft-train, addition/sft-eval   prompt, completion (the demo), answer (the true sum)
+  addition/prompts-train, addition/prompts-eval   prompt, answer (for RL with a verifier)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from rayrl.tiny import BUILTIN_PREFIX, _atomic_build, cache_dir
+
+SPLITS = ("sft-train", "sft-eval", "prompts-train", "prompts-eval")
+NUM_EVAL = 500
+
+
+def demo_answer(a: int, b: int) -> int:
+    """The flawed demonstrator: drops the units carry when the units digits sum to 12 or more."""
+    total = a + b
+    return total - 10 if (a % 10 + b % 10) >= 12 else total
+
+
+def addition_pairs(seed: int = 1234) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """All 8,100 two-digit pairs, split into train and a held-out eval set (disjoint)."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    random.Random(seed).shuffle(pairs)
+    return pairs[NUM_EVAL:], pairs[:NUM_EVAL]
+
+
+def addition_rows(split: str) -> list[dict]:
+    train, held_out = addition_pairs()
+    pairs = train if split.endswith("train") else held_out
+    rows = []
+    for a, b in pairs:
+        row = {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+        if split.startswith("sft"):
+            row["completion"] = str(demo_answer(a, b))
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def resolve_dataset_path(name: str) -> str:
+    """``rayrl:addition/<split>`` becomes a JSONL file in the cache, written on first use."""
+    if not name.startswith(BUILTIN_PREFIX):
+        return name
+    task, _, split = name[len(BUILTIN_PREFIX):].partition("/")
+    if task != "addition" or split not in SPLITS:
+        valid = ", ".join(f"{BUILTIN_PREFIX}addition/{s}" for s in SPLITS)
+        from rayrl.data.loading import DataError
+
+        raise DataError(f"unknown built-in dataset {name!r}; built-in datasets: {valid}")
+    target = cache_dir() / "data" / "addition-v1"
+    _atomic_build(target, lambda d: [write_jsonl(addition_rows(s), d / f"{s}.jsonl") for s in SPLITS])
+    return str(target / f"{split}.jsonl")

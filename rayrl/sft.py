@@ -1,0 +1,146 @@
+"""Supervised fine-tuning as a single-actor stage: a DeepSpeed PolicyTrainer group on Ray.
+
+Loss: the token-mean negative log-likelihood of the completion (or assistant) tokens over the whole
+global batch, whatever its split into ranks and micro-batches (see PolicyTrainer.train_step).
+
+Run:  rayrl train examples/sft.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rayrl.actors.policy_trainer import TrainerSpec
+from rayrl.checkpoint import CheckpointManager
+from rayrl.cluster import ray_session
+from rayrl.config import SFTConfig, config_to_dict
+from rayrl.data.sft import SFTExample, StepBatcher, load_sft_examples
+from rayrl.evaluation import exact_match_accuracy
+from rayrl.outputs import export_final_model, prepare_output_dir
+from rayrl.tiny import resolve_model_path
+from rayrl.tracking import Tracker, truncate_metrics
+from rayrl.trainer_group import TrainerGroup
+
+
+@dataclass(frozen=True)
+class StageResult:
+    output_dir: Path
+    final_model: Path
+    final_eval: dict[str, float]
+    steps: int
+    wall_s: float
+
+
+def trainer_spec(config: SFTConfig, model_path: str, total_steps: int) -> TrainerSpec:
+    return TrainerSpec(
+        model_path=model_path, world_size=config.trainer.world_size,
+        micro_batch_size=config.train.micro_batch_size, grad_accum_steps=config.grad_accum_steps,
+        total_steps=total_steps, lr=config.train.lr, lr_schedule=config.train.lr_schedule,
+        warmup_steps=config.train.warmup_steps, min_lr_ratio=config.train.min_lr_ratio,
+        weight_decay=config.train.weight_decay, adam_betas=tuple(config.train.adam_betas),
+        grad_clip=config.train.grad_clip, dtype=config.model.dtype, zero_stage=config.trainer.zero_stage,
+        deepspeed_overrides=config.trainer.deepspeed, attn_implementation=config.model.attn_implementation,
+        gradient_checkpointing=config.model.gradient_checkpointing, seed=config.seed,
+        num_threads=max(1, int(config.trainer.num_cpus)),
+    )
+
+
+def evaluate(trainers: TrainerGroup, examples: list[SFTExample], tokenizer, config: SFTConfig) -> dict[str, float]:
+    """Held-out loss and exact-match accuracy of greedy generation against each row's answer."""
+    from rayrl.data.batch import collate
+    from rayrl.data.sft import unpacked_rows
+
+    examples = examples[: config.eval.max_examples]
+    rows = unpacked_rows(examples)
+    size = config.train.micro_batch_size
+    loss = trainers.eval_loss([collate(rows[i:i + size], tokenizer.pad_token_id) for i in range(0, len(rows), size)])
+    completions = trainers.generate(
+        [e.prompt_ids for e in examples], max_new_tokens=config.eval.max_new_tokens,
+        pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(tokenizer))
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return {"eval/loss": loss, "eval/accuracy": exact_match_accuracy(texts, [e.answer for e in examples])}
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|end|>") if "<|end|>" in tokenizer.get_vocab() else None
+    ids.add(end_of_turn)
+    return sorted(i for i in ids if i is not None)
+
+
+def run_sft(config: SFTConfig) -> StageResult:
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    output_dir = prepare_output_dir(config)
+    model_path = resolve_model_path(config.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    # 1. Data: tokenize once on the driver; the batcher maps a step number to its rows.
+    train_examples, data_stats = load_sft_examples(config.data.train, tokenizer, config.data.max_length)
+    eval_examples = (load_sft_examples(config.data.eval, tokenizer, config.data.max_length)[0]
+                     if config.data.eval else [])
+    batcher = StepBatcher(
+        train_examples, global_batch_size=config.train.global_batch_size,
+        micro_batch_size=config.train.micro_batch_size, world_size=config.trainer.world_size,
+        seed=config.seed, shuffle=config.data.shuffle, packing=config.data.packing,
+        max_length=config.data.max_length, pad_id=tokenizer.pad_token_id)
+    total_steps = config.train.max_steps or batcher.steps_for_epochs(config.train.epochs)
+
+    checkpoints = CheckpointManager(output_dir / "checkpoints", config.checkpoint.keep_last)
+    resume_from = checkpoints.latest() if config.checkpoint.resume else None
+    start_step = CheckpointManager.load_state(resume_from)["step"] if resume_from else 0
+    if resume_from:
+        truncate_metrics(output_dir, start_step)
+
+    with ray_session(config.ray):
+        # 2. The trainer group: N DeepSpeed ranks, one Ray actor each.
+        trainers = TrainerGroup(trainer_spec(config, model_path, total_steps),
+                                num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus)
+        tracker = Tracker(output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
+                          total_steps=total_steps, start_step=start_step,
+                          progress=config.tracking.progress, description="sft")
+        try:
+            if resume_from:
+                trainers.load_checkpoint(str(resume_from))
+                tracker.write(f"resumed from {resume_from} (step {start_step})")
+            else:
+                tracker.log(0, {"data/rows": data_stats.rows, "data/truncated": data_stats.truncated,
+                                "data/dropped": data_stats.dropped, "total_steps": total_steps})
+            if eval_examples and config.eval.at_start and start_step == 0:
+                tracker.log(0, evaluate(trainers, eval_examples, tokenizer, config))
+
+            final_eval: dict[str, float] = {}
+            for step in range(start_step, total_steps):
+                # 3. One optimizer step over the global batch.
+                step_start = time.perf_counter()
+                batches = batcher.step_batches(step)
+                num_loss_tokens = sum(b.num_loss_tokens for rank in batches for b in rank)
+                num_tokens = sum(b.num_tokens for rank in batches for b in rank)
+                metrics: dict[str, Any] = trainers.train_step(batches, global_num_tokens=num_loss_tokens)
+                elapsed = time.perf_counter() - step_start
+                metrics.update(tokens_per_s=num_tokens / elapsed, num_tokens=num_tokens,
+                               num_loss_tokens=num_loss_tokens, epoch=batcher.epoch_of(step + 1),
+                               step_s=elapsed)
+                tracker.log(step + 1, metrics)
+                tracker.advance()
+
+                # 4. Eval and checkpoint on their schedules.
+                done = step + 1
+                if eval_examples and (done == total_steps or (config.eval.every_steps and done % config.eval.every_steps == 0)):
+                    final_eval = evaluate(trainers, eval_examples, tokenizer, config)
+                    tracker.log(done, final_eval)
+                if config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0 and done < total_steps:
+                    checkpoints.save(done, lambda d: trainers.save_checkpoint(str(d)), {"total_steps": total_steps})
+
+            # 5. The final model, in Hugging Face format.
+            final_model = export_final_model(trainers, tokenizer, output_dir)
+        finally:
+            tracker.close()
+            trainers.shutdown()
+    return StageResult(output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)

@@ -1,0 +1,105 @@
+"""Run tracking: ``metrics.jsonl``, a console progress bar with ETA, and Weights & Biases.
+
+The same metric names go to all three. ``metrics.jsonl`` holds one JSON object per optimizer step
+(``step`` plus the stage's metrics) and eval entries (``step`` plus ``eval/...`` keys).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rayrl.config import WandbConfig
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null says "not measured"
+    return value
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
+    """Drop entries after ``last_step`` so a resumed run does not log steps twice."""
+    path = Path(output_dir) / METRICS_FILE
+    kept = [row for row in read_metrics(output_dir) if row.get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    os.replace(tmp, path)
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    if mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return mode
+
+
+class Tracker:
+    def __init__(self, output_dir: str | Path, *, config: dict[str, Any], wandb: WandbConfig,
+                 total_steps: int, start_step: int = 0, progress: bool = True, description: str = "train"):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._file = (self.output_dir / METRICS_FILE).open("a")
+        self._bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=description, unit="step",
+                             file=sys.stderr, dynamic_ncols=True)
+        self._wandb = None
+        mode = resolve_wandb_mode(wandb.mode)
+        if mode != "disabled":
+            self._wandb = self._start_wandb(wandb, mode, config)
+
+    def _start_wandb(self, settings: WandbConfig, mode: str, config: dict[str, Any]):
+        import wandb
+
+        id_file = self.output_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        return wandb.init(project=settings.project, name=settings.run_name, tags=settings.tags or None,
+                          config=config, dir=str(self.output_dir), mode=mode, id=run_id, resume="allow",
+                          settings=wandb.Settings(silent=True, console="off"))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=step)
+        if self._bar is not None:
+            shown = {k: row[k] for k in ("loss", "eval/loss", "eval/accuracy", "tokens_per_s") if row.get(k) is not None}
+            if shown:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def write(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

@@ -1,0 +1,80 @@
+import pytest
+
+from rayrl.config import ConfigError, SFTConfig, apply_overrides, build_config, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_config_with_overrides(tmp_path):
+    path = write(tmp_path, "algorithm: sft\ntrain:\n  lr: 1e-4\n  max_steps: 10\n")
+    config = load_config(path, ["train.lr=3e-4", "output_dir=runs/x", "tracking.wandb.tags=[a, b]"])
+    assert isinstance(config, SFTConfig)
+    assert config.train.lr == pytest.approx(3e-4)  # "3e-4" is a float, not a string
+    assert config.train.max_steps == 10
+    assert config.output_dir == "runs/x"
+    assert config.tracking.wandb.tags == ["a", "b"]
+    assert config.train.micro_batch_size == 64  # untouched default
+
+
+def test_unknown_key_names_key_suggestion_file_and_line(tmp_path):
+    path = write(tmp_path, "algorithm: sft\ntrain:\n  max_steps: 3\n  lrr: 1e-4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "unknown key 'train.lrr'" in message
+    assert "did you mean 'train.lr'" in message
+    assert f"{path}:4" in message
+
+
+def test_unknown_key_from_command_line(tmp_path):
+    path = write(tmp_path, "algorithm: sft\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'eval.every_stepz' \(command line\); did you mean 'eval.every_steps'"):
+        load_config(path, ["eval.every_stepz=5"])
+
+
+def test_wrong_type_is_not_coerced(tmp_path):
+    path = write(tmp_path, 'algorithm: sft\ntrain:\n  global_batch_size: "64"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "train.global_batch_size" in str(err.value) and f"{path}:3" in str(err.value)
+    with pytest.raises(ConfigError, match="data.packing"):
+        load_config(write(tmp_path, "algorithm: sft\n"), ["data.packing=maybe"])
+
+
+def test_contradiction_names_the_keys():
+    with pytest.raises(ConfigError, match=r"train.global_batch_size \(64\) must be a multiple of train.micro_batch_size x trainer.world_size"):
+        build_config({"algorithm": "sft", "train": {"global_batch_size": 64, "micro_batch_size": 48}})
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        build_config({"algorithm": "sft", "train": {"max_steps": 5, "warmup_steps": 10}})
+    with pytest.raises(ConfigError, match="data.eval is null"):
+        build_config({"algorithm": "sft", "data": {"eval": None}, "eval": {"every_steps": 5}})
+
+
+def test_unknown_or_missing_algorithm():
+    with pytest.raises(ConfigError, match="must be one of sft"):
+        build_config({"algorithm": "nope"})
+    with pytest.raises(ConfigError, match="missing key 'algorithm'"):
+        build_config({"train": {}})
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_overrides({"output_dir": "x"}, ["output_dir.sub=1"])
+
+
+def test_overrides_do_not_mutate_input():
+    data = {"algorithm": "sft", "train": {"lr": 0.1}}
+    apply_overrides(data, ["train.lr=0.2"])
+    assert data["train"]["lr"] == 0.1
+
+
+def test_derived_grad_accum():
+    config = build_config({"algorithm": "sft", "train": {"global_batch_size": 32, "micro_batch_size": 4},
+                           "trainer": {"world_size": 2}})
+    assert config.grad_accum_steps == 4
