@@ -1,4 +1,4 @@
-"""PolicyTrainer: one data-parallel rank of a DeepSpeed engine over a Hugging Face causal LM.
+"""PolicyTrainer: one data-parallel rank of the policy, a DeepSpeed engine over an HF causal LM.
 
 A plain class with typed methods. The driver wraps it with ``ray.remote`` (one actor per rank) and
 calls every method on all ranks: DeepSpeed's collectives need every rank to take part.
@@ -6,71 +6,18 @@ calls every method on all ranks: DeepSpeed's collectives need every rank to take
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+import contextlib
+from typing import Iterator
 
 import torch
 
+from rayrl.actors.engine import TrainerSpec, TrainingEngine, init_process_group, node_ip, rendezvous_address
+from rayrl.actors.models import export_model, load_model, param_groups, virtual_token_count
 from rayrl.data.batch import TokenBatch
+from rayrl.data.preference import KTOBatch, PreferenceBatch
+from rayrl.preference_objective import PreferenceObjective, preference_loss
 
-
-@dataclass(frozen=True)
-class TrainerSpec:
-    """Everything a rank needs to build its engine (derived from a stage config by the driver)."""
-
-    model_path: str
-    world_size: int
-    micro_batch_size: int
-    grad_accum_steps: int
-    total_steps: int
-    lr: float
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = 1.0
-    dtype: str = "float32"
-    zero_stage: int = 0
-    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
-    attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    num_threads: int = 1
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def deepspeed_config(spec: TrainerSpec) -> dict[str, Any]:
-    config = {
-        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
-        "gradient_accumulation_steps": spec.grad_accum_steps,
-        "train_batch_size": spec.micro_batch_size * spec.grad_accum_steps * spec.world_size,
-        "gradient_clipping": spec.grad_clip or 0.0,
-        "zero_optimization": {"stage": spec.zero_stage},
-        "bf16": {"enabled": spec.dtype == "bfloat16"},
-        # A client torch AdamW compiles nothing (DeepSpeed's fused/CPU Adam JIT-compile for ~45 s).
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    return deep_merge(config, spec.deepspeed_overrides)
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+__all__ = ["PolicyTrainer", "TrainerSpec"]
 
 
 class PolicyTrainer:
@@ -79,123 +26,153 @@ class PolicyTrainer:
     def __init__(self, spec: TrainerSpec, rank: int):
         self.spec = spec
         self.rank = rank
-        self.engine = None
+        self.train_engine: TrainingEngine | None = None
+        self.reference: torch.nn.Module | None = None
         torch.set_num_threads(max(1, spec.num_threads))
 
     # ---- set-up -----------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
-        """This node's IP and a free port for the process-group rendezvous (called on rank 0)."""
-        import ray
-
-        ip = ray.util.get_node_ip_address()
-        with socket.socket() as sock:
-            sock.bind((ip, 0))
-            return ip, sock.getsockname()[1]
+        return rendezvous_address()
 
     def node_ip(self) -> str:
-        import ray
+        return node_ip()
 
-        return ray.util.get_node_ip_address()
-
-    def setup(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int) -> dict:
-        import deepspeed
-        from transformers import AutoModelForCausalLM
-
-        from rayrl.optim import decay_param_groups, lr_multiplier
-
+    def setup(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int,
+              separate_reference: bool = False) -> dict:
+        """Build the engine. ``separate_reference`` loads a frozen copy of the starting weights for
+        reference log-probs (not needed with PEFT: the adapter-disabled base is the reference)."""
         spec = self.spec
-        on_gpu = torch.cuda.is_available()
-        os.environ.update({
-            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
-            "RANK": str(self.rank), "WORLD_SIZE": str(spec.world_size),
-            # Ray gives each GPU actor its own visible device: it is always cuda:0 there.
-            "LOCAL_RANK": "0" if on_gpu else str(local_rank),
-            "LOCAL_SIZE": "1" if on_gpu else str(local_world_size),
-        })
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False,
-                                   verbose=False)
+        init_process_group(self.rank, spec.world_size, master_addr, master_port, local_rank, local_world_size)
         torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.model_path, torch_dtype=torch.float32, attn_implementation=spec.attn_implementation)
-        if spec.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            model.config.use_cache = False
-        optimizer = torch.optim.AdamW(decay_param_groups(model.named_parameters(), spec.weight_decay),
-                                      lr=spec.lr, betas=tuple(spec.adam_betas))
+        model = load_model(spec.model_path, "causal_lm", attn_implementation=spec.attn_implementation,
+                           pad_token_id=None, peft=spec.peft, gradient_checkpointing=spec.gradient_checkpointing)
+        groups = param_groups(model, weight_decay=spec.weight_decay, lr=spec.lr,
+                              lora_plus_ratio=spec.peft.lora_plus_ratio if spec.peft else None)
+        self.train_engine = TrainingEngine(spec, model, groups)
+        if separate_reference and spec.peft is None:
+            self.reference = load_model(spec.model_path, "causal_lm", attn_implementation=spec.attn_implementation,
+                                        pad_token_id=None, peft=None, gradient_checkpointing=False)
+            self.reference.to(self.train_engine.device).eval().requires_grad_(False)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return {"rank": self.rank, "parameters": sum(p.numel() for p in model.parameters()), "trainable": trainable}
 
-        def schedule(step: int) -> float:
-            return lr_multiplier(step, schedule=spec.lr_schedule, warmup_steps=spec.warmup_steps,
-                                 total_steps=spec.total_steps, min_lr_ratio=spec.min_lr_ratio)
-
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(spec),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
-        return {"rank": self.rank, "parameters": sum(p.numel() for p in model.parameters())}
-
-    # ---- numerics ---------------------------------------------------------------------------
-    def _forward_logprobs(self, batch: TokenBatch) -> torch.Tensor:
-        """(B, T-1) log-probs of each next token under the current weights."""
+    # ---- forward passes ---------------------------------------------------------------------
+    def _token_logprobs(self, batch: TokenBatch, model=None) -> torch.Tensor:
+        """(B, T-1) log-probs of each next token (the policy, or ``model`` if given)."""
         from rayrl.algorithms import token_logprobs
 
-        device = self.engine.device
+        engine = self.train_engine
+        device = engine.device
+        inputs = {"input_ids": batch.input_ids.to(device), "use_cache": False}
         if batch.is_packed:
             dtype = None if self.spec.attn_implementation == "sdpa" else self._compute_dtype()
-            attention_mask = batch.block_causal_mask(dtype).to(device)
+            inputs["attention_mask"] = batch.block_causal_mask(dtype).to(device)
+            inputs["position_ids"] = batch.position_ids.to(device)
         else:
-            attention_mask = batch.padding_mask().to(device)
-        input_ids = batch.input_ids.to(device)
-        logits = self.engine(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=batch.position_ids.to(device), use_cache=False).logits
-        return token_logprobs(logits[:, :-1], input_ids[:, 1:])
+            inputs["attention_mask"] = batch.padding_mask().to(device)
+        logits = (model or engine.forward)(**inputs).logits
+        logits = logits[:, virtual_token_count(self.spec.peft):]
+        return token_logprobs(logits[:, :-1], inputs["input_ids"][:, 1:])
 
     def _compute_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.spec.dtype == "bfloat16" else torch.float32
 
-    def train_step(self, micro_batches: list[TokenBatch], global_num_tokens: int) -> dict[str, float]:
-        """One optimizer step over this rank's micro-batches.
+    @contextlib.contextmanager
+    def _reference_weights(self) -> Iterator[object]:
+        """The model to call for reference log-probs: the frozen copy, the adapter-disabled base
+        (PEFT), or, with neither, the current policy (used before training: the precompute pass)."""
+        if self.reference is not None:
+            yield self.reference
+        elif self.spec.peft is not None:
+            with self.train_engine.module.disable_adapter():
+                yield None
+        else:
+            yield None
 
-        Every micro-batch contributes sum(NLL) / global_num_tokens: summed over all micro-batches and
-        ranks that is the token-mean over the whole global batch, whatever the split. DeepSpeed
-        averages gradients over ranks, so the loss handed to it is scaled by the world size, and
-        gradient accumulation must not divide again (scale_wrt_gas=False).
-        """
+    @torch.no_grad()
+    def sequence_logprobs(self, batch: TokenBatch, reference: bool = False) -> torch.Tensor:
+        """(B,) summed log-probs of each row's target tokens (loss_mask), no gradient."""
+        self.train_engine.engine.eval()
+        mask = batch.loss_mask[:, 1:].to(self.train_engine.device)
+        if reference:
+            with self._reference_weights() as model:
+                logps = self._token_logprobs(batch, model)
+        else:
+            logps = self._token_logprobs(batch)
+        return torch.where(mask, logps, torch.zeros_like(logps)).sum(-1).cpu()
+
+    # ---- training steps ---------------------------------------------------------------------
+    def train_sft_step(self, micro_batches: list[TokenBatch], global_num_tokens: int) -> dict[str, float]:
+        """One optimizer step of masked NLL, normalised by the global-batch target-token count."""
         from rayrl.algorithms import sft_loss
 
-        assert len(micro_batches) == self.spec.grad_accum_steps, "micro-batch count != grad_accum_steps"
-        self.engine.train()
-        loss_share = 0.0
-        lr = self.engine.get_lr()[0]
-        grad_norm = float("nan")
-        for index, batch in enumerate(micro_batches):
-            logps = self._forward_logprobs(batch)
-            mask = batch.loss_mask[:, 1:].to(logps.device)
-            loss, _ = sft_loss(logps, mask, global_num_tokens=global_num_tokens)
-            self.engine.backward(loss * self.spec.world_size, scale_wrt_gas=False)
-            loss_share += float(loss.detach())
-            if index == len(micro_batches) - 1:
-                grad_norm = self._grad_norm_before_step()
-            # DeepSpeed counts micro-steps in step(): it only updates weights at the boundary.
-            self.engine.step()
-        ds_norm = self.engine.get_global_grad_norm()
-        if ds_norm is not None:
-            grad_norm = float(ds_norm)
-        return {"loss_share": loss_share, "grad_norm": grad_norm, "lr": lr, "peak_rss_mb": peak_rss_mb()}
+        def loss_fn(batch: TokenBatch):
+            logps = self._token_logprobs(batch)
+            loss, _ = sft_loss(logps, batch.loss_mask[:, 1:].to(logps.device), global_num_tokens=global_num_tokens)
+            return loss, {}
 
-    def _grad_norm_before_step(self) -> float:
-        # Plain (ZeRO-0, fp32) DeepSpeed clips without recording the norm; the grads are already
-        # all-reduced here, so measure them ourselves. Other modes report the norm after step().
-        if self.spec.zero_stage != 0 or self.spec.dtype != "float32":
-            return float("nan")
-        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.stack(norms).norm()) if norms else 0.0
+        return self.train_engine.optimizer_step(micro_batches, loss_fn)
+
+    def _preference_losses(self, batch: PreferenceBatch | KTOBatch, objective: PreferenceObjective):
+        policy = self._response_logprobs(batch.tokens)
+        reference = self._reference_for(batch.tokens, batch.ref_logps, objective)
+        mismatched = mismatched_ref = None
+        if isinstance(batch, KTOBatch):
+            with torch.no_grad():  # z0 is detached: no gradient through the mismatched pairs
+                mismatched = self._response_logprobs(batch.mismatched)
+            mismatched_ref = self._reference_for(batch.mismatched, batch.ref_mismatched_logps, objective)
+        return preference_loss(objective, policy, reference, batch, mismatched, mismatched_ref)
+
+    def train_preference_step(self, micro_batches: list[PreferenceBatch] | list[KTOBatch],
+                              global_num_examples: int, objective: PreferenceObjective) -> dict[str, float]:
+        """One optimizer step of a DPO-family (or KTO) loss, mean over the global batch's examples.
+
+        KTO's z0 is estimated per micro-batch (TRL all-reduces it over ranks first)."""
+
+        def loss_fn(batch):
+            losses, stats = self._preference_losses(batch, objective)
+            share = len(losses) / global_num_examples
+            return losses.sum() / global_num_examples, {k: float(v) * share for k, v in stats.items()}
+
+        return self.train_engine.optimizer_step(micro_batches, loss_fn)
+
+    @torch.no_grad()
+    def eval_preference(self, micro_batches: list[PreferenceBatch] | list[KTOBatch],
+                        objective: PreferenceObjective) -> dict[str, float]:
+        """Mean loss and stats over the given batches (implicit-reward accuracy etc.)."""
+        self.train_engine.engine.eval()
+        count = sum(b.num_examples for b in micro_batches)
+        totals: dict[str, float] = {}
+        for batch in micro_batches:
+            losses, stats = self._preference_losses(batch, objective)
+            share = len(losses) / count
+            for key, value in {"loss": losses.mean(), **stats}.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * share
+        return totals
+
+    def _response_logprobs(self, tokens: TokenBatch):
+        from rayrl.preference_objective import ResponseLogprobs
+
+        logps = self._token_logprobs(tokens)
+        return ResponseLogprobs.from_tokens(logps, tokens.loss_mask[:, 1:].to(logps.device))
+
+    def _reference_for(self, tokens: TokenBatch, precomputed: torch.Tensor | None, objective: PreferenceObjective):
+        if not objective.needs_reference:
+            return None
+        if precomputed is not None:
+            return precomputed.to(self.train_engine.device)
+        with torch.no_grad(), self._reference_weights() as model:
+            logps = self._token_logprobs(tokens, model)
+        mask = tokens.loss_mask[:, 1:].to(logps.device)
+        return torch.where(mask, logps, torch.zeros_like(logps)).sum(-1)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[TokenBatch]) -> tuple[float, int]:
-        """(sum of NLL over target tokens, number of target tokens) on this rank's share."""
-        self.engine.eval()
+        """(sum of NLL over target tokens, number of target tokens) on the given batches."""
+        self.train_engine.engine.eval()
         total, count = 0.0, 0
         for batch in micro_batches:
-            logps = self._forward_logprobs(batch)
+            logps = self._token_logprobs(batch)
             mask = batch.loss_mask[:, 1:].to(logps.device)
             total += float(-(logps * mask).sum())
             count += int(mask.sum())
@@ -205,9 +182,9 @@ class PolicyTrainer:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
                  stop_ids: list[int]) -> list[list[int]]:
         """Greedy completions (token ids, stop token excluded). All ranks must call it under ZeRO-3."""
-        self.engine.eval()
-        module = self.engine.module
-        device = self.engine.device
+        self.train_engine.engine.eval()
+        module = self.train_engine.module
+        device = self.train_engine.device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -224,35 +201,22 @@ class PolicyTrainer:
             completions.append(row[:cut])
         return completions
 
+    def param_group_lrs(self) -> list[dict]:
+        return self.train_engine.param_group_lrs()
+
     # ---- persistence ------------------------------------------------------------------------
     def save_checkpoint(self, directory: str) -> float:
-        start = time.perf_counter()
-        self.engine.save_checkpoint(directory, tag="engine")
-        return time.perf_counter() - start
+        return self.train_engine.save_checkpoint(directory)
 
     def load_checkpoint(self, directory: str) -> None:
-        path, _ = self.engine.load_checkpoint(directory, tag="engine")
-        if path is None:
-            raise RuntimeError(f"no DeepSpeed checkpoint under {directory}")
+        self.train_engine.load_checkpoint(directory)
 
     def export_hf(self, directory: str) -> None:
-        """Write the full model in Hugging Face format (safetensors) from rank 0."""
-        import deepspeed
-        import torch.distributed as dist
-
-        module = self.engine.module
-        if self.spec.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
-        else:
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
+        """Write the full model (and/or the adapter) in Hugging Face format from rank 0."""
+        state = self.train_engine.full_state_dict(self.rank)
         if self.rank == 0:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            module.save_pretrained(directory, state_dict=state, safe_serialization=True)
-        dist.barrier()
+            export_model(self.train_engine.module, state, directory, self.spec.peft)
+        self.train_engine.barrier()
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        TrainingEngine.shutdown()

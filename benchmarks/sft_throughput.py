@@ -30,14 +30,14 @@ def load(threads: int):
     import torch
     from transformers import AutoTokenizer
 
-    from rayrl.data.sft import StepBatcher, load_sft_examples
+    from rayrl.data.sft import load_sft_examples, sft_step_batcher
     from rayrl.tiny import resolve_model_path
 
     torch.set_num_threads(threads)
     model_path = resolve_model_path("rayrl:tiny-llama")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     examples, _ = load_sft_examples("rayrl:addition/sft-train", tokenizer, max_length=16)
-    batcher = StepBatcher(examples, global_batch_size=64, micro_batch_size=64, world_size=1, seed=0,
+    batcher = sft_step_batcher(examples, global_batch_size=64, micro_batch_size=64, world_size=1, seed=0,
                           shuffle=True, packing=False, max_length=16, pad_id=tokenizer.pad_token_id)
     return model_path, batcher
 
@@ -69,7 +69,8 @@ def bench_plain(model_path, batcher, steps: int) -> list[float]:
 def bench_engine(model_path, batcher, steps: int, threads: int) -> list[float]:
     import socket
 
-    from rayrl.actors.policy_trainer import PolicyTrainer, TrainerSpec
+    from rayrl.actors.engine import TrainerSpec
+    from rayrl.actors.policy_trainer import PolicyTrainer
 
     spec = TrainerSpec(model_path=model_path, world_size=1, micro_batch_size=64, grad_accum_steps=1,
                        total_steps=steps, lr=1e-3, lr_schedule="constant", num_threads=threads)
@@ -82,7 +83,7 @@ def bench_engine(model_path, batcher, steps: int, threads: int) -> list[float]:
     for step in range(steps):
         start = time.perf_counter()
         batches = batcher.step_batches(step)[0]
-        trainer.train_step(batches, global_num_tokens=sum(b.num_loss_tokens for b in batches))
+        trainer.train_sft_step(batches, global_num_tokens=sum(b.num_loss_tokens for b in batches))
         rates.append(sum(b.num_tokens for b in batches) / (time.perf_counter() - start))
     trainer.shutdown()
     return rates

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -25,6 +26,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
 
 
+class PeftConfig(_Strict):
+    """Parameter-efficient fine-tuning of the model (peft). The reference model of the preference and
+    RL stages is then the base with the adapter disabled: no second copy of the weights."""
+
+    method: Literal["lora", "dora", "qlora", "prefix", "prompt"] = "lora"
+    """lora; dora (weight-decomposed LoRA); qlora (LoRA on a 4-bit base, CUDA only); prefix / prompt
+    tuning (virtual tokens)."""
+    r: int = Field(default=8, gt=0)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    """Module names to adapt, or "all-linear" (every linear layer but the output head)."""
+    lora_plus_ratio: float | None = Field(default=None, gt=0)
+    """LoRA+ (Hayou et al. 2024): the B matrices learn at lr x this ratio (the paper suggests 16)."""
+    num_virtual_tokens: int = Field(default=8, gt=0)
+    """Prefix / prompt tuning: how many virtual tokens."""
+    export: Literal["merged", "adapter", "both"] | None = None
+    """What final/ holds: the merged full model, the adapter alone, or the merged model plus
+    final/adapter/. Default: both for LoRA-type methods, adapter for prefix/prompt tuning."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PeftConfig:
+        prompt_learning = self.method in ("prefix", "prompt")
+        if prompt_learning and self.lora_plus_ratio is not None:
+            raise ValueError(f"model.peft.lora_plus_ratio applies to LoRA methods, not '{self.method}'")
+        if prompt_learning and self.export in ("merged", "both"):
+            raise ValueError(f"model.peft.export={self.export!r}: {self.method} tuning has no weights to "
+                             "merge into the model; use export: adapter")
+        return self
+
+    @property
+    def export_mode(self) -> str:
+        return self.export or ("adapter" if self.method in ("prefix", "prompt") else "both")
+
+
 class ModelConfig(_Strict):
     path: str = "rayrl:tiny-llama"
     """A Hugging Face model directory or hub name, or ``rayrl:tiny-llama`` (built locally on first use)."""
@@ -32,6 +68,8 @@ class ModelConfig(_Strict):
     """Training precision. bfloat16 keeps fp32 master weights in the optimizer (DeepSpeed bf16)."""
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    peft: PeftConfig | None = None
+    """null: full fine-tuning."""
 
 
 class DataConfig(_Strict):
@@ -81,6 +119,8 @@ class EvalConfig(_Strict):
     at_start: bool = True
     max_examples: int = Field(default=200, gt=0)
     max_new_tokens: int = Field(default=8, gt=0)
+    generation_data: str | None = None
+    """Rows with prompt + answer for held-out task accuracy of greedy generation (SFT uses data.eval)."""
 
 
 class CheckpointConfig(_Strict):
@@ -115,25 +155,20 @@ class RayConfig(_Strict):
 
 
 class _StageBase(_Strict):
+    """What every single-actor stage (SFT, reward model, DPO family) shares."""
+
     output_dir: str = "runs/default"
     seed: int = 0
     model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 
-
-class SFTConfig(_StageBase):
-    """Supervised fine-tuning: masked cross-entropy on the completion / assistant tokens."""
-
-    algorithm: Literal["sft"]
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-
     @model_validator(mode="after")
-    def _consistent(self) -> SFTConfig:
+    def _consistent_base(self) -> _StageBase:
         per_step = self.train.micro_batch_size * self.trainer.world_size
         if self.train.global_batch_size % per_step:
             raise ValueError(
@@ -146,8 +181,10 @@ class SFTConfig(_StageBase):
                 f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.max_steps "
                 f"({self.train.max_steps})"
             )
-        if self.eval.every_steps and self.data.eval is None:
-            raise ValueError("eval.every_steps is set but data.eval is null: nothing to evaluate on")
+        peft = self.model.peft
+        if peft is not None and peft.method == "qlora" and self.trainer.num_gpus == 0:
+            raise ValueError("model.peft.method=qlora needs CUDA GPUs (4-bit bitsandbytes kernels); "
+                             "trainer.num_gpus is 0. Use method: lora on CPU.")
         return self
 
     @property
@@ -155,8 +192,90 @@ class SFTConfig(_StageBase):
         return self.train.global_batch_size // (self.train.micro_batch_size * self.trainer.world_size)
 
 
-StageConfig = Annotated[Union[SFTConfig], Field(discriminator="algorithm")]
-ALGORITHMS = ("sft",)
+class SFTConfig(_StageBase):
+    """Supervised fine-tuning: masked cross-entropy on the completion / assistant tokens."""
+
+    algorithm: Literal["sft"]
+    data: DataConfig = DataConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SFTConfig:
+        if self.eval.every_steps and self.data.eval is None:
+            raise ValueError("eval.every_steps is set but data.eval is null: nothing to evaluate on")
+        return self
+
+
+class PreferenceDataConfig(_Strict):
+    train: str = "rayrl:addition/prefs-train"
+    """prompt/chosen/rejected rows (KTO: prompt/completion/label); prompt may be a chat message list."""
+    eval: str | None = "rayrl:addition/prefs-eval"
+    max_length: int = Field(default=64, gt=1)
+    """Prompt + response tokens; longer rows are cut at the end, rows left without response dropped."""
+    shuffle: bool = True
+
+
+class DPOSettings(_Strict):
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto"] = "sigmoid"
+    """sigmoid = DPO; robust = Chowdhury et al. 2024; sigmoid + label_smoothing = cDPO; simpo and
+    orpo are reference-free; kto takes prompt/completion/label data."""
+    beta: float = Field(default=0.1, gt=0)
+    """DPO's beta (IPO's tau, ORPO's lambda, SimPO's beta)."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    """cDPO / robust DPO: the probability that a preference label is flipped."""
+    sft_weight: float = Field(default=0.0, ge=0)
+    """Add this weight x the chosen response's token-mean NLL (RPO-style; keeps chosen log-probs up)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target margin gamma (TRL's simpo_gamma)."""
+    kto_desirable_weight: float = Field(default=1.0, gt=0)
+    kto_undesirable_weight: float = Field(default=1.0, gt=0)
+    reference: Literal["precompute", "alongside"] = "precompute"
+    """precompute: reference log-probs in one pass before training (no reference weights kept);
+    alongside: computed each step (a frozen copy, or the adapter-disabled base with PEFT)."""
+
+
+class DPOConfig(_StageBase):
+    """Direct preference optimisation and its successors (IPO, cDPO, robust, hinge, SimPO, ORPO, KTO)."""
+
+    algorithm: Literal["dpo"]
+    data: PreferenceDataConfig = PreferenceDataConfig()
+    dpo: DPOSettings = DPOSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DPOConfig:
+        if self.dpo.label_smoothing and self.dpo.loss_type not in ("sigmoid", "robust", "simpo"):
+            raise ValueError(f"dpo.label_smoothing applies to loss_type sigmoid/robust/simpo, not "
+                             f"'{self.dpo.loss_type}'")
+        if self.eval.every_steps and self.data.eval is None and self.eval.generation_data is None:
+            raise ValueError("eval.every_steps is set but data.eval and eval.generation_data are null")
+        return self
+
+
+class RMSettings(_Strict):
+    center_coef: float = Field(default=0.0, ge=0)
+    """Reward centring (Eisenstein et al. 2023): coef x (r_chosen + r_rejected)^2; 0.01 is typical."""
+    margin_field: str | None = None
+    """A dataset field holding a per-pair margin (Llama 2): loss -log sigmoid(r_c - r_r - margin)."""
+
+
+class RewardModelConfig(_StageBase):
+    """A Bradley-Terry reward model: a one-scalar head on a causal LM, trained on preference pairs."""
+
+    algorithm: Literal["rm"]
+    data: PreferenceDataConfig = PreferenceDataConfig()
+    rm: RMSettings = RMSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RewardModelConfig:
+        if self.eval.every_steps and self.data.eval is None:
+            raise ValueError("eval.every_steps is set but data.eval is null: nothing to evaluate on")
+        if self.model.peft is not None and self.model.peft.method in ("prefix", "prompt"):
+            raise ValueError("model.peft.method: prefix/prompt tuning is not supported for reward models; use lora")
+        return self
+
+
+StageConfig = Annotated[Union[SFTConfig, DPOConfig, RewardModelConfig], Field(discriminator="algorithm")]
+STAGE_CONFIGS: dict[str, type[_StageBase]] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RewardModelConfig}
+ALGORITHMS = tuple(STAGE_CONFIGS)
 _STAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(StageConfig)
 
 
@@ -237,8 +356,10 @@ def _valid_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             return []
-        current = field.annotation
-        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+        # Unwrap Optional[Model] / Model | None to the model class.
+        candidates = (field.annotation, *typing.get_args(field.annotation))
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
             return []
     return list(getattr(current, "model_fields", {}))
 
@@ -264,11 +385,11 @@ def _describe(error: dict[str, Any], model: type[BaseModel] | None, where: dict[
     return f"key '{key}'{origin}: {error['msg']}{got_text}"
 
 
-def build_config(data: dict[str, Any], where: dict[str, str] | None = None) -> SFTConfig:
+def build_config(data: dict[str, Any], where: dict[str, str] | None = None) -> Any:
     """Validate a nested dict into the stage config its ``algorithm`` names."""
     where = where or {}
     algorithm = data.get("algorithm")
-    model = {"sft": SFTConfig}.get(algorithm) if isinstance(algorithm, str) else None
+    model = STAGE_CONFIGS.get(algorithm) if isinstance(algorithm, str) else None
     if "algorithm" not in data:
         raise ConfigError(f"missing key 'algorithm': name the stage, one of {', '.join(ALGORITHMS)}")
     try:
@@ -278,7 +399,7 @@ def build_config(data: dict[str, Any], where: dict[str, str] | None = None) -> S
         raise ConfigError("invalid config:\n  " + "\n  ".join(dict.fromkeys(messages))) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> SFTConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Any:
     """Load a YAML config, apply dotted overrides, validate. Errors name key, file and line."""
     data, lines = load_yaml(path)
     overrides = overrides or []

@@ -1,7 +1,7 @@
 """Supervised fine-tuning as a single-actor stage: a DeepSpeed PolicyTrainer group on Ray.
 
 Loss: the token-mean negative log-likelihood of the completion (or assistant) tokens over the whole
-global batch, whatever its split into ranks and micro-batches (see PolicyTrainer.train_step).
+global batch, whatever its split into ranks and micro-batches (see TrainingEngine.optimizer_step).
 
 Run:  rayrl train examples/sft.yaml [key=value ...]
 """
@@ -9,32 +9,24 @@ Run:  rayrl train examples/sft.yaml [key=value ...]
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from rayrl.actors.policy_trainer import TrainerSpec
-from rayrl.checkpoint import CheckpointManager
+from rayrl.actors.engine import TrainerSpec
 from rayrl.cluster import ray_session
 from rayrl.config import SFTConfig, config_to_dict
-from rayrl.data.sft import SFTExample, StepBatcher, load_sft_examples
-from rayrl.evaluation import exact_match_accuracy
-from rayrl.outputs import export_final_model, prepare_output_dir
-from rayrl.tiny import resolve_model_path
-from rayrl.tracking import Tracker, truncate_metrics
+from rayrl.data.batch import collate
+from rayrl.data.sft import SFTExample, load_sft_examples, sft_step_batcher, unpacked_rows
+from rayrl.outputs import export_final_model
+from rayrl.stage_common import (GenerationEvalSet, StageResult, checkpoint_due, eval_due, generation_accuracy,
+                                prepare_stage)
+from rayrl.tracking import Tracker
 from rayrl.trainer_group import TrainerGroup
 
-
-@dataclass(frozen=True)
-class StageResult:
-    output_dir: Path
-    final_model: Path
-    final_eval: dict[str, float]
-    steps: int
-    wall_s: float
+__all__ = ["run_sft", "trainer_spec", "StageResult"]
 
 
-def trainer_spec(config: SFTConfig, model_path: str, total_steps: int) -> TrainerSpec:
+def trainer_spec(config, model_path: str, total_steps: int) -> TrainerSpec:
+    """The per-rank engine settings of any single-actor stage config."""
     return TrainerSpec(
         model_path=model_path, world_size=config.trainer.world_size,
         micro_batch_size=config.train.micro_batch_size, grad_accum_steps=config.grad_accum_steps,
@@ -43,86 +35,63 @@ def trainer_spec(config: SFTConfig, model_path: str, total_steps: int) -> Traine
         weight_decay=config.train.weight_decay, adam_betas=tuple(config.train.adam_betas),
         grad_clip=config.train.grad_clip, dtype=config.model.dtype, zero_stage=config.trainer.zero_stage,
         deepspeed_overrides=config.trainer.deepspeed, attn_implementation=config.model.attn_implementation,
-        gradient_checkpointing=config.model.gradient_checkpointing, seed=config.seed,
+        gradient_checkpointing=config.model.gradient_checkpointing, peft=config.model.peft, seed=config.seed,
         num_threads=max(1, int(config.trainer.num_cpus)),
     )
 
 
 def evaluate(trainers: TrainerGroup, examples: list[SFTExample], tokenizer, config: SFTConfig) -> dict[str, float]:
     """Held-out loss and exact-match accuracy of greedy generation against each row's answer."""
-    from rayrl.data.batch import collate
-    from rayrl.data.sft import unpacked_rows
-
     examples = examples[: config.eval.max_examples]
     rows = unpacked_rows(examples)
     size = config.train.micro_batch_size
     loss = trainers.eval_loss([collate(rows[i:i + size], tokenizer.pad_token_id) for i in range(0, len(rows), size)])
-    completions = trainers.generate(
-        [e.prompt_ids for e in examples], max_new_tokens=config.eval.max_new_tokens,
-        pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(tokenizer))
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    return {"eval/loss": loss, "eval/accuracy": exact_match_accuracy(texts, [e.answer for e in examples])}
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|end|>") if "<|end|>" in tokenizer.get_vocab() else None
-    ids.add(end_of_turn)
-    return sorted(i for i in ids if i is not None)
+    eval_set = GenerationEvalSet([e.prompt_ids for e in examples], [e.answer for e in examples])
+    return {"eval/loss": loss,
+            "eval/accuracy": generation_accuracy(trainers, eval_set, tokenizer, config.eval.max_new_tokens)}
 
 
 def run_sft(config: SFTConfig) -> StageResult:
-    from transformers import AutoTokenizer
-
     started = time.perf_counter()
-    output_dir = prepare_output_dir(config)
-    model_path = resolve_model_path(config.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    setup = prepare_stage(config)
+    tokenizer = setup.tokenizer
 
     # 1. Data: tokenize once on the driver; the batcher maps a step number to its rows.
     train_examples, data_stats = load_sft_examples(config.data.train, tokenizer, config.data.max_length)
     eval_examples = (load_sft_examples(config.data.eval, tokenizer, config.data.max_length)[0]
                      if config.data.eval else [])
-    batcher = StepBatcher(
-        train_examples, global_batch_size=config.train.global_batch_size,
+    batcher = sft_step_batcher(
+        train_examples, packing=config.data.packing, max_length=config.data.max_length,
+        pad_id=tokenizer.pad_token_id, global_batch_size=config.train.global_batch_size,
         micro_batch_size=config.train.micro_batch_size, world_size=config.trainer.world_size,
-        seed=config.seed, shuffle=config.data.shuffle, packing=config.data.packing,
-        max_length=config.data.max_length, pad_id=tokenizer.pad_token_id)
+        seed=config.seed, shuffle=config.data.shuffle)
     total_steps = config.train.max_steps or batcher.steps_for_epochs(config.train.epochs)
-
-    checkpoints = CheckpointManager(output_dir / "checkpoints", config.checkpoint.keep_last)
-    resume_from = checkpoints.latest() if config.checkpoint.resume else None
-    start_step = CheckpointManager.load_state(resume_from)["step"] if resume_from else 0
-    if resume_from:
-        truncate_metrics(output_dir, start_step)
 
     with ray_session(config.ray):
         # 2. The trainer group: N DeepSpeed ranks, one Ray actor each.
-        trainers = TrainerGroup(trainer_spec(config, model_path, total_steps),
+        trainers = TrainerGroup(trainer_spec(config, setup.model_path, total_steps),
                                 num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus)
-        tracker = Tracker(output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
-                          total_steps=total_steps, start_step=start_step,
+        tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
+                          total_steps=total_steps, start_step=setup.start_step,
                           progress=config.tracking.progress, description="sft")
         try:
-            if resume_from:
-                trainers.load_checkpoint(str(resume_from))
-                tracker.write(f"resumed from {resume_from} (step {start_step})")
+            if setup.resume_from:
+                trainers.load_checkpoint(str(setup.resume_from))
+                tracker.write(f"resumed from {setup.resume_from} (step {setup.start_step})")
             else:
                 tracker.log(0, {"data/rows": data_stats.rows, "data/truncated": data_stats.truncated,
                                 "data/dropped": data_stats.dropped, "total_steps": total_steps})
-            if eval_examples and config.eval.at_start and start_step == 0:
+            if eval_examples and config.eval.at_start and setup.start_step == 0:
                 tracker.log(0, evaluate(trainers, eval_examples, tokenizer, config))
 
             final_eval: dict[str, float] = {}
-            for step in range(start_step, total_steps):
+            for step in range(setup.start_step, total_steps):
                 # 3. One optimizer step over the global batch.
                 step_start = time.perf_counter()
                 batches = batcher.step_batches(step)
                 num_loss_tokens = sum(b.num_loss_tokens for rank in batches for b in rank)
                 num_tokens = sum(b.num_tokens for rank in batches for b in rank)
-                metrics: dict[str, Any] = trainers.train_step(batches, global_num_tokens=num_loss_tokens)
+                metrics: dict[str, Any] = trainers.train_sft_step(batches, global_num_tokens=num_loss_tokens)
                 elapsed = time.perf_counter() - step_start
                 metrics.update(tokens_per_s=num_tokens / elapsed, num_tokens=num_tokens,
                                num_loss_tokens=num_loss_tokens, epoch=batcher.epoch_of(step + 1),
@@ -132,15 +101,16 @@ def run_sft(config: SFTConfig) -> StageResult:
 
                 # 4. Eval and checkpoint on their schedules.
                 done = step + 1
-                if eval_examples and (done == total_steps or (config.eval.every_steps and done % config.eval.every_steps == 0)):
+                if eval_examples and eval_due(config, done, total_steps):
                     final_eval = evaluate(trainers, eval_examples, tokenizer, config)
                     tracker.log(done, final_eval)
-                if config.checkpoint.every_steps and done % config.checkpoint.every_steps == 0 and done < total_steps:
-                    checkpoints.save(done, lambda d: trainers.save_checkpoint(str(d)), {"total_steps": total_steps})
+                if checkpoint_due(config, done, total_steps):
+                    setup.checkpoints.save(done, lambda d: trainers.save_checkpoint(str(d)),
+                                           {"total_steps": total_steps})
 
             # 5. The final model, in Hugging Face format.
-            final_model = export_final_model(trainers, tokenizer, output_dir)
+            final_model = export_final_model(trainers, tokenizer, setup.output_dir)
         finally:
             tracker.close()
             trainers.shutdown()
-    return StageResult(output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)
+    return StageResult(setup.output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rayrl.config import SFTConfig
+from rayrl.config import DPOConfig, RewardModelConfig, SFTConfig
 
 
 def run_stage(config):
@@ -10,4 +10,12 @@ def run_stage(config):
         from rayrl.sft import run_sft
 
         return run_sft(config)
+    if isinstance(config, DPOConfig):
+        from rayrl.dpo import run_dpo
+
+        return run_dpo(config)
+    if isinstance(config, RewardModelConfig):
+        from rayrl.rm import run_rm
+
+        return run_rm(config)
     raise TypeError(f"no loop for {type(config).__name__}")

@@ -51,7 +51,11 @@ def build_tokenizer():
 
 
 def build_tiny_model(tokenizer, *, seed: int = 0, hidden_size: int = 128, num_layers: int = 2):
-    """Llama with 2 layers, hidden 128, head_dim 64 (vLLM-CPU's kernels like 64): ~0.5M parameters."""
+    """Llama with 2 layers, hidden 128, 4 heads of dim 64: ~0.6M parameters.
+
+    head_dim 64 suits vLLM-CPU's attention kernels; 4 heads (not hidden/64 = 2) matter for learning:
+    with 2 heads the addition task reached 15% accuracy in 1,000 SFT steps, with 4 heads 69%.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -61,8 +65,8 @@ def build_tiny_model(tokenizer, *, seed: int = 0, hidden_size: int = 128, num_la
         hidden_size=hidden_size,
         intermediate_size=4 * hidden_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=hidden_size // 64,
-        num_key_value_heads=hidden_size // 64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
         head_dim=64,
         max_position_embeddings=512,
         rms_norm_eps=1e-6,
@@ -116,4 +120,5 @@ def resolve_model_path(path: str) -> str:
         from rayrl.config import ConfigError
 
         raise ConfigError(f"model.path: unknown built-in model {path!r}; the built-in model is '{BUILTIN_PREFIX}{TINY_MODEL_NAME}'")
-    return str(_atomic_build(cache_dir() / "models" / name, lambda d: init_model(d)))
+    # The cache directory carries a version: a change to the built-in model must not reuse an old one.
+    return str(_atomic_build(cache_dir() / "models" / f"{name}-v2", lambda d: init_model(d)))

@@ -5,17 +5,19 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from rayrl.actors.policy_trainer import PolicyTrainer, TrainerSpec
+from rayrl.actors.engine import TrainerSpec
+from rayrl.actors.policy_trainer import PolicyTrainer
 from rayrl.data.batch import TokenBatch
 
 
 class TrainerGroup:
-    """N ranks of PolicyTrainer, one Ray actor each, packed into one placement group.
+    """N ranks of a trainer role (PolicyTrainer by default), one Ray actor each, in one placement group.
 
     Every method calls all ranks (DeepSpeed collectives need them all) and returns rank 0's answer.
     """
 
-    def __init__(self, spec: TrainerSpec, *, num_cpus: float, num_gpus: float):
+    def __init__(self, spec: TrainerSpec, *, num_cpus: float, num_gpus: float, role: type = PolicyTrainer,
+                 separate_reference: bool = False, role_kwargs: dict[str, Any] | None = None):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -29,9 +31,10 @@ class TrainerGroup:
             ray.get(self.placement_group.ready(), timeout=300)
             options = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(
                 self.placement_group, placement_group_bundle_index=i)} for i in range(spec.world_size)]
-        remote_cls = ray.remote(PolicyTrainer)
+        remote_cls = ray.remote(role)
         self.actors = [
-            remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, **options[rank]).remote(spec, rank)
+            remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, **options[rank]).remote(
+                spec, rank, **(role_kwargs or {}))
             for rank in range(spec.world_size)
         ]
         master_addr, master_port = ray.get(self.actors[0].address.remote())
@@ -43,7 +46,8 @@ class TrainerGroup:
             local_ranks.append(seen[ip])
             seen[ip] += 1
         self.setup_info = ray.get([
-            actor.setup.remote(master_addr, master_port, local_ranks[rank], per_node[ips[rank]])
+            actor.setup.remote(master_addr, master_port, local_ranks[rank], per_node[ips[rank]],
+                               separate_reference=separate_reference)
             for rank, actor in enumerate(self.actors)
         ])
 
@@ -56,15 +60,30 @@ class TrainerGroup:
             calls.append(getattr(actor, method).remote(*args, **shared))
         return ray.get(calls)
 
-    def train_step(self, batches: list[list[TokenBatch]], global_num_tokens: int) -> dict[str, float]:
+    @staticmethod
+    def _combine(results: list[dict]) -> dict[str, float]:
+        """Loss and stats are per-rank shares of global means: sum them. Norm and LR agree on all ranks."""
+        combined = {key: sum(r[key] for r in results) for key in results[0]
+                    if key not in ("grad_norm", "lr", "peak_rss_mb")}
+        combined.update(grad_norm=results[0]["grad_norm"], lr=results[0]["lr"])
+        combined["memory/trainer_peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+        return combined
+
+    def train_sft_step(self, batches: list[list[TokenBatch]], global_num_tokens: int) -> dict[str, float]:
         """``batches[rank]`` are that rank's micro-batches. Returns the global-batch loss and stats."""
-        results = self._all("train_step", batches, global_num_tokens=global_num_tokens)
-        return {
-            "loss": sum(r["loss_share"] for r in results),
-            "grad_norm": results[0]["grad_norm"],
-            "lr": results[0]["lr"],
-            "memory/trainer_peak_rss_mb": max(r["peak_rss_mb"] for r in results),
-        }
+        return self._combine(self._all("train_sft_step", batches, global_num_tokens=global_num_tokens))
+
+    def train_preference_step(self, batches: list[list], global_num_examples: int, objective) -> dict[str, float]:
+        return self._combine(self._all("train_preference_step", batches,
+                                       global_num_examples=global_num_examples, objective=objective))
+
+    def train_reward_step(self, batches: list[list], global_num_pairs: int, center_coef: float) -> dict[str, float]:
+        return self._combine(self._all("train_reward_step", batches, global_num_pairs=global_num_pairs,
+                                       center_coef=center_coef))
+
+    def rank0(self, method: str, *args, **kwargs):
+        """Call a method on every rank with the same arguments; return rank 0's result."""
+        return self._all(method, *[[a] * len(self.actors) for a in args], **kwargs)[0]
 
     def eval_loss(self, batches: list[TokenBatch]) -> float:
         """Token-mean NLL; every rank evaluates the same batches (equal forward counts for ZeRO-3)."""

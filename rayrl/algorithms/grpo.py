@@ -32,7 +32,7 @@ def _groups(rewards: Tensor, group_size: int) -> Tensor:
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 for a group baseline, got {group_size}")
     if rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ValueError(f"rewards must be (N,) with N divisible by group_size={group_size}, got {tuple(rewards.shape)}")
+        raise ValueError(f"rewards must be (N,) with N divisible by {group_size=}, got {tuple(rewards.shape)}")
     return rewards.view(-1, group_size)
 
 
@@ -152,8 +152,9 @@ def policy_gradient_loss(
       paper's stop-gradient trick (GSPO-token) ``s_t = sg[s_i] * pi(y_t) / sg[pi(y_t)]``: the
       value (and so the clipping) is s_i, and with sequence advantages the gradient equals
       GSPO's. With token-varying advantages or ``tis_weights`` the gradient is GSPO-token's,
-      which by design is not the derivative of the loss value. The paper uses ``mode="seq_mean_token_mean"`` and a tiny clip range
-      (eps_low 3e-4, eps_high 4e-4); pass those, the defaults here are GRPO's.
+      which by design is not the derivative of the loss value. The paper uses
+      ``mode="seq_mean_token_mean"`` and a tiny clip range (eps_low 3e-4, eps_high 4e-4);
+      pass those, the defaults here are GRPO's.
     - ``eps_high > eps_low``: DAPO clip-higher (0.28 vs 0.2). Dr. GRPO:
       ``mode="seq_mean_token_sum_norm"`` with ``group_advantages(scale="none")``.
     - ``tis_weights``: ``truncated_is_weights`` (detached multiplier). ``dual_clip`` as in

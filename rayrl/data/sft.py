@@ -10,10 +10,10 @@ a row with no completion token left after the cut is dropped. Both are counted.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
-from rayrl.data.batch import TokenBatch, collate
+from rayrl.data.batch import collate
+from rayrl.data.batching import StepBatcher
 from rayrl.data.loading import DataError, Row, read_rows, require_field
 
 
@@ -150,62 +150,9 @@ def pack_rows(examples: list[SFTExample], max_length: int) -> list[PackedRow]:
     return rows
 
 
-class StepBatcher:
-    """Deterministic data order: step s always gets the same rows, so a resumed run replays exactly.
-
-    The stream is the concatenation of per-epoch permutations (seeded by seed + epoch); step s takes
-    rows [s*G, (s+1)*G). Rank r gets the r-th contiguous slice of G/W rows, cut into micro-batches.
-    """
-
-    def __init__(self, examples: list[SFTExample], *, global_batch_size: int, micro_batch_size: int,
-                 world_size: int, seed: int, shuffle: bool, packing: bool, max_length: int, pad_id: int):
-        self.examples = examples
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.world_size = world_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.packing = packing
-        self.max_length = max_length
-        self.pad_id = pad_id
-        self._epochs: dict[int, list[PackedRow]] = {}
-        self.rows_per_epoch = len(self._epoch_rows(0))
-        if self.rows_per_epoch < global_batch_size:
-            raise DataError(f"the training set has {self.rows_per_epoch} rows"
-                            f"{' after packing' if packing else ''}, fewer than train.global_batch_size "
-                            f"({global_batch_size})")
-
-    def _epoch_rows(self, epoch: int) -> list[PackedRow]:
-        if epoch not in self._epochs:
-            order = list(range(len(self.examples)))
-            if self.shuffle:
-                random.Random(self.seed * 100_003 + epoch).shuffle(order)
-            ordered = [self.examples[i] for i in order]
-            rows = pack_rows(ordered, self.max_length) if self.packing else unpacked_rows(ordered)
-            self._epochs = {epoch: rows}  # keep one epoch in memory
-        return self._epochs[epoch]
-
-    def steps_for_epochs(self, epochs: float) -> int:
-        return max(1, int(epochs * self.rows_per_epoch) // self.global_batch_size)
-
-    def epoch_of(self, step: int) -> float:
-        return step * self.global_batch_size / self.rows_per_epoch
-
-    def step_rows(self, step: int) -> list[PackedRow]:
-        start = step * self.global_batch_size
-        rows = []
-        for index in range(start, start + self.global_batch_size):
-            epoch, offset = divmod(index, self.rows_per_epoch)
-            rows.append(self._epoch_rows(epoch)[offset])
-        return rows
-
-    def step_batches(self, step: int) -> list[list[TokenBatch]]:
-        """[rank][micro_batch] TokenBatches for optimizer step ``step``."""
-        rows = self.step_rows(step)
-        per_rank = self.global_batch_size // self.world_size
-        out = []
-        for rank in range(self.world_size):
-            mine = rows[rank * per_rank:(rank + 1) * per_rank]
-            out.append([collate(mine[i:i + self.micro_batch_size], self.pad_id)
-                        for i in range(0, per_rank, self.micro_batch_size)])
-        return out
+def sft_step_batcher(examples: list[SFTExample], *, packing: bool, max_length: int, pad_id: int,
+                     **batching) -> StepBatcher:
+    """A StepBatcher over SFT rows: each epoch's shuffled examples, packed if asked, then collated."""
+    make_rows = (lambda ordered: pack_rows(ordered, max_length)) if packing else unpacked_rows
+    return StepBatcher(examples, make_rows=make_rows, collate=lambda rows: collate(rows, pad_id),
+                       unit="rows after packing" if packing else "rows", **batching)

@@ -8,6 +8,12 @@ RL with a verifier (the ``answer`` field always holds the true sum) to show a ga
 Built-in names (used in configs as ``data.train: rayrl:addition/sft-train``):
   addition/sft-train, addition/sft-eval   prompt, completion (the demo), answer (the true sum)
   addition/prompts-train, addition/prompts-eval   prompt, answer (for RL with a verifier)
+  addition/prefs-train, addition/prefs-eval   prompt, chosen (the true sum), rejected, answer
+  addition/kto-train, addition/kto-eval   prompt, completion, label (each preference pair unpaired)
+
+Preference pairs cover every prompt: where the demo is wrong, rejected = the demo's mistake; where it
+is right, rejected = a near miss (off by 1 or 10). Pairs built only from the mistakes teach a
+prompt-blind rule ("add 10") instead of the carry.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from pathlib import Path
 
 from rayrl.tiny import BUILTIN_PREFIX, _atomic_build, cache_dir
 
-SPLITS = ("sft-train", "sft-eval", "prompts-train", "prompts-eval")
+SPLITS = ("sft-train", "sft-eval", "prompts-train", "prompts-eval", "prefs-train", "prefs-eval",
+          "kto-train", "kto-eval")
 NUM_EVAL = 500
 
 
@@ -38,12 +45,29 @@ def addition_pairs(seed: int = 1234) -> tuple[list[tuple[int, int]], list[tuple[
 def addition_rows(split: str) -> list[dict]:
     train, held_out = addition_pairs()
     pairs = train if split.endswith("train") else held_out
+    if split.startswith(("prefs", "kto")):
+        return preference_rows(pairs, unpaired=split.startswith("kto"))
     rows = []
     for a, b in pairs:
         row = {"prompt": f"{a}+{b}=", "answer": str(a + b)}
         if split.startswith("sft"):
             row["completion"] = str(demo_answer(a, b))
         rows.append(row)
+    return rows
+
+
+def preference_rows(pairs: list[tuple[int, int]], *, unpaired: bool, seed: int = 7) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for a, b in pairs:
+        true, demo = a + b, demo_answer(a, b)
+        rejected = demo if demo != true else true + rng.choice([-10, -1, 1, 10])
+        prompt = f"{a}+{b}="
+        if unpaired:
+            rows.append({"prompt": prompt, "completion": str(true), "label": True, "answer": str(true)})
+            rows.append({"prompt": prompt, "completion": str(rejected), "label": False, "answer": str(true)})
+        else:
+            rows.append({"prompt": prompt, "chosen": str(true), "rejected": str(rejected), "answer": str(true)})
     return rows
 
 
@@ -64,6 +88,6 @@ def resolve_dataset_path(name: str) -> str:
         from rayrl.data.loading import DataError
 
         raise DataError(f"unknown built-in dataset {name!r}; built-in datasets: {valid}")
-    target = cache_dir() / "data" / "addition-v1"
+    target = cache_dir() / "data" / "addition-v2"
     _atomic_build(target, lambda d: [write_jsonl(addition_rows(s), d / f"{s}.jsonl") for s in SPLITS])
     return str(target / f"{split}.jsonl")

@@ -84,8 +84,8 @@ def trim(feats, mask):
 
 
 def full_batch_grad(theta, feats, mask, mode):
-    (g,) = torch.autograd.grad(aggregate_loss(per_token_loss(theta, feats), mask, mode=mode, norm_constant=MAX_NEW), theta)
-    return g
+    loss = aggregate_loss(per_token_loss(theta, feats), mask, mode=mode, norm_constant=MAX_NEW)
+    return torch.autograd.grad(loss, theta)[0]
 
 
 def accumulated_grad(theta, feats, mask, mode, ranks, micro, loss_fn):
@@ -102,7 +102,9 @@ def accumulated_grad(theta, feats, mask, mode, ranks, micro, loss_fn):
 
 
 def global_share(values, mask, mode, n_tok, n_seq, micro):
-    return aggregate_loss(values, mask, mode=mode, global_num_tokens=n_tok, global_num_seqs=n_seq, norm_constant=MAX_NEW)
+    return aggregate_loss(
+        values, mask, mode=mode, global_num_tokens=n_tok, global_num_seqs=n_seq, norm_constant=MAX_NEW
+    )
 
 
 def local_mean_over_steps(values, mask, mode, n_tok, n_seq, micro):

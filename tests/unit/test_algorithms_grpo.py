@@ -46,7 +46,8 @@ def test_group_advantages_hand_values():
     s += 1e-6  # eps
     torch.testing.assert_close(group_advantages(r, 2), torch.tensor([-0.5 / s, 0.5 / s, 0.0, 0.0]))
     torch.testing.assert_close(group_advantages(r, 2, scale="none"), torch.tensor([-0.5, 0.5, 0.0, 0.0]))
-    torch.testing.assert_close(group_advantages(r, 2, scale="batch", eps=0.0), torch.tensor([-0.5, 0.5, 0.0, 0.0]) / r.std())
+    batch_scaled = torch.tensor([-0.5, 0.5, 0.0, 0.0]) / r.std()
+    torch.testing.assert_close(group_advantages(r, 2, scale="batch", eps=0.0), batch_scaled)
     assert torch.isfinite(group_advantages(r, 2, eps=0.0)[:2]).all()
     with pytest.raises(ValueError):
         group_advantages(r, 3)
@@ -90,7 +91,9 @@ def test_token_level_equals_ppo_loss_with_broadcast_advantages():
 @pytest.mark.parametrize("ratio_level", ["token", "sequence"])
 def test_on_policy_no_token_is_clipped(ratio_level):
     logp, _, adv, mask = batch(1)
-    loss, stats = policy_gradient_loss(logp, logp.detach(), 10 * adv, mask, ratio_level=ratio_level, eps_low=1e-4, eps_high=1e-4)
+    loss, stats = policy_gradient_loss(
+        logp, logp.detach(), 10 * adv, mask, ratio_level=ratio_level, eps_low=1e-4, eps_high=1e-4
+    )
     assert stats["clip_frac"].item() == 0.0 and stats["ratio_mean"].item() == pytest.approx(1.0)
     expected = aggregate_loss(-(10 * adv).unsqueeze(-1).expand_as(logp), mask)
     torch.testing.assert_close(loss, expected)

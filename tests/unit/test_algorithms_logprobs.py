@@ -20,7 +20,8 @@ def naive_entropy(logits, temperature=1.0):
 
 
 def assert_matches_naive(fn, logits, tokens, temperature, atol):
-    torch.testing.assert_close(fn(logits, tokens, temperature), naive_logprobs(logits, tokens, temperature), atol=atol, rtol=0)
+    expected = naive_logprobs(logits, tokens, temperature)
+    torch.testing.assert_close(fn(logits, tokens, temperature), expected, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.6])
@@ -31,9 +32,8 @@ def test_token_logprobs_equals_gather_of_log_softmax(temperature, chunk_size):
     tokens = torch.randint(0, 41, (3, 19), generator=g)
     out = token_logprobs(logits, tokens, temperature=temperature, chunk_size=chunk_size)
     assert out.dtype == torch.float32 and out.shape == (3, 19)
-    assert_matches_naive(
-        lambda l, t, tau: token_logprobs(l, t, temperature=tau, chunk_size=chunk_size), logits, tokens, temperature, 1e-5
-    )
+    ours = lambda l, t, tau: token_logprobs(l, t, temperature=tau, chunk_size=chunk_size)  # noqa: E731
+    assert_matches_naive(ours, logits, tokens, temperature, 1e-5)
 
 
 def test_ignoring_temperature_fails_the_same_check():
@@ -67,7 +67,8 @@ def test_token_logprobs_gradient_matches_naive_on_shifted_view(temperature):
     logits = full[:, :-1]  # the usual causal shift: a non-contiguous view
     tokens = torch.randint(0, 17, (2, 12), generator=g)
     w = torch.randn(2, 12, dtype=torch.float64, generator=g)
-    (ours,) = torch.autograd.grad((token_logprobs(logits, tokens, temperature=temperature, chunk_size=5) * w).sum(), full)
+    ours_lp = token_logprobs(logits, tokens, temperature=temperature, chunk_size=5)
+    (ours,) = torch.autograd.grad((ours_lp * w).sum(), full)
     ref_lp = torch.log_softmax(logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     (ref,) = torch.autograd.grad((ref_lp * w).sum(), full)
     torch.testing.assert_close(ours, ref)
@@ -85,7 +86,8 @@ def test_gradcheck_token_logprobs_and_entropy():
 def test_entropy_matches_naive(temperature):
     g = torch.Generator().manual_seed(5)
     logits = 2 * torch.randn(3, 10, 50, dtype=torch.float64, generator=g)
-    torch.testing.assert_close(entropy_from_logits(logits, temperature=temperature, chunk_size=4), naive_entropy(logits, temperature))
+    ours = entropy_from_logits(logits, temperature=temperature, chunk_size=4)
+    torch.testing.assert_close(ours, naive_entropy(logits, temperature))
     # bf16 logits: float32 result and a gradient close to the float32 one
     lb = logits.bfloat16().requires_grad_()
     lf = lb.detach().float().requires_grad_()

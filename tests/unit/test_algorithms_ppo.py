@@ -77,9 +77,10 @@ def test_value_loss_hand_values():
     assert loss.item() == pytest.approx(0.5 * (1 + 1) / 2)
     assert stats["vf_clip_frac"].item() == 0.0
     # moving away from old beyond the clip range towards a worse value: clipped term dominates
-    loss2, stats2 = clipped_value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]), torch.ones(1, 1))
+    v, v_old, ret, m = torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]), torch.ones(1, 1)
+    loss2, stats2 = clipped_value_loss(v, v_old, ret, m)
     assert loss2.item() == pytest.approx(0.5 * (2 - 0.2) ** 2) and stats2["vf_clip_frac"].item() == 1.0
-    unclipped, _ = clipped_value_loss(torch.tensor([[1.0]]), torch.tensor([[0.0]]), torch.tensor([[2.0]]), torch.ones(1, 1), clip=None)
+    unclipped, _ = clipped_value_loss(v, v_old, ret, m, clip=None)
     assert unclipped.item() == pytest.approx(0.5)
 
 
@@ -134,7 +135,8 @@ def check_gae(gae_fn, gamma, lam):
     g = torch.Generator().manual_seed(1)
     rewards = torch.randn(4, 7, dtype=torch.float64, generator=g)
     values = torch.randn(4, 7, dtype=torch.float64, generator=g)
-    torch.testing.assert_close(gae_fn(rewards, values, MASKS, gamma, lam), brute_force_gae(rewards, values, MASKS, gamma, lam))
+    expected = brute_force_gae(rewards, values, MASKS, gamma, lam)
+    torch.testing.assert_close(gae_fn(rewards, values, MASKS, gamma, lam), expected)
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0)])

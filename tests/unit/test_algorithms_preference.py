@@ -125,7 +125,9 @@ def test_kto_hand_value_and_detached_reference_point():
     z0 = kto_reference_point(kl_pol, kl_ref)  # mean(1, 0) = 0.5
     assert z0.item() == 0.5 and not z0.requires_grad
     losses, _ = kto_loss(pol, ref, torch.tensor([True, False]), reference_point=z0, beta=0.1)
-    torch.testing.assert_close(losses.detach(), torch.stack([1 - torch.sigmoid(torch.tensor(0.05)), 1 - torch.sigmoid(torch.tensor(-0.05))]))
+    # beta (r - z0) = 0.1 * (1 - 0.5) = 0.05
+    expected = 1 - torch.sigmoid(torch.tensor([0.05, -0.05]))
+    torch.testing.assert_close(losses.detach(), expected)
     losses.sum().backward()
     assert kl_pol.grad is None  # no gradient through z0
     assert pol.grad[0] < 0 and pol.grad[1] > 0  # raise desirable, lower undesirable
@@ -140,6 +142,7 @@ def test_gradcheck_preference_losses():
         assert torch.autograd.gradcheck(lambda *a: dpo_loss(*a, loss_type=lt, label_smoothing=0.1)[0], args)
     c, r = (a / 10 for a in args[:2])
     nll = torch.rand(3, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, y, n: orpo_loss(x, y, n)[0], (c.detach().requires_grad_(), r.detach().requires_grad_(), nll))
+    c, r = c.detach().requires_grad_(), r.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, y, n: orpo_loss(x, y, n)[0], (c, r, nll))
     des = torch.tensor([True, False, True])
     assert torch.autograd.gradcheck(lambda p, q: kto_loss(p, q, des, reference_point=0.3)[0], (args[0], args[1]))

@@ -78,3 +78,21 @@ def test_derived_grad_accum():
     config = build_config({"algorithm": "sft", "train": {"global_batch_size": 32, "micro_batch_size": 4},
                            "trainer": {"world_size": 2}})
     assert config.grad_accum_steps == 4
+
+
+def test_qlora_on_cpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.peft.method=qlora needs CUDA GPUs"):
+        build_config({"algorithm": "dpo", "model": {"peft": {"method": "qlora"}}})
+    # the same settings are accepted for a GPU trainer
+    build_config({"algorithm": "dpo", "model": {"peft": {"method": "qlora"}}, "trainer": {"num_gpus": 1}})
+
+
+def test_peft_contradictions():
+    with pytest.raises(ConfigError, match="lora_plus_ratio applies to LoRA methods"):
+        build_config({"algorithm": "sft", "model": {"peft": {"method": "prompt", "lora_plus_ratio": 16}}})
+    with pytest.raises(ConfigError, match="no weights to merge"):
+        build_config({"algorithm": "sft", "model": {"peft": {"method": "prefix", "export": "merged"}}})
+    with pytest.raises(ConfigError, match="unknown key 'model.peft.rank'; valid keys here: method, r, alpha"):
+        build_config({"algorithm": "sft", "model": {"peft": {"rank": 4}}})
+    with pytest.raises(ConfigError, match="label_smoothing applies to loss_type"):
+        build_config({"algorithm": "dpo", "dpo": {"loss_type": "ipo", "label_smoothing": 0.1}})

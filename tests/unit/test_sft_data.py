@@ -5,7 +5,7 @@ import torch
 
 from rayrl.data.batch import collate
 from rayrl.data.loading import DataError, Row, read_rows
-from rayrl.data.sft import StepBatcher, load_sft_examples, pack_rows, tokenize_sft_row
+from rayrl.data.sft import load_sft_examples, sft_step_batcher, pack_rows, tokenize_sft_row
 
 
 def test_prompt_completion_mask_token_by_token(tokenizer):
@@ -125,7 +125,7 @@ def test_packed_logits_equal_separate_logits(tiny_model_dir, tokenizer):
 
 def test_step_batcher_is_deterministic_and_splits_ranks(tokenizer):
     examples, _ = load_sft_examples("rayrl:addition/sft-train", tokenizer, max_length=16)
-    make = lambda world: StepBatcher(examples[:100], global_batch_size=8, micro_batch_size=2, world_size=world,
+    make = lambda world: sft_step_batcher(examples[:100], global_batch_size=8, micro_batch_size=2, world_size=world,
                                      seed=3, shuffle=True, packing=False, max_length=16, pad_id=0)
     one, two = make(1), make(2)
     assert one.step_rows(7) == two.step_rows(7) == make(1).step_rows(7)

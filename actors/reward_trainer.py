@@ -1,0 +1,99 @@
+"""RewardModelTrainer: one rank of a Bradley-Terry reward model (a scalar head on a causal LM).
+
+The model is Hugging Face's ``AutoModelForSequenceClassification`` with one label: the reward is the
+head's output at the last non-pad token, exactly what the PPO stage's RewardModel actor computes when
+it loads the exported model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rayrl.actors.engine import TrainerSpec, TrainingEngine, init_process_group, node_ip, rendezvous_address
+from rayrl.actors.models import export_model, load_model, param_groups
+from rayrl.data.batch import TokenBatch
+from rayrl.data.preference import PreferenceBatch
+
+
+class RewardModelTrainer:
+    def __init__(self, spec: TrainerSpec, rank: int, pad_token_id: int = 0):
+        self.spec = spec
+        self.rank = rank
+        self.pad_token_id = pad_token_id
+        self.train_engine: TrainingEngine | None = None
+        torch.set_num_threads(max(1, spec.num_threads))
+
+    def address(self) -> tuple[str, int]:
+        return rendezvous_address()
+
+    def node_ip(self) -> str:
+        return node_ip()
+
+    def setup(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int,
+              separate_reference: bool = False) -> dict:
+        spec = self.spec
+        init_process_group(self.rank, spec.world_size, master_addr, master_port, local_rank, local_world_size)
+        torch.manual_seed(spec.seed)
+        model = load_model(spec.model_path, "reward", attn_implementation=spec.attn_implementation,
+                           pad_token_id=self.pad_token_id, peft=spec.peft,
+                           gradient_checkpointing=spec.gradient_checkpointing)
+        groups = param_groups(model, weight_decay=spec.weight_decay, lr=spec.lr,
+                              lora_plus_ratio=spec.peft.lora_plus_ratio if spec.peft else None)
+        self.train_engine = TrainingEngine(spec, model, groups)
+        return {"rank": self.rank, "parameters": sum(p.numel() for p in model.parameters())}
+
+    def _rewards(self, tokens: TokenBatch) -> torch.Tensor:
+        device = self.train_engine.device
+        logits = self.train_engine.forward(input_ids=tokens.input_ids.to(device),
+                                           attention_mask=tokens.padding_mask().to(device)).logits
+        return logits[:, 0].float()
+
+    def _loss(self, batch: PreferenceBatch, global_num_pairs: int, center_coef: float):
+        from rayrl.algorithms import reward_model_loss
+
+        rewards = self._rewards(batch.tokens)
+        half = batch.num_examples
+        margin = batch.margins.to(rewards.device) if batch.margins is not None else None
+        loss, stats = reward_model_loss(rewards[:half], rewards[half:], margin=margin, center_coef=center_coef,
+                                        global_num_pairs=global_num_pairs)
+        share = half / global_num_pairs
+        named = {"accuracy": stats["accuracy"], "rewards/margins": stats["margin"],
+                 "rewards/chosen": stats["chosen"], "rewards/rejected": stats["rejected"]}
+        return loss, {k: float(v) * share for k, v in named.items()}
+
+    def train_reward_step(self, micro_batches: list[PreferenceBatch], global_num_pairs: int,
+                          center_coef: float) -> dict[str, float]:
+        return self.train_engine.optimizer_step(
+            micro_batches, lambda batch: self._loss(batch, global_num_pairs, center_coef))
+
+    @torch.no_grad()
+    def eval_pairs(self, micro_batches: list[PreferenceBatch], center_coef: float) -> dict[str, float]:
+        """Held-out loss and pairwise accuracy (fraction of pairs with r_chosen > r_rejected)."""
+        self.train_engine.engine.eval()
+        count = sum(b.num_examples for b in micro_batches)
+        totals: dict[str, float] = {}
+        for batch in micro_batches:
+            loss, stats = self._loss(batch, count, center_coef)
+            for key, value in {"loss": float(loss), **stats}.items():
+                totals[key] = totals.get(key, 0.0) + value
+        return totals
+
+    @torch.no_grad()
+    def scores(self, tokens: TokenBatch) -> list[float]:
+        self.train_engine.engine.eval()
+        return self._rewards(tokens).cpu().tolist()
+
+    def save_checkpoint(self, directory: str) -> float:
+        return self.train_engine.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        self.train_engine.load_checkpoint(directory)
+
+    def export_hf(self, directory: str) -> None:
+        state = self.train_engine.full_state_dict(self.rank)
+        if self.rank == 0:
+            export_model(self.train_engine.module, state, directory, self.spec.peft)
+        self.train_engine.barrier()
+
+    def shutdown(self) -> None:
+        TrainingEngine.shutdown()

@@ -1,0 +1,194 @@
+"""The DPO family as a single-actor stage: DPO (sigmoid), IPO, hinge, robust / cDPO, SimPO, ORPO, KTO.
+
+Reference log-probs: with ``dpo.reference: precompute`` one pass over the data before the first step
+scores every response with the starting weights (or, with PEFT, the adapter-disabled base) and keeps
+the numbers, so no reference weights stay in memory; they are saved in the output dir so a resumed
+run uses the same ones. With ``alongside`` they are computed every step: from a frozen copy of the
+starting weights, or with PEFT from the base with the adapter disabled (no second copy).
+
+Run:  rayrl train examples/dpo.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rayrl.cluster import ray_session
+from rayrl.config import DPOConfig, config_to_dict
+from rayrl.data.batch import collate
+from rayrl.data.batching import StepBatcher, steps_for_epochs
+from rayrl.data.loading import DataError
+from rayrl.data.preference import (PreferencePair, UnpairedExample, collate_pairs, collate_unpaired,
+                                   load_kto_examples, load_preference_pairs, pair_token_rows)
+from rayrl.outputs import export_final_model
+from rayrl.preference_objective import PreferenceObjective
+from rayrl.sft import trainer_spec
+from rayrl.stage_common import (StageResult, checkpoint_due, eval_due, generation_accuracy, load_generation_eval,
+                                prepare_stage)
+from rayrl.tracking import Tracker
+from rayrl.trainer_group import TrainerGroup
+
+REFERENCE_FILE = "reference_logps.json"
+KTO_IMBALANCE_WARNING = 4.0  # warn when one label outnumbers the other (after weights) by more than this
+
+
+def load_items(config: DPOConfig, source: str, tokenizer):
+    if config.dpo.loss_type == "kto":
+        return load_kto_examples(source, tokenizer, config.data.max_length)
+    return load_preference_pairs(source, tokenizer, config.data.max_length)
+
+
+def kto_balance_warning(config: DPOConfig, desirable: int, total: int) -> str | None:
+    """KTO's paper: keep w_d * n_d / (w_u * n_u) within [1, 4/3]; far outside it, say so."""
+    undesirable = total - desirable
+    if desirable == 0 or undesirable == 0:
+        raise DataError(f"KTO needs both desirable and undesirable rows; {config.data.train} has "
+                        f"{desirable} desirable and {undesirable} undesirable")
+    ratio = (config.dpo.kto_desirable_weight * desirable) / (config.dpo.kto_undesirable_weight * undesirable)
+    if ratio > KTO_IMBALANCE_WARNING or ratio < 1 / KTO_IMBALANCE_WARNING:
+        return (f"KTO labels are imbalanced: {desirable} desirable vs {undesirable} undesirable "
+                f"(weighted ratio {ratio:.2f}); consider dpo.kto_desirable_weight / kto_undesirable_weight "
+                "so that w_d*n_d / (w_u*n_u) lies in [1, 4/3]")
+    return None
+
+
+def token_rows(item) -> list:
+    """The token rows whose reference log-probs an item needs."""
+    if isinstance(item, PreferencePair):
+        return pair_token_rows([item])
+    rows = []
+    for response in (item.completion_ids, list(item.mismatched_ids)):
+        ids = item.prompt_ids + list(response)
+        rows.append((ids, [False] * len(item.prompt_ids) + [True] * len(response), list(range(len(ids))), [1] * len(ids)))
+    return rows
+
+
+def with_reference(item, values: list[float]):
+    if isinstance(item, PreferencePair):
+        return replace(item, ref_chosen=values[0], ref_rejected=values[1])
+    return replace(item, ref=values[0], ref_mismatched=values[1])
+
+
+def precompute_reference(trainers: TrainerGroup, items: list, pad_id: int, batch_rows: int) -> list[list[float]]:
+    """Reference log-probs of every item's two rows, in one no-grad pass."""
+    rows = [row for item in items for row in token_rows(item)]
+    values: list[float] = []
+    for start in range(0, len(rows), batch_rows):
+        batch = collate(rows[start:start + batch_rows], pad_id)
+        values += trainers.rank0("sequence_logprobs", batch, reference=True).tolist()
+    return [values[i:i + 2] for i in range(0, len(values), 2)]
+
+
+def reference_logps(trainers, output_dir: Path, train: list, evals: list, pad_id: int, batch_rows: int,
+                    resuming: bool) -> tuple[list, list]:
+    path = output_dir / REFERENCE_FILE
+    if resuming:
+        if not path.exists():
+            raise FileNotFoundError(f"cannot resume: {path} (the precomputed reference log-probs) is missing")
+        saved = json.loads(path.read_text())
+    else:
+        saved = {"train": precompute_reference(trainers, train, pad_id, batch_rows),
+                 "eval": precompute_reference(trainers, evals, pad_id, batch_rows)}
+        path.write_text(json.dumps(saved))
+    return ([with_reference(i, v) for i, v in zip(train, saved["train"], strict=True)],
+            [with_reference(i, v) for i, v in zip(evals, saved["eval"], strict=True)])
+
+
+def run_dpo(config: DPOConfig) -> StageResult:
+    started = time.perf_counter()
+    setup = prepare_stage(config)
+    tokenizer = setup.tokenizer
+    pad_id = tokenizer.pad_token_id
+    objective = PreferenceObjective.from_settings(config.dpo)
+    kto = config.dpo.loss_type == "kto"
+
+    # 1. Data: preference pairs (or KTO rows), eval pairs, and prompts for task accuracy.
+    train_items, data_stats = load_items(config, config.data.train, tokenizer)
+    eval_items = load_items(config, config.data.eval, tokenizer)[0][: config.eval.max_examples] if config.data.eval else []
+    generation_set = (load_generation_eval(config.eval.generation_data, tokenizer, config.eval.max_examples)
+                      if config.eval.generation_data else None)
+    warning = kto_balance_warning(config, data_stats.desirable, data_stats.examples) if kto else None
+    collate_items = collate_unpaired if kto else collate_pairs
+
+    separate_reference = (objective.needs_reference and config.dpo.reference == "alongside"
+                          and config.model.peft is None)
+    with ray_session(config.ray):
+        # 2. The policy group (plus, for "alongside" without PEFT, a frozen reference copy per rank).
+        total_steps = config.train.max_steps or steps_for_epochs(len(train_items), config.train.epochs,
+                                                                 config.train.global_batch_size)
+        trainers = TrainerGroup(trainer_spec(config, setup.model_path, total_steps),
+                                num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,
+                                separate_reference=separate_reference)
+        tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
+                          total_steps=total_steps, start_step=setup.start_step,
+                          progress=config.tracking.progress, description=config.dpo.loss_type)
+        try:
+            if warning:
+                tracker.write(f"warning: {warning}")
+            # 3. Reference log-probs, once, before any weight changes (or loaded when resuming).
+            if objective.needs_reference and config.dpo.reference == "precompute":
+                ref_start = time.perf_counter()
+                train_items, eval_items = reference_logps(
+                    trainers, setup.output_dir, train_items, eval_items, pad_id,
+                    2 * config.train.micro_batch_size, resuming=setup.resume_from is not None)
+                tracker.write(f"reference log-probs ready in {time.perf_counter() - ref_start:.1f}s")
+            batcher = StepBatcher(train_items, global_batch_size=config.train.global_batch_size,
+                                  micro_batch_size=config.train.micro_batch_size,
+                                  world_size=config.trainer.world_size, seed=config.seed,
+                                  shuffle=config.data.shuffle, collate=lambda items: collate_items(items, pad_id),
+                                  unit="rows" if kto else "pairs")
+
+            def evaluate() -> dict[str, float]:
+                metrics: dict[str, float] = {}
+                if eval_items:
+                    size = config.train.micro_batch_size
+                    batches = [collate_items(eval_items[i:i + size], pad_id) for i in range(0, len(eval_items), size)]
+                    stats = trainers.rank0("eval_preference", batches, objective)
+                    metrics.update({f"eval/{k}": v for k, v in stats.items()})
+                if generation_set is not None:
+                    metrics["eval/accuracy"] = generation_accuracy(trainers, generation_set, tokenizer,
+                                                                   config.eval.max_new_tokens)
+                return metrics
+
+            if setup.resume_from:
+                trainers.load_checkpoint(str(setup.resume_from))
+                tracker.write(f"resumed from {setup.resume_from} (step {setup.start_step})")
+            else:
+                tracker.log(0, {"data/rows": data_stats.rows, "data/truncated": data_stats.truncated,
+                                "data/dropped": data_stats.dropped, "total_steps": total_steps})
+            if config.eval.at_start and setup.start_step == 0:
+                tracker.log(0, evaluate())
+
+            final_eval: dict[str, float] = {}
+            for step in range(setup.start_step, total_steps):
+                # 4. One optimizer step over the global batch of pairs (or KTO rows).
+                step_start = time.perf_counter()
+                batches = batcher.step_batches(step)
+                num_tokens = sum(b.tokens.num_tokens for rank in batches for b in rank)
+                metrics: dict[str, Any] = trainers.train_preference_step(
+                    batches, global_num_examples=config.train.global_batch_size, objective=objective)
+                elapsed = time.perf_counter() - step_start
+                metrics.update(tokens_per_s=num_tokens / elapsed, num_tokens=num_tokens,
+                               epoch=batcher.epoch_of(step + 1), step_s=elapsed)
+                tracker.log(step + 1, metrics)
+                tracker.advance()
+
+                # 5. Eval and checkpoint on their schedules.
+                done = step + 1
+                if eval_due(config, done, total_steps):
+                    final_eval = evaluate()
+                    tracker.log(done, final_eval)
+                if checkpoint_due(config, done, total_steps):
+                    setup.checkpoints.save(done, lambda d: trainers.save_checkpoint(str(d)),
+                                           {"total_steps": total_steps})
+
+            # 6. The final model (merged and/or adapter with PEFT), in Hugging Face format.
+            final_model = export_final_model(trainers, tokenizer, setup.output_dir)
+        finally:
+            tracker.close()
+            trainers.shutdown()
+    return StageResult(setup.output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)

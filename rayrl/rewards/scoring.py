@@ -1,0 +1,443 @@
+"""Weighted combination of reward functions with failure handling and timeouts.
+
+:class:`RewardScorer` is built from :class:`RewardSpec` s (plain, picklable data). Functions are
+resolved lazily (:func:`~rayrl.rewards.registry.load_reward_function`) in the process that
+scores, so a scorer can be shipped to a Ray actor (the VerifierPool) and loaded there.
+
+``score(prompts, completions, fields)`` returns a :class:`ScoreResult`::
+
+    total[i]               = sum(spec.weight * per_function[spec.name][i] for spec in specs)
+    per_function[name][i]  = the function's score, or spec.fallback if it failed
+    failures[name]         = items that fell back (raised, timed out, or returned a non-number)
+    timeouts[name]         = the subset of failures that were timeouts
+
+Failure policy: a reward function that raises, exceeds its ``timeout_s``, or returns something
+that is not a finite real number (None, a string, NaN, inf) gives that item the spec's
+``fallback`` and is counted, and scoring carries on; it never crashes the run. Only
+configuration errors (an unresolvable spec, mismatched input lengths) raise.
+
+How timeouts are enforced (``isolation="fork"``, the default):
+
+* Per ``score`` call ONE child process is forked (``multiprocessing`` "fork" context; the
+  functions, prompts and fields are inherited, nothing is pickled on the way in). It evaluates
+  the (function, item) jobs one by one, each under a ``signal.setitimer(ITIMER_REAL,
+  timeout_s)`` alarm whose handler raises :class:`RewardTimeout` (a ``BaseException``, so a
+  bare ``except Exception`` in user code does not swallow it), and streams ``(job, status,
+  value)`` back through a pipe as each job finishes.
+* The parent watches the pipe with a per-job deadline (``timeout_s + grace_s`` since the last
+  result). If the child wedges where a Python signal cannot interrupt it (a long C call, a
+  swallowed timeout, a deadlock inherited through ``fork``) or dies (segfault, ``os._exit``),
+  the parent SIGKILLs it, records the job in flight as timed out (or failed, if the child
+  died), and forks a fresh child for the remaining jobs. So one bad item costs at most
+  ``timeout_s + grace_s``; the rest are still scored.
+* A batched function (``fn.batched = True``) is one job: ``timeout_s`` applies to the whole
+  call, and a failure falls back (and counts) for every item of the batch. Individual
+  non-numeric entries of its returned list fall back one by one.
+* ``timeout_s=None`` on a spec runs that function in the scoring process itself (no fork,
+  no timeout; exceptions are still caught): for cheap, trusted functions.
+* ``isolation="none"`` runs everything in-process (debugging; no timeouts at all).
+
+Fields: each row dict's keys are passed as keyword arguments (``fn(prompt, completion,
+**row)``); keys named ``prompt`` or ``completion`` are dropped. For batched functions every key
+seen in any row becomes a list (missing values are None).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import multiprocessing.connection
+import numbers
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+from rayrl.rewards.registry import RewardSpecError, is_batched, load_reward_function
+
+__all__ = ["RewardScorer", "RewardSpec", "RewardTimeout", "ScoreResult"]
+
+logger = logging.getLogger(__name__)
+
+_RESERVED_FIELDS = ("prompt", "completion")
+_MAX_ERROR_SAMPLES = 3
+
+
+class RewardTimeout(BaseException):
+    """Raised inside the scoring child when a reward function exceeds its ``timeout_s``."""
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One reward function in a weighted combination.
+
+    Attributes:
+        name: unique key in :class:`ScoreResult` (e.g. ``"correct"``).
+        fn: spec string for :func:`~rayrl.rewards.registry.load_reward_function`: a built-in
+            name, ``"path/to/file.py:fn"`` or ``"module:fn"``.
+        weight: multiplier in the total.
+        timeout_s: per-item limit in seconds (whole call for batched functions); None runs the
+            function in-process without a timeout.
+        fallback: score used when the function fails for an item.
+        options: if set, ``fn`` names a factory called with these keyword arguments (e.g.
+            ``RewardSpec("em", "exact_match", options={"case_sensitive": False})``).
+    """
+
+    name: str
+    fn: str
+    weight: float = 1.0
+    timeout_s: float | None = 10.0
+    fallback: float = 0.0
+    options: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"RewardSpec.name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.fn, str) or not self.fn.strip():
+            raise ValueError(f"RewardSpec {self.name!r}: fn must be a spec string, got {self.fn!r}")
+        for attr in ("weight", "fallback"):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"RewardSpec {self.name!r}: {attr} must be a finite number, got {value!r}")
+        if self.timeout_s is not None and (
+            isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, numbers.Real) or not self.timeout_s > 0
+        ):
+            raise ValueError(f"RewardSpec {self.name!r}: timeout_s must be > 0 or None, got {self.timeout_s!r}")
+
+
+@dataclass
+class ScoreResult:
+    """Scores of one batch. ``failures`` includes ``timeouts``; ``failed`` is the per-item mask."""
+
+    total: list[float]
+    per_function: dict[str, list[float]]
+    failures: dict[str, int]
+    timeouts: dict[str, int]
+    failed: dict[str, list[bool]] = field(default_factory=dict)
+    errors: dict[str, list[str]] = field(default_factory=dict)
+
+    def metrics(self, prefix: str = "reward") -> dict[str, float]:
+        """Flat scalars for logging: per-function mean, failure and timeout rates, total mean."""
+        out: dict[str, float] = {}
+        n = len(self.total)
+        for name, values in self.per_function.items():
+            out[f"{prefix}/{name}/mean"] = sum(values) / n if n else 0.0
+            out[f"{prefix}/{name}/failure_rate"] = self.failures.get(name, 0) / n if n else 0.0
+            out[f"{prefix}/{name}/timeout_rate"] = self.timeouts.get(name, 0) / n if n else 0.0
+        out[f"{prefix}/total/mean"] = sum(self.total) / n if n else 0.0
+        return out
+
+
+def _to_score(value: Any) -> float | None:
+    """A finite float, or None if ``value`` is not a usable score."""
+    if isinstance(value, (str, bytes)) or value is None:
+        return None
+    if not isinstance(value, numbers.Real) and not hasattr(type(value), "__float__"):
+        return None
+    try:
+        out = float(value)
+    except Exception:
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _bad_value(value: Any) -> str:
+    return f"returned {type(value).__name__} {repr(value)[:60]}, expected a finite float"
+
+
+# A job is (spec index, item index or None for a batched call).
+_Job = tuple[int, "int | None"]
+
+
+class RewardScorer:
+    """Scores completions with a weighted set of reward functions (see module docstring).
+
+    Args:
+        specs: the reward functions; names must be unique.
+        base_dir: directory that relative ``file.py:fn`` specs are resolved against.
+        isolation: ``"fork"`` (timeouts enforced in a forked child) or ``"none"``.
+        grace_s: extra seconds the parent waits past a job's ``timeout_s`` before killing a
+            child that did not honour the alarm.
+
+    The object holds only plain data until :meth:`load` (called by :meth:`score`), and
+    pickles without the loaded functions, so it can be constructed on the driver and used
+    inside a Ray actor.
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[RewardSpec],
+        *,
+        base_dir: str | None = None,
+        isolation: Literal["fork", "none"] = "fork",
+        grace_s: float = 1.0,
+    ) -> None:
+        specs = list(specs)
+        if not specs:
+            raise ValueError("RewardScorer needs at least one RewardSpec")
+        for spec in specs:
+            if not isinstance(spec, RewardSpec):
+                raise TypeError(f"expected RewardSpec, got {type(spec).__name__}")
+        names = [s.name for s in specs]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate reward names: {duplicates}")
+        if isolation not in ("fork", "none"):
+            raise ValueError(f"isolation must be 'fork' or 'none', got {isolation!r}")
+        self.specs: list[RewardSpec] = specs
+        self.base_dir = base_dir
+        self.isolation = isolation
+        self.grace_s = float(grace_s)
+        self._fns: list[Callable[..., Any]] | None = None
+        self._warned: set[str] = set()
+
+    # ---- pickling: never ship loaded functions ----
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fns"] = None
+        state["_warned"] = set()
+        return state
+
+    def load(self) -> None:
+        """Resolve every spec in this process (idempotent). Raises RewardSpecError."""
+        if self._fns is not None:
+            return
+        fns = []
+        for spec in self.specs:
+            try:
+                fns.append(load_reward_function(spec.fn, base_dir=self.base_dir, options=spec.options))
+            except RewardSpecError as exc:
+                raise RewardSpecError(spec.fn, f"(reward {spec.name!r}) {exc.detail}") from exc
+        # The sandbox probes for network namespaces once per process: do it here, not in
+        # every short-lived scoring child.
+        if any(getattr(fn, "__module__", "") == "rayrl.rewards.code_sandbox" for fn in fns):
+            from rayrl.rewards.code_sandbox import network_namespace_prefix
+
+            network_namespace_prefix()
+        self._fns = fns
+
+    # ---- scoring ----
+    def score(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        fields: Sequence[Mapping[str, Any]] | None = None,
+    ) -> ScoreResult:
+        """Score a batch; see the module docstring for the failure and timeout policy."""
+        self.load()
+        assert self._fns is not None
+        prompts, completions = list(prompts), list(completions)
+        n = len(prompts)
+        if len(completions) != n:
+            raise ValueError(f"got {n} prompts but {len(completions)} completions")
+        rows = [dict(r) if r is not None else {} for r in fields] if fields is not None else [{} for _ in range(n)]
+        if len(rows) != n:
+            raise ValueError(f"got {n} prompts but {len(rows)} field rows")
+        for row in rows:
+            for key in _RESERVED_FIELDS:
+                row.pop(key, None)
+
+        values: list[list[float | None]] = [[None] * n for _ in self.specs]
+        timed_out: list[list[bool]] = [[False] * n for _ in self.specs]
+        errors: dict[str, list[str]] = {s.name: [] for s in self.specs}
+
+        def record(job: _Job, status: str, payload: Any) -> None:
+            si, item = job
+            spec = self.specs[si]
+            items = range(n) if item is None else (item,)
+            if status == "ok":
+                if item is None:
+                    for i, v in zip(items, payload):
+                        values[si][i] = v
+                    bad = sum(v is None for v in payload)
+                    if bad and len(errors[spec.name]) < _MAX_ERROR_SAMPLES:
+                        errors[spec.name].append(f"{bad} item(s) of the batch were not finite numbers")
+                else:
+                    values[si][item] = payload
+                    if payload is None and len(errors[spec.name]) < _MAX_ERROR_SAMPLES:
+                        errors[spec.name].append("returned a non-number")
+                return
+            for i in items:
+                values[si][i] = None
+                timed_out[si][i] = status == "timeout"
+            if len(errors[spec.name]) < _MAX_ERROR_SAMPLES:
+                errors[spec.name].append(str(payload))
+
+        inline_jobs: list[_Job] = []
+        forked_jobs: list[_Job] = []
+        for si, spec in enumerate(self.specs):
+            jobs: list[_Job] = [(si, None)] if is_batched(self._fns[si]) else [(si, i) for i in range(n)]
+            if n == 0:
+                jobs = []
+            (inline_jobs if spec.timeout_s is None or self.isolation == "none" else forked_jobs).extend(jobs)
+
+        runner = _JobRunner(self._fns, self.specs, prompts, completions, rows)
+        for job in inline_jobs:
+            record(job, *runner.run(job, timeout_s=None, inline=True))
+        if forked_jobs:
+            self._run_forked(runner, forked_jobs, record)
+
+        per_function: dict[str, list[float]] = {}
+        failed: dict[str, list[bool]] = {}
+        failures: dict[str, int] = {}
+        timeouts: dict[str, int] = {}
+        total = [0.0] * n
+        for si, spec in enumerate(self.specs):
+            scores = [spec.fallback if v is None else v for v in values[si]]
+            mask = [v is None for v in values[si]]
+            per_function[spec.name] = scores
+            failed[spec.name] = mask
+            failures[spec.name] = sum(mask)
+            timeouts[spec.name] = sum(timed_out[si])
+            for i, s in enumerate(scores):
+                total[i] += spec.weight * s
+            if failures[spec.name]:
+                log = logger.debug if spec.name in self._warned else logger.warning
+                self._warned.add(spec.name)
+                log("reward %r: %d/%d items fell back to %s (%d timeouts); e.g. %s", spec.name,
+                    failures[spec.name], n, spec.fallback, timeouts[spec.name],
+                    (errors[spec.name] or ["?"])[0])
+        return ScoreResult(total=total, per_function=per_function, failures=failures, timeouts=timeouts,
+                           failed=failed, errors={k: v for k, v in errors.items() if v})
+
+    def _run_forked(self, runner: "_JobRunner", jobs: list[_Job], record: Callable[[_Job, str, Any], None]) -> None:
+        ctx = multiprocessing.get_context("fork")
+        start = 0
+        while start < len(jobs):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child_main, args=(runner, jobs, start, writer), daemon=False,
+                               name="rayrl-reward-scorer")
+            proc.start()
+            writer.close()
+            current = start
+            last_progress = time.monotonic()
+            try:
+                while current < len(jobs):
+                    spec = self.specs[jobs[current][0]]
+                    budget = float(spec.timeout_s or 0.0) + self.grace_s
+                    remaining = last_progress + budget - time.monotonic()
+                    if remaining <= 0:
+                        record(jobs[current], "timeout",
+                               f"timed out after {spec.timeout_s:g}s (child did not respond; killed)")
+                        current += 1
+                        break
+                    ready = multiprocessing.connection.wait([reader, proc.sentinel], timeout=remaining)
+                    if reader in ready:
+                        try:
+                            k, status, payload = reader.recv()
+                        except (EOFError, OSError):
+                            ready = [proc.sentinel]
+                        else:
+                            record(jobs[k], status, payload)
+                            current = k + 1
+                            last_progress = time.monotonic()
+                            continue
+                    if proc.sentinel in ready:
+                        # Child gone: drain what it managed to send, then blame the job in flight.
+                        while reader.poll(0):
+                            try:
+                                k, status, payload = reader.recv()
+                            except (EOFError, OSError):
+                                break
+                            record(jobs[k], status, payload)
+                            current = k + 1
+                        if current < len(jobs):
+                            proc.join(0.1)
+                            record(jobs[current], "error",
+                                   f"scoring process died (exit code {proc.exitcode}) in this function")
+                            current += 1
+                        break
+            finally:
+                if current >= len(jobs):
+                    proc.join(1.0)  # finished normally: let it exit on its own
+                killed = proc.is_alive()
+                if killed:
+                    proc.kill()
+                proc.join(5)
+                reader.close()
+            if killed or proc.exitcode not in (0, None):
+                # A killed child cannot clean up after a sandbox run it was in the middle of.
+                from rayrl.rewards.code_sandbox import cleanup_stale_sandbox_dirs
+
+                cleanup_stale_sandbox_dirs()
+            start = current
+
+
+class _JobRunner:
+    """Calls one job's function; shared by the in-process path and the forked child."""
+
+    def __init__(self, fns, specs, prompts, completions, rows):
+        self.fns, self.specs = fns, specs
+        self.prompts, self.completions, self.rows = prompts, completions, rows
+
+    def _call(self, job: _Job) -> tuple[str, Any]:
+        si, item = job
+        fn = self.fns[si]
+        if item is None:
+            keys: dict[str, None] = {}
+            for row in self.rows:
+                keys.update(dict.fromkeys(row))
+            lists = {k: [row.get(k) for row in self.rows] for k in keys}
+            out = fn(self.prompts, self.completions, **lists)
+            n = len(self.prompts)
+            if isinstance(out, (str, bytes, Mapping)):
+                return "error", f"batched function returned {type(out).__name__}, expected a list of {n} floats"
+            try:
+                out = list(out)
+            except TypeError:
+                return "error", f"batched function returned {type(out).__name__}, expected a list of {n} floats"
+            if len(out) != n:
+                return "error", f"batched function returned {len(out)} scores for {n} items"
+            return "ok", [_to_score(v) for v in out]
+        out = fn(self.prompts[item], self.completions[item], **self.rows[item])
+        score = _to_score(out)
+        if score is None:
+            return "error", _bad_value(out)
+        return "ok", score
+
+    def run(self, job: _Job, timeout_s: float | None, *, inline: bool = False) -> tuple[str, Any]:
+        """(status, payload): ("ok", score or list), ("error", message) or ("timeout", message).
+
+        In-process (``inline``) a KeyboardInterrupt still propagates; everything else is caught.
+        """
+        try:
+            try:
+                if timeout_s is not None:
+                    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+                return self._call(job)
+            finally:
+                if timeout_s is not None:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+        except RewardTimeout:
+            return "timeout", f"timed out after {timeout_s:g}s"
+        except KeyboardInterrupt:
+            if inline:
+                raise
+            return "error", "KeyboardInterrupt"
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
+            return "error", f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def _raise_timeout(signum, frame):
+    raise RewardTimeout()
+
+
+def _child_main(runner: _JobRunner, jobs: list[_Job], start: int, conn) -> None:
+    """Body of the forked scoring child: run jobs[start:], one alarm each, stream results."""
+    try:
+        signal.signal(signal.SIGALRM, _raise_timeout)
+        use_alarm = True
+    except (ValueError, OSError):  # not the main thread: the parent's watchdog still applies
+        use_alarm = False
+    for k in range(start, len(jobs)):
+        si = jobs[k][0]
+        timeout = runner.specs[si].timeout_s if use_alarm else None
+        status, payload = runner.run(jobs[k], timeout)
+        try:
+            conn.send((k, status, payload))
+        except Exception as exc:  # unpicklable payload cannot happen (floats/str); a dead parent can
+            if isinstance(exc, (BrokenPipeError, EOFError)):
+                return
+            conn.send((k, "error", f"could not report result: {exc}"))
+    conn.close()
