@@ -96,3 +96,15 @@ def export_model(module: torch.nn.Module, state: dict[str, torch.Tensor], direct
     if mode in ("merged", "both"):
         merged = model.merge_and_unload()
         merged.save_pretrained(out, safe_serialization=True)
+
+
+def merged_named_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], peft: PeftConfig | None):
+    """(HF name, tensor) pairs of the full model as an inference engine loads it: with LoRA-type
+    adapters merged into the base weights (the engine then needs no adapter support)."""
+    if peft is None:
+        return list(state.items())
+    if peft.method in ("prefix", "prompt"):
+        raise ValueError(f"{peft.method} tuning has no mergeable weights to sync into a rollout engine")
+    model = copy.deepcopy(module).cpu()
+    model.load_state_dict(state)
+    return list(model.merge_and_unload().state_dict().items())

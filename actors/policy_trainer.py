@@ -7,17 +7,34 @@ calls every method on all ranks: DeepSpeed's collectives need every rank to take
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from rayrl.actors.engine import TrainerSpec, TrainingEngine, init_process_group, node_ip, rendezvous_address
-from rayrl.actors.models import export_model, load_model, param_groups, virtual_token_count
+from rayrl.actors.models import export_model, load_model, merged_named_weights, param_groups, virtual_token_count
 from rayrl.data.batch import TokenBatch
 from rayrl.data.preference import KTOBatch, PreferenceBatch
+from rayrl.data.rollout import RolloutBatch
 from rayrl.preference_objective import PreferenceObjective, preference_loss
 
-__all__ = ["PolicyTrainer", "TrainerSpec"]
+
+@dataclass(frozen=True)
+class PolicyGradientObjective:
+    """The GRPO-family loss settings handed to each rank (see rayrl.algorithms.policy_gradient_loss)."""
+
+    ratio_level: str = "token"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    aggregation: str = "token_mean"
+    norm_constant: float | None = None
+    tis_cap: float | None = None
+    overlong_filter: bool = False
+
+__all__ = ["PolicyTrainer", "PolicyGradientObjective", "TrainerSpec"]
 
 
 class PolicyTrainer:
@@ -59,8 +76,16 @@ class PolicyTrainer:
     # ---- forward passes ---------------------------------------------------------------------
     def _token_logprobs(self, batch: TokenBatch, model=None) -> torch.Tensor:
         """(B, T-1) log-probs of each next token (the policy, or ``model`` if given)."""
+        return self._logps_from_logits(self._logits(batch, model), batch)
+
+    def _logps_from_logits(self, logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         from rayrl.algorithms import token_logprobs
 
+        input_ids = batch.input_ids.to(logits.device)
+        return token_logprobs(logits[:, :-1], input_ids[:, 1:])
+
+    def _logits(self, batch: TokenBatch, model=None) -> torch.Tensor:
+        """(B, T, V) logits of the policy (or ``model``), virtual prompt-tuning tokens cut off."""
         engine = self.train_engine
         device = engine.device
         inputs = {"input_ids": batch.input_ids.to(device), "use_cache": False}
@@ -71,8 +96,7 @@ class PolicyTrainer:
         else:
             inputs["attention_mask"] = batch.padding_mask().to(device)
         logits = (model or engine.forward)(**inputs).logits
-        logits = logits[:, virtual_token_count(self.spec.peft):]
-        return token_logprobs(logits[:, :-1], inputs["input_ids"][:, 1:])
+        return logits[:, virtual_token_count(self.spec.peft):]
 
     def _compute_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.spec.dtype == "bfloat16" else torch.float32
@@ -165,6 +189,61 @@ class PolicyTrainer:
             logps = self._token_logprobs(tokens, model)
         mask = tokens.loss_mask[:, 1:].to(logps.device)
         return torch.where(mask, logps, torch.zeros_like(logps)).sum(-1)
+
+    def train_policy_gradient_step(self, micro_batches: list[RolloutBatch], global_num_tokens: int,
+                                   global_num_seqs: int, objective: PolicyGradientObjective) -> dict[str, float]:
+        """One optimizer step of the clipped policy-gradient loss (GRPO family), normalised by the
+        optimizer step's global token (or sequence) count over all ranks and micro-batches."""
+        from rayrl.algorithms import entropy_from_logits, overlong_mask, policy_gradient_loss, truncated_is_weights
+
+        def loss_fn(batch: RolloutBatch):
+            device = self.train_engine.device
+            logits = self._logits(batch.tokens)
+            logps = self._logps_from_logits(logits, batch.tokens)
+            mask = batch.tokens.loss_mask[:, 1:].to(device)
+            old = batch.old_logps.to(device)
+            if objective.overlong_filter:
+                mask = overlong_mask(batch.overlong.to(device), mask)
+            tis = (truncated_is_weights(old, batch.sampler_logps.to(device), mask, cap=objective.tis_cap)
+                   if objective.tis_cap else None)
+            loss, stats = policy_gradient_loss(
+                logps, old, batch.advantages.to(device), mask, ratio_level=objective.ratio_level,
+                eps_low=objective.eps_low, eps_high=objective.eps_high, tis_weights=tis,
+                ref_logp=None if batch.ref_logps is None else batch.ref_logps.to(device),
+                kl_coef=objective.kl_coef, kl_kind=objective.kl_kind, mode=objective.aggregation,
+                global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+                norm_constant=objective.norm_constant)
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits[:, :-1].detach())
+                stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp_min(1)
+            share = batch.num_examples / global_num_seqs
+            return loss, {k: float(v) * share for k, v in stats.items()}
+
+        return self.train_engine.optimizer_step(micro_batches, loss_fn)
+
+    @torch.no_grad()
+    def token_logprobs(self, batch: TokenBatch, reference: bool = False) -> torch.Tensor:
+        """(B, T-1) log-probs of each next token under the current (or, with PEFT, reference) weights."""
+        self.train_engine.engine.eval()
+        if reference:
+            with self._reference_weights() as model:
+                return self._token_logprobs(batch, model).cpu()
+        return self._token_logprobs(batch).cpu()
+
+    def export_weight_buckets(self, bucket_bytes: int) -> list:
+        """The policy's full weights (LoRA merged in) as object-store refs of numpy buckets, from
+        rank 0 (all ranks must call: ZeRO-3 gathers). Other ranks return an empty list."""
+        import ray
+
+        from rayrl.weight_sync import bucket_state_dict
+
+        state = self.train_engine.full_state_dict(self.rank)
+        refs = []
+        if self.rank == 0:
+            named = merged_named_weights(self.train_engine.module, state, self.spec.peft)
+            refs = [ray.put(bucket) for bucket in bucket_state_dict(named, bucket_bytes=bucket_bytes)]
+        self.train_engine.barrier()
+        return refs
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[TokenBatch]) -> tuple[float, int]:

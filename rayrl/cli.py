@@ -11,7 +11,9 @@ from pathlib import Path
 from rayrl.config import ConfigError, load_config
 from rayrl.data.loading import DataError
 
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+from rayrl.rewards.registry import RewardSpecError
+
+USER_ERRORS = (ConfigError, DataError, RewardSpecError, FileNotFoundError)
 
 DESCRIPTION = """\
 rayrl: LLM post-training (SFT, preference optimisation, RL with verifiable rewards) on Ray.

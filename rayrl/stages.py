@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rayrl.config import DPOConfig, RewardModelConfig, SFTConfig
+from rayrl.config import DPOConfig, GRPOConfig, RewardModelConfig, SFTConfig
 
 
 def run_stage(config):
@@ -18,4 +18,8 @@ def run_stage(config):
         from rayrl.rm import run_rm
 
         return run_rm(config)
+    if isinstance(config, GRPOConfig):
+        from rayrl.rl import run_grpo
+
+        return run_grpo(config)
     raise TypeError(f"no loop for {type(config).__name__}")

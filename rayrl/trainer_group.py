@@ -17,13 +17,18 @@ class TrainerGroup:
     """
 
     def __init__(self, spec: TrainerSpec, *, num_cpus: float, num_gpus: float, role: type = PolicyTrainer,
-                 separate_reference: bool = False, role_kwargs: dict[str, Any] | None = None):
+                 separate_reference: bool = False, role_kwargs: dict[str, Any] | None = None,
+                 shared_bundle: dict[str, float] | None = None):
+        """``shared_bundle``: extra resources added to every rank's bundle, for actors the caller
+        co-locates with the ranks (``bundle_strategy``), e.g. rollout workers sharing a GPU."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.spec = spec
-        bundle = {key: value for key, value in (("CPU", num_cpus), ("GPU", num_gpus)) if value > 0}
+        extra = shared_bundle or {}
+        bundle = {key: value for key, value in (("CPU", num_cpus + extra.get("CPU", 0.0)),
+                                                ("GPU", num_gpus + extra.get("GPU", 0.0))) if value > 0}
         self.placement_group = None
         options: list[dict[str, Any]] = [{} for _ in range(spec.world_size)]
         if bundle:
@@ -50,6 +55,23 @@ class TrainerGroup:
                                separate_reference=separate_reference)
             for rank, actor in enumerate(self.actors)
         ])
+
+    def bundle_strategy(self, rank: int):
+        """A scheduling strategy that places an actor in rank ``rank``'s bundle (co-location)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if self.placement_group is None:
+            return None
+        return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
+
+    def train_policy_gradient_step(self, batches: list[list], global_num_tokens: int, global_num_seqs: int,
+                                   objective) -> dict[str, float]:
+        return self._combine(self._all("train_policy_gradient_step", batches, global_num_tokens=global_num_tokens,
+                                       global_num_seqs=global_num_seqs, objective=objective))
+
+    def export_weight_buckets(self, bucket_bytes: int) -> list:
+        """Object refs of the full weights in numpy buckets (put by rank 0)."""
+        return self._all("export_weight_buckets", [bucket_bytes] * len(self.actors))[0]
 
     def _all(self, method: str, *per_rank_args: list, **shared: Any) -> list:
         import ray

@@ -1,0 +1,31 @@
+"""ReferenceModel: frozen log-probs of the starting policy, for the KL term of RL losses.
+
+With a peft adapter on the policy no ReferenceModel is needed: the policy trainer computes reference
+log-probs with its adapter disabled (no second copy of the weights).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rayrl.data.batch import TokenBatch
+
+
+class ReferenceModel:
+    def __init__(self, model_path: str, *, num_threads: int = 1, attn_implementation: str = "sdpa"):
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(max(1, num_threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32,
+                                                          attn_implementation=attn_implementation)
+        self.model.to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def token_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        """(B, T-1) log-probs of each next token."""
+        from rayrl.algorithms import token_logprobs
+
+        input_ids = batch.input_ids.to(self.device)
+        logits = self.model(input_ids=input_ids, attention_mask=batch.padding_mask().to(self.device)).logits
+        return token_logprobs(logits[:, :-1], input_ids[:, 1:]).cpu()

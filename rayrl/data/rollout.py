@@ -1,0 +1,71 @@
+"""Rollout batches: sampled completions turned into typed training rows for the policy-gradient step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rayrl.data.batch import TokenBatch, collate
+from rayrl.data.loading import DataError, read_rows, require_field
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    prompt: str  # the text the reward functions see
+    prompt_ids: list[int]
+    fields: dict  # every other field of the row (e.g. ``answer``), passed to reward functions
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """One micro-batch of completions for the policy-gradient loss. All (B, T-1) tensors are aligned
+    with next-token targets: position t scores token t+1 of ``tokens``."""
+
+    tokens: TokenBatch  # (B, T) prompt + completion; loss_mask on completion tokens
+    advantages: torch.Tensor  # (B,)
+    old_logps: torch.Tensor  # (B, T-1) trainer log-probs before this batch's updates
+    sampler_logps: torch.Tensor  # (B, T-1) the rollout engine's log-probs (0 off the completion)
+    ref_logps: torch.Tensor | None  # (B, T-1) reference log-probs, when a KL term is on
+    overlong: torch.Tensor  # (B,) bool: cut at max_new_tokens (DAPO overlong filtering)
+
+    @property
+    def num_examples(self) -> int:
+        return self.tokens.input_ids.shape[0]
+
+
+def load_prompts(source: str, tokenizer, max_prompt_length: int) -> list[PromptRow]:
+    rows = read_rows(source)
+    if not rows:
+        raise DataError(f"dataset {source!r} has no rows")
+    prompts = []
+    for row in rows:
+        prompt = require_field(row, "prompt", (str, list))
+        if isinstance(prompt, list):
+            encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+            text = tokenizer.decode(ids)
+        else:
+            ids, text = tokenizer(prompt)["input_ids"], prompt
+        if len(ids) > max_prompt_length:
+            raise DataError(f"{row.where}: prompt is {len(ids)} tokens, over data.max_prompt_length "
+                            f"({max_prompt_length})")
+        fields = {k: v for k, v in row.fields.items() if k not in ("prompt", "completion")}
+        prompts.append(PromptRow(text, ids, fields))
+    return prompts
+
+
+def completion_tokens(prompt_ids: list[list[int]], completion_ids: list[list[int]], sampler_logps: list[list[float]],
+                      pad_id: int) -> tuple[TokenBatch, torch.Tensor]:
+    """Prompt+completion rows (loss on the completion) and the sampler's log-probs aligned to them."""
+    rows = []
+    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+        ids = prompt + completion
+        rows.append((ids, [False] * len(prompt) + [True] * len(completion), list(range(len(ids))), [1] * len(ids)))
+    tokens = collate(rows, pad_id)
+    aligned = torch.zeros(tokens.input_ids.shape[0], tokens.input_ids.shape[1] - 1)
+    for i, (prompt, logps) in enumerate(zip(prompt_ids, sampler_logps, strict=True)):
+        # target position t predicts token t+1: completion token j sits at len(prompt)+j, so at t = len(prompt)+j-1
+        start = len(prompt) - 1
+        aligned[i, start:start + len(logps)] = torch.tensor(logps, dtype=torch.float32)
+    return tokens, aligned
