@@ -428,7 +428,8 @@ def _train(config: GRPOConfig, trainers: TrainerGroup, objective: PolicyGradient
                                                 None if ref_logps is None else ref_logps[rows], overlong[rows]))
                 per_rank.append(_trim(batches))
             metrics = trainers.train_policy_gradient_step(
-                per_rank, global_num_tokens=int(mask.sum()), global_num_seqs=int((mask.sum(-1) > 0).sum()) or 1,
+                # max(1, .): a step whose every completion is filtered out trains on nothing (loss 0), not NaN
+                per_rank, global_num_tokens=max(1, int(mask.sum())), global_num_seqs=max(1, int((mask.sum(-1) > 0).sum())),
                 objective=objective)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value

@@ -130,3 +130,40 @@ def test_bad_reward_spec_fails_before_work(tmp_path, tiny_model_dir):
     config = grpo_config(tmp_path / "bad", tiny_model_dir, rewards=[{"fn": str(tmp_path / "nope.py") + ":fn"}])
     with pytest.raises(RewardSpecError, match="nope.py"):
         run_grpo(config)
+
+
+def test_reward_rises_on_an_easy_task(ray_cluster, tmp_path, tiny_model_dir):
+    """From random weights: reward 1 when the completion starts with a digit (~10% by chance)."""
+    from rayrl.rl import run_grpo
+
+    rewards = tmp_path / "easy.py"
+    rewards.write_text("def digit_first(prompt, completion, **fields):\n    return float(completion[:1].isdigit())\n")
+    config = grpo_config(tmp_path / "easy", tiny_model_dir, rewards=[{"fn": f"{rewards}:digit_first", "name": "digit"}],
+                         rollout={"group_size": 8, "max_new_tokens": 2}, grpo={"prompts_per_step": 8},
+                         train={"max_steps": 8, "micro_batch_size": 64, "lr": 1e-2},
+                         trainer={"world_size": 1, "num_cpus": 0.5}, eval={"at_start": False, "every_steps": 0})
+    result = run_grpo(config)
+    rewards_seen = [r["reward/mean"] for r in read_metrics(result.output_dir) if "reward/mean" in r]
+    assert len(rewards_seen) == 8
+    assert sum(rewards_seen[-2:]) / 2 > sum(rewards_seen[:2]) / 2 + 0.4, rewards_seen
+
+
+@pytest.mark.parametrize("variant", [
+    {"grpo": {"eps_high": 0.28, "dynamic_sampling": True, "overlong_filter": True}},  # DAPO
+    {"grpo": {"ratio_level": "sequence", "eps_low": 3e-4, "eps_high": 4e-4, "loss_aggregation": "seq_mean_token_mean"}},  # GSPO
+    {"grpo": {"scale": "none", "loss_aggregation": "seq_mean_token_sum_norm", "mini_batches": 2, "tis_cap": 2.0}},  # Dr. GRPO
+    {"grpo": {"advantage": "rloo", "epochs": 2}},
+    {"grpo": {"advantage": "reinforce_pp"}, "rollout": {"backend": "hf"}},
+], ids=["dapo", "gspo", "dr_grpo", "rloo", "reinforce_pp_hf"])
+def test_grpo_variants_run(ray_cluster, tmp_path, tiny_model_dir, variant):
+    from rayrl.rl import run_grpo
+
+    sections = {"trainer": {"world_size": 1, "num_cpus": 0.5}, "eval": {"at_start": False, "every_steps": 0},
+                "train": {"max_steps": 2, "micro_batch_size": 8, "lr": 1e-3}}
+    for key, value in variant.items():
+        sections[key] = {**sections.get(key, {}), **value}
+    result = run_grpo(grpo_config(tmp_path / "variant", tiny_model_dir, **sections))
+    steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    if variant["grpo"].get("dynamic_sampling"):
+        assert all("groups/unfilled" in r for r in steps)

@@ -20,7 +20,7 @@ def test_quickstart_writes_summary(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert [row["stage"] for row in summary] == ["base", "sft", "dpo"]
+    assert [row["stage"] for row in summary] == ["base", "sft", "dpo", "grpo"]
     for row in summary:
         assert set(row) == {"stage", "eval_accuracy", "wall_s"}
         assert 0.0 <= row["eval_accuracy"] <= 1.0 and row["wall_s"] >= 0.0
