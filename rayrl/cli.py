@@ -34,6 +34,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from rayrl.pipeline import run_pipeline
+
+    summary = run_pipeline(args.pipeline, args.overrides)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _cmd_init_model(args: argparse.Namespace) -> int:
     from rayrl.tiny import init_model
 
@@ -72,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="dotted overrides, e.g. train.lr=1e-4 trainer.world_size=2 output_dir=runs/x")
     train.set_defaults(func=_cmd_train)
+
+    pipe = commands.add_parser(
+        "pipeline", help="chain stages (e.g. SFT -> DPO -> GRPO); finished stages are skipped on rerun",
+        description="Run the stages a pipeline file lists, each stage's final model becoming the next "
+                    "stage's model.path. Every stage config is validated first; completed stages are "
+                    "not rerun.")
+    pipe.add_argument("pipeline", help="pipeline file (YAML), e.g. examples/pipeline.yaml")
+    pipe.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to every stage")
+    pipe.set_defaults(func=_cmd_pipeline)
 
     init = commands.add_parser(
         "init-model", help="write a tiny random-weight causal LM and tokenizer (for tests and demos)",

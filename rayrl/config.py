@@ -529,7 +529,9 @@ def _valid_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
 
 
 def _describe(error: dict[str, Any], model: type[BaseModel] | None, where: dict[str, str]) -> str:
-    loc = tuple(str(p) for p in error["loc"] if not (isinstance(p, str) and p in ALGORITHMS))
+    loc = tuple(str(p) for p in error["loc"])
+    if loc and loc[0] in ALGORITHMS:  # the tagged union's tag, not a key ('dpo' is also a section)
+        loc = loc[1:]
     key = ".".join(loc) or "(top level)"
     origin = where.get(key, "")
     origin = f" ({origin})" if origin else ""
