@@ -145,6 +145,7 @@ class TrainingEngine:
         again (scale_wrt_gas=False): the gradient is then exactly that of the global-batch mean.
         """
         assert len(micro_batches) == self.spec.grad_accum_steps, "micro-batch count != grad_accum_steps"
+        started = time.perf_counter()
         self.engine.train()
         lr = self.engine.get_lr()[0]
         totals: dict[str, float] = {"loss": 0.0}
@@ -162,7 +163,8 @@ class TrainingEngine:
         ds_norm = self.engine.get_global_grad_norm()
         if ds_norm is not None:
             grad_norm = float(ds_norm)
-        return {**totals, "grad_norm": grad_norm, "lr": lr, "peak_rss_mb": peak_rss_mb()}
+        return {**totals, "grad_norm": grad_norm, "lr": lr, "peak_rss_mb": peak_rss_mb(),
+                "time/trainer_compute": time.perf_counter() - started}
 
     def _grad_norm_before_step(self) -> float:
         # Plain (ZeRO-0, fp32) DeepSpeed clips without recording the norm; the grads are already

@@ -104,7 +104,11 @@ def bench_stage(steps: int, threads: int) -> tuple[list[float], float, float]:
             "tracking": {"progress": False, "wandb": {"mode": "disabled"}},
         })
         result = run_sft(config)
-        rows = [r for r in read_metrics(out) if "tokens_per_s" in r]
+        rows = [r for r in read_metrics(out) if "tokens_per_s" in r][20:]
+        split = {key: statistics.median(r[key] for r in rows) for key in ("step_s", "time/data", "time/trainer_compute")}
+        print(f"stage step {split['step_s'] * 1e3:.1f} ms = driver batching {split['time/data'] * 1e3:.1f} ms "
+              f"+ trainer compute {split['time/trainer_compute'] * 1e3:.1f} ms "
+              f"+ Ray call and transfer {(split['step_s'] - split['time/data'] - split['time/trainer_compute']) * 1e3:.1f} ms")
         return [r["tokens_per_s"] for r in rows], rows[-1]["memory/trainer_peak_rss_mb"], result.wall_s
 
 
@@ -134,7 +138,8 @@ def main() -> None:
         else:
             rates, trainer_rss, wall = bench_stage(args.steps, args.threads)
             extra = {"peak_rss_mb": trainer_rss, "driver_peak_rss_mb": peak_rss_mb(), "wall_s": wall}
-        results[which] = {"tokens_per_s": statistics.median(rates[args.warmup:]), **extra}
+        rates = rates if which == "stage" else rates[args.warmup:]
+        results[which] = {"tokens_per_s": statistics.median(rates), **extra}
     base = results.get("plain", {}).get("tokens_per_s")
     print(f"{'variant':<8} {'tokens/s':>10} {'vs plain':>9} {'peak RSS MB':>12}")
     for name, row in results.items():

@@ -67,6 +67,83 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from rayrl import submit as sub
+
+    try:
+        # ConfigError from local validation propagates: the same one line as `rayrl train`.
+        result = sub.submit(args.config, args.overrides, address=args.address, python=args.python,
+                            env=args.env, job_id=args.job_id, keep_staged=args.keep_staged)
+    except sub.SubmitError as exc:
+        print(f"rayrl: error: {exc}", file=sys.stderr)
+        return 2
+    staged, jobs = result.staged, result.client
+    print(f"submitted job {result.job_id} (output_dir {staged.config['output_dir']}; staged "
+          f"{staged.bytes} bytes, {len(staged.files)} local file(s))", file=sys.stderr)
+    print(result.job_id, flush=True)
+    if not args.wait:
+        return 0
+    try:
+        status = sub.wait(jobs, result.job_id)
+    except KeyboardInterrupt:
+        print(f"rayrl: stopped waiting; the job keeps running (rayrl jobs stop {result.job_id})", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"rayrl: error: lost the job server while waiting: {sub._one_line(exc)}", file=sys.stderr)
+        return 1
+    if status == "SUCCEEDED":
+        print(f"job {result.job_id} SUCCEEDED", file=sys.stderr)
+        return 0
+    info = jobs.get_job_info(result.job_id)
+    code = getattr(info, "driver_exit_code", None)
+    print(f"rayrl: job {result.job_id} {status}" + (f" (exit code {code})" if code is not None else "")
+          + (f": {sub._mask(info.message.splitlines()[0])}" if info.message else ""), file=sys.stderr)
+    return code if isinstance(code, int) and 0 < code < 256 else 1
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from rayrl import submit as sub
+
+    try:
+        jobs = sub.client(args.address)
+        if args.action == "list":
+            rows = sorted((sub.job_summary(j) for j in jobs.list_jobs()), key=lambda r: r["start"] or "")
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            for r in ([] if args.json else rows):
+                print(f"{r['job_id']:<40} {r['status']:<10} {r['start'] or '-':<20} {r['entrypoint']}")
+            return 0
+        if not args.job_id:
+            print(f"rayrl: error: jobs {args.action} needs a JOB_ID", file=sys.stderr)
+            return 2
+        if args.action == "status":
+            print(json.dumps(sub.job_summary(jobs.get_job_info(args.job_id)), indent=2))
+        elif args.action == "logs":
+            if args.follow:
+                status = sub.wait(jobs, args.job_id)
+                return 0 if status == "SUCCEEDED" else 1
+            sys.stdout.write(sub._mask(jobs.get_job_logs(args.job_id)))
+        elif args.action == "stop":
+            stopped = jobs.stop_job(args.job_id)
+            print(f"job {args.job_id}: " + ("stop requested" if stopped else "already finished"))
+        return 0
+    except sub.SubmitError as exc:
+        print(f"rayrl: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # the SDK's "job does not exist" and HTTP errors
+        print(f"rayrl: error: {sub._one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from rayrl.report import render_report
+
+    paths = render_report(args.output_dir, destination=args.to)
+    for path in paths:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayrl", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +192,46 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--output-dir", default="runs/quickstart")
     quick.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every stage")
     quick.set_defaults(func=_cmd_quickstart)
+
+    sub = commands.add_parser(
+        "submit", help="run a stage on a Ray cluster as a Ray job (validated here first)",
+        description="Validate a stage config here, stage it with the local files it names (datasets, "
+                    "reward .py files) as the job's working_dir, and submit `python -m rayrl.cli train` "
+                    "as a Ray job. The Ray auth token is read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+                    "or ~/.ray/auth_token; WANDB_API_KEY travels in the job's env_vars only. "
+                    "output_dir (and a local model.path) must be on storage the cluster shares.")
+    sub.add_argument("config", help="stage config (YAML), e.g. examples/sft.yaml")
+    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for train")
+    sub.add_argument("--address", default=None,
+                     help="the Ray dashboard / job server, e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS)")
+    sub.add_argument("--wait", action="store_true",
+                     help="stream the job's logs; exit 0 only if it SUCCEEDED")
+    sub.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                     help="extra env var for the job (KEY alone copies it from this shell); repeatable")
+    sub.add_argument("--python", default="python", help="the cluster's python with rayrl installed")
+    sub.add_argument("--job-id", default=None, help="submission id (default rayrl-ALGO-TIME-RANDOM)")
+    sub.add_argument("--keep-staged", default=None, metavar="DIR",
+                     help="stage into DIR and keep it (default: a temp dir removed after upload)")
+    sub.set_defaults(func=_cmd_submit)
+
+    jobs = commands.add_parser(
+        "jobs", help="list / inspect / follow / stop Ray jobs (wraps the Job Submission SDK)",
+        description="list: all jobs; status ID: state, exit code, metadata (secrets redacted); logs ID "
+                    "[--follow]: the driver log; stop ID: stop a running job.")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?", metavar="JOB_ID")
+    jobs.add_argument("--address", default=None, help="e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS)")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    jobs.add_argument("--json", action="store_true", help="list: JSON output")
+    jobs.set_defaults(func=_cmd_jobs)
+
+    report = commands.add_parser(
+        "report", help="render a run's metrics.jsonl to PNG curves and an HTML page (no W&B needed)",
+        description="Plot every numeric metric family in OUTPUT_DIR/metrics.jsonl (loss, lr, reward/*, "
+                    "eval/*, ...) to PNG files and write index.html listing them, in OUTPUT_DIR/report.")
+    report.add_argument("output_dir")
+    report.add_argument("--to", default=None, metavar="DIR", help="write there instead of OUTPUT_DIR/report")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

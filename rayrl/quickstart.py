@@ -69,8 +69,9 @@ def run_quickstart(output_dir: str | Path, overrides: list[str] | None = None) -
         model_path = str(result.final_model)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_curves(output_dir, [name for name, _ in STAGES], output_dir / "curves.png")
     print(format_table(summary))
-    print(f"\nwrote {output_dir / 'summary.json'}; final model: {model_path}")
+    print(f"\nwrote {output_dir / 'summary.json'} and {output_dir / 'curves.png'}; final model: {model_path}")
     return summary
 
 
@@ -78,3 +79,33 @@ def format_table(summary: list[dict]) -> str:
     lines = [f"{'stage':<8} {'held-out accuracy':>18} {'wall s':>8}"]
     lines += [f"{row['stage']:<8} {row['eval_accuracy']:>18.3f} {row['wall_s']:>8.1f}" for row in summary]
     return "\n".join(lines)
+
+
+def plot_curves(output_dir: Path, stages: list[str], path: Path) -> Path:
+    """Held-out accuracy across the stages (one x axis of cumulative steps) and GRPO's reward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, reward_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    offset = 0
+    for stage in stages:
+        rows = read_metrics(output_dir / stage)
+        evals = [(offset + r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+        if evals:
+            acc_ax.plot(*zip(*evals), marker="o", label=stage)
+        if stage == "grpo":
+            rewards = [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]
+            if rewards:
+                reward_ax.plot(*zip(*rewards), label="reward/mean (train samples)")
+        offset += max((r.get("step", 0) for r in rows), default=0)
+    acc_ax.set(title="held-out accuracy (greedy, exact answer)", xlabel="step (cumulative over stages)",
+               ylabel="accuracy", ylim=(0, 1))
+    acc_ax.legend()
+    reward_ax.set(title="GRPO reward", xlabel="GRPO step", ylabel="mean reward", ylim=(0, 1))
+    reward_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -89,13 +89,14 @@ def run_sft(config: SFTConfig) -> StageResult:
                 # 3. One optimizer step over the global batch.
                 step_start = time.perf_counter()
                 batches = batcher.step_batches(step)
+                data_s = time.perf_counter() - step_start
                 num_loss_tokens = sum(b.num_loss_tokens for rank in batches for b in rank)
                 num_tokens = sum(b.num_tokens for rank in batches for b in rank)
                 metrics: dict[str, Any] = trainers.train_sft_step(batches, global_num_tokens=num_loss_tokens)
                 elapsed = time.perf_counter() - step_start
                 metrics.update(tokens_per_s=num_tokens / elapsed, num_tokens=num_tokens,
                                num_loss_tokens=num_loss_tokens, epoch=batcher.epoch_of(step + 1),
-                               step_s=elapsed)
+                               step_s=elapsed, **{"time/data": data_s})
                 tracker.log(step + 1, metrics)
                 tracker.advance()
 

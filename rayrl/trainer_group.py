@@ -86,7 +86,8 @@ class TrainerGroup:
     def _combine(results: list[dict]) -> dict[str, float]:
         """Loss and stats are per-rank shares of global means: sum them. Norm and LR agree on all ranks."""
         combined = {key: sum(r[key] for r in results) for key in results[0]
-                    if key not in ("grad_norm", "lr", "peak_rss_mb")}
+                    if key not in ("grad_norm", "lr", "peak_rss_mb") and not key.startswith("time/")}
+        combined.update({key: max(r[key] for r in results) for key in results[0] if key.startswith("time/")})
         combined.update(grad_norm=results[0]["grad_norm"], lr=results[0]["lr"])
         combined["memory/trainer_peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
         return combined
@@ -102,6 +103,10 @@ class TrainerGroup:
     def train_reward_step(self, batches: list[list], global_num_pairs: int, center_coef: float) -> dict[str, float]:
         return self._combine(self._all("train_reward_step", batches, global_num_pairs=global_num_pairs,
                                        center_coef=center_coef))
+
+    def train_value_step(self, batches: list[list], global_num_tokens: int) -> dict[str, float]:
+        """One critic (PPO value model) optimizer step; ``batches[rank]`` are that rank's ValueBatches."""
+        return self._combine(self._all("train_value_step", batches, global_num_tokens=global_num_tokens))
 
     def rank0(self, method: str, *args, **kwargs):
         """Call a method on every rank with the same arguments; return rank 0's result."""

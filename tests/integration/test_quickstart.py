@@ -25,3 +25,4 @@ def test_quickstart_writes_summary(tmp_path):
         assert set(row) == {"stage", "eval_accuracy", "wall_s"}
         assert 0.0 <= row["eval_accuracy"] <= 1.0 and row["wall_s"] >= 0.0
     assert "held-out accuracy" in proc.stdout
+    assert (out / "curves.png").stat().st_size > 1000
