@@ -18,7 +18,7 @@ def load_model(path: str, task: Task, *, attn_implementation: str, pad_token_id:
                peft: PeftConfig | None, gradient_checkpointing: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs: dict = {"torch_dtype": torch.float32, "attn_implementation": attn_implementation}
+    kwargs: dict = {"dtype": torch.float32, "attn_implementation": attn_implementation}
     if peft is not None and peft.method == "qlora":
         if not torch.cuda.is_available():
             raise RuntimeError("model.peft.method=qlora needs a CUDA GPU (bitsandbytes 4-bit)")
@@ -27,7 +27,7 @@ def load_model(path: str, task: Task, *, attn_implementation: str, pad_token_id:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True)
-        kwargs["torch_dtype"] = torch.bfloat16
+        kwargs["dtype"] = torch.bfloat16
     if task == "causal_lm":
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:

@@ -17,7 +17,7 @@ class ReferenceModel:
 
         torch.set_num_threads(max(1, num_threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32,
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                           attn_implementation=attn_implementation)
         self.model.to(self.device).eval().requires_grad_(False)
 

@@ -36,7 +36,7 @@ def plain(model_path: str, steps: int, threads: int) -> dict[str, float]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     prompts = load_prompts("rayrl:addition/prompts-train", tokenizer, 64)
     phases: dict[str, list[float]] = {k: [] for k in ("generate", "reward", "logprobs", "train", "step")}

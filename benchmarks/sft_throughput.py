@@ -49,7 +49,7 @@ def bench_plain(model_path, batcher, steps: int) -> list[float]:
     from rayrl.algorithms import sft_loss, token_logprobs
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rates = []
     for step in range(steps):

@@ -347,68 +347,106 @@ class ReferenceConfig(_Strict):
     num_gpus: float = Field(default=0.0, ge=0)
 
 
-class GRPOSettings(_Strict):
+class _PolicyGradientSettings(_Strict):
+    """The policy-optimisation settings GRPO and PPO share (one rollout batch, several optimizer steps)."""
+
     prompts_per_step: int = Field(default=16, gt=0)
-    advantage: Literal["group", "rloo", "reinforce_pp"] = "group"
-    """group: GRPO's group-normalised reward; rloo: leave-one-out baseline; reinforce_pp: globally
-    whitened (REINFORCE++)."""
-    scale: Literal["group", "batch", "none"] = "group"
-    """For advantage=group: divide by the group's std (GRPO), the batch's, or not at all (Dr. GRPO)."""
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
-    """token_mean (DAPO), seq_mean_token_mean (GRPO paper, GSPO), seq_mean_token_sum_norm (Dr. GRPO:
+    """token_mean (DAPO, PPO), seq_mean_token_mean (GRPO paper, GSPO), seq_mean_token_sum_norm (Dr. GRPO:
     token sums / rollout.max_new_tokens)."""
-    ratio_level: Literal["token", "sequence"] = "token"
-    """token: GRPO; sequence: GSPO (use eps_low 3e-4, eps_high 4e-4 and seq_mean_token_mean)."""
     eps_low: float = Field(default=0.2, gt=0)
     eps_high: float = Field(default=0.2, gt=0)
-    """DAPO's clip-higher: 0.28."""
-    kl_coef: float = Field(default=0.0, ge=0)
-    """KL(pi || ref) as a loss term (k3); 0 turns the reference model off."""
-    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    """The policy ratio's clip range [1 - eps_low, 1 + eps_high]; DAPO's clip-higher: eps_high 0.28."""
     mini_batches: int = Field(default=1, gt=0)
     """Optimizer steps per rollout batch (the batch split in this many parts)."""
     epochs: int = Field(default=1, gt=0)
     """Passes over each rollout batch."""
-    dynamic_sampling: bool = False
-    """DAPO: drop groups whose rewards are all equal and sample more prompts to refill the batch."""
-    max_sampling_rounds: int = Field(default=3, gt=0)
     overlong_filter: bool = False
     """DAPO: completions cut at max_new_tokens get no loss."""
     tis_cap: float | None = Field(default=None, gt=0)
     """Truncated importance sampling (sampler/trainer log-prob mismatch), weights capped here; null: off."""
 
 
-class GRPOConfig(_CommonBase):
-    """GRPO and its variants (Dr. GRPO, DAPO, GSPO), RLOO and REINFORCE++: rollouts on vLLM, rewards
-    from verifiers or user functions, a DeepSpeed policy trainer, weights synced into the engine."""
+class GRPOSettings(_PolicyGradientSettings):
+    advantage: Literal["group", "rloo", "reinforce_pp"] = "group"
+    """group: GRPO's group-normalised reward; rloo: leave-one-out baseline; reinforce_pp: globally
+    whitened (REINFORCE++)."""
+    scale: Literal["group", "batch", "none"] = "group"
+    """For advantage=group: divide by the group's std (GRPO), the batch's, or not at all (Dr. GRPO)."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """token: GRPO; sequence: GSPO (use eps_low 3e-4, eps_high 4e-4 and seq_mean_token_mean)."""
+    kl_coef: float = Field(default=0.0, ge=0)
+    """KL(pi || ref) as a loss term (k3); 0 turns the reference model off."""
+    kl_kind: Literal["k1", "k2", "k3"] = "k3"
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and sample more prompts to refill the batch."""
+    max_sampling_rounds: int = Field(default=3, gt=0)
 
-    algorithm: Literal["grpo"]
+
+class PPOSettings(_PolicyGradientSettings):
+    """PPO (RLHF): reward-model scores, a KL penalty to the reference, a learned critic and GAE."""
+
+    prompts_per_step: int = Field(default=64, gt=0)
+    kl_coef: float = Field(default=0.05, ge=0)
+    """The KL(pi || ref) coefficient (the initial one with adaptive_kl); 0 turns the reference model off."""
+    kl_kind: Literal["k1", "k2", "k3"] = "k1"
+    kl_in: Literal["reward", "loss"] = "reward"
+    """reward: -kl_coef x KL_t folded into the per-token rewards (Ziegler et al. 2019, InstructGPT);
+    loss: a KL term in the policy loss (as GRPO), rewards are the scores alone."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards kl_target (Ziegler et al. 2019's proportional controller)."""
+    kl_target: float = Field(default=6.0, gt=0)
+    """Target KL per sequence (nats, summed over the completion's tokens)."""
+    kl_horizon: int = Field(default=10000, gt=0)
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    lam: float = Field(default=0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+
+    # GRPO-only settings, fixed for PPO (so the shared loop reads one settings object).
+    @property
+    def ratio_level(self) -> str:
+        return "token"
+
+    @property
+    def dynamic_sampling(self) -> bool:
+        return False
+
+    @property
+    def max_sampling_rounds(self) -> int:
+        return 1
+
+
+class _RLBase(_CommonBase):
+    """What the RL stages (GRPO family, PPO) share: prompts, rollouts, optional verifier rewards,
+    a reference model, a policy trainer and the placement of the rollout engines."""
+
     data: RLDataConfig = RLDataConfig()
     train: RLTrainConfig = RLTrainConfig()
     rollout: RolloutConfig = RolloutConfig()
-    rewards: list[RewardFunctionConfig] = Field(
-        default_factory=lambda: [RewardFunctionConfig(fn="math_answer", name="correct")], min_length=1)
     verifier: VerifierConfig = VerifierConfig()
     reference: ReferenceConfig = ReferenceConfig()
-    grpo: GRPOSettings = GRPOSettings()
     placement: Literal["split", "colocated"] = "split"
     """split: rollout workers on their own CPUs/GPUs; colocated: they share the trainer's, and the
     engine sleeps while the trainer trains."""
 
+    @property
+    def settings(self) -> _PolicyGradientSettings:
+        raise NotImplementedError
+
     @model_validator(mode="after")
-    def _consistent(self) -> GRPOConfig:
-        sequences = self.grpo.prompts_per_step * self.rollout.group_size
-        if sequences % self.grpo.mini_batches:
-            raise ValueError(f"grpo.prompts_per_step x rollout.group_size ({sequences}) must divide into "
-                             f"grpo.mini_batches ({self.grpo.mini_batches})")
-        per_step = sequences // self.grpo.mini_batches
+    def _consistent_rl(self) -> _RLBase:
+        settings = self.settings
+        sequences = settings.prompts_per_step * self.rollout.group_size
+        section = self.algorithm
+        if sequences % settings.mini_batches:
+            raise ValueError(f"{section}.prompts_per_step x rollout.group_size ({sequences}) must divide into "
+                             f"{section}.mini_batches ({settings.mini_batches})")
+        per_step = sequences // settings.mini_batches
         if per_step % (self.train.micro_batch_size * self.trainer.world_size):
             raise ValueError(
-                f"each optimizer step's {per_step} sequences (grpo.prompts_per_step x rollout.group_size / "
-                f"grpo.mini_batches) must be a multiple of train.micro_batch_size x trainer.world_size "
+                f"each optimizer step's {per_step} sequences ({section}.prompts_per_step x rollout.group_size / "
+                f"{section}.mini_batches) must be a multiple of train.micro_batch_size x trainer.world_size "
                 f"({self.train.micro_batch_size} x {self.trainer.world_size})")
-        if self.grpo.advantage != "group" and self.grpo.scale != "group":
-            raise ValueError(f"grpo.scale applies to advantage=group, not '{self.grpo.advantage}'")
         if self.eval.every_steps and self.data.eval is None:
             raise ValueError("eval.every_steps is set but data.eval is null: nothing to evaluate on")
         names = [r.name or r.fn for r in self.rewards]
@@ -418,16 +456,98 @@ class GRPOConfig(_CommonBase):
 
     @property
     def sequences_per_optimizer_step(self) -> int:
-        return self.grpo.prompts_per_step * self.rollout.group_size // self.grpo.mini_batches
+        return self.settings.prompts_per_step * self.rollout.group_size // self.settings.mini_batches
 
     @property
     def grad_accum_steps(self) -> int:
         return self.sequences_per_optimizer_step // (self.train.micro_batch_size * self.trainer.world_size)
 
 
-StageConfig = Annotated[Union[SFTConfig, DPOConfig, RewardModelConfig, GRPOConfig], Field(discriminator="algorithm")]
+class GRPOConfig(_RLBase):
+    """GRPO and its variants (Dr. GRPO, DAPO, GSPO), RLOO and REINFORCE++: rollouts on vLLM, rewards
+    from verifiers or user functions, a DeepSpeed policy trainer, weights synced into the engine."""
+
+    algorithm: Literal["grpo"]
+    rewards: list[RewardFunctionConfig] = Field(
+        default_factory=lambda: [RewardFunctionConfig(fn="math_answer", name="correct")], min_length=1)
+    grpo: GRPOSettings = GRPOSettings()
+
+    @property
+    def settings(self) -> GRPOSettings:
+        return self.grpo
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPOConfig:
+        if self.grpo.advantage != "group" and self.grpo.scale != "group":
+            raise ValueError(f"grpo.scale applies to advantage=group, not '{self.grpo.advantage}'")
+        return self
+
+
+class PPORolloutConfig(RolloutConfig):
+    group_size: int = Field(default=1, gt=0)
+    """Completions sampled per prompt (1 is classic PPO; the critic is the baseline)."""
+
+
+class RewardModelSection(_Strict):
+    """The trained reward model (the rm stage's final/: AutoModelForSequenceClassification)."""
+
+    path: str
+    num_workers: int = Field(default=1, gt=0)
+    """RewardModel actors; each step's batch is split evenly over them."""
+    num_cpus: float = Field(default=0.5, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+
+
+class CriticConfig(_Strict):
+    """The value model: the causal LM backbone with a one-scalar-per-token head, its own DeepSpeed
+    engine and optimizer. Micro-batch size and schedule follow ``train``."""
+
+    init: Literal["policy", "reward_model"] = "policy"
+    """Start from the policy's checkpoint (fresh head) or the reward model's (its head included)."""
+    lr: float = Field(default=1e-4, gt=0)
+    world_size: int = Field(default=1, gt=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+    value_clip: float | None = Field(default=0.2, gt=0)
+    """Clip the new values to old +/- this (reward units); null: the plain squared error."""
+
+
+class PPOConfig(_RLBase):
+    """PPO for RLHF: a reward model scores the rollouts, a KL penalty to the reference shapes the
+    per-token rewards, a critic gives GAE advantages; the same loop, rollouts and sync as GRPO."""
+
+    algorithm: Literal["ppo"]
+    rollout: PPORolloutConfig = PPORolloutConfig()
+    reward_model: RewardModelSection
+    rewards: list[RewardFunctionConfig] = Field(default_factory=list)
+    """Optional verifier rewards, added to the reward model's score (weights as for GRPO)."""
+    critic: CriticConfig = CriticConfig()
+    ppo: PPOSettings = PPOSettings()
+
+    @property
+    def settings(self) -> PPOSettings:
+        return self.ppo
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PPOConfig:
+        per_step = self.sequences_per_optimizer_step
+        if per_step % (self.train.micro_batch_size * self.critic.world_size):
+            raise ValueError(
+                f"each optimizer step's {per_step} sequences must be a multiple of train.micro_batch_size x "
+                f"critic.world_size ({self.train.micro_batch_size} x {self.critic.world_size})")
+        return self
+
+    @property
+    def critic_grad_accum_steps(self) -> int:
+        return self.sequences_per_optimizer_step // (self.train.micro_batch_size * self.critic.world_size)
+
+
+StageConfig = Annotated[Union[SFTConfig, DPOConfig, RewardModelConfig, GRPOConfig, PPOConfig],
+                        Field(discriminator="algorithm")]
 STAGE_CONFIGS: dict[str, type[_CommonBase]] = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RewardModelConfig,
-                                                "grpo": GRPOConfig}
+                                                "grpo": GRPOConfig, "ppo": PPOConfig}
 ALGORITHMS = tuple(STAGE_CONFIGS)
 _STAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(StageConfig)
 

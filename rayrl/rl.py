@@ -1,12 +1,14 @@
-"""The GRPO family on Ray: rollout workers (vLLM), verifiers, a reference model and a DeepSpeed
-policy trainer, driven by one loop.
+"""The GRPO family and PPO on Ray: rollout workers (vLLM), verifiers, a reference model and a DeepSpeed
+policy trainer, driven by one loop; PPO adds reward-model actors and a DeepSpeed critic.
 
 Each step:
   1. generate   prompts_per_step prompts x group_size samples on the rollout workers
   2. score      the verifier pool (rule-based rewards, user functions; failures fall back, counted)
   3. log-probs  the trainer's (the ratio's denominator) and, with a KL term, the reference's
-  4. advantage  group-normalised (GRPO / Dr. GRPO), leave-one-out (RLOO) or whitened (REINFORCE++)
+  4. advantage  group-normalised (GRPO / Dr. GRPO), leave-one-out (RLOO) or whitened (REINFORCE++);
+                PPO: the critic's values, KL-penalised per-token rewards, GAE (token advantages)
   5. train      mini_batches x epochs optimizer steps of the clipped policy-gradient loss
+                (PPO: and of the critic's clipped value loss, on the same mini-batches)
   6. sync       the new weights, bucketed, into the running engines (policy version + 1)
   7. log, eval, checkpoint
 
@@ -14,7 +16,9 @@ Departures from the papers: rewards are per sequence (outcome supervision); DAPO
 tops a batch up with fresh prompts for at most ``max_sampling_rounds`` rounds, then keeps the
 zero-variance groups it has (their advantage is 0) so that every step has the same size.
 
-Run:  rayrl train examples/grpo.yaml [key=value ...]
+PPO's sequence score is the reward model's (plus any verifier rewards), given at the last completion token.
+
+Run:  rayrl train examples/grpo.yaml [key=value ...]   (PPO: examples/ppo.yaml)
 """
 
 from __future__ import annotations
@@ -27,16 +31,20 @@ from typing import Any
 
 import torch
 
+from rayrl.actors.critic import Critic
 from rayrl.actors.engine import TrainerSpec
 from rayrl.actors.policy_trainer import PolicyGradientObjective
 from rayrl.actors.reference_model import ReferenceModel
+from rayrl.actors.reward_model import RewardModel, RewardModelPool
 from rayrl.actors.rollout_worker import Completion, RolloutWorker, SamplingSettings
 from rayrl.actors.verifier import Verifier
 from rayrl.algorithms import group_advantages, masked_whiten, rloo_advantages
+from rayrl.algorithms.ppo import AdaptiveKLController, gae_advantages, kl_penalized_rewards
+from rayrl.checkpoint import CheckpointManager
 from rayrl.cluster import ray_session
-from rayrl.config import GRPOConfig, config_to_dict
+from rayrl.config import GRPOConfig, PPOConfig, config_to_dict
 from rayrl.data.batching import StepBatcher
-from rayrl.data.rollout import PromptRow, RolloutBatch, completion_tokens, load_prompts
+from rayrl.data.rollout import PromptRow, RolloutBatch, ValueBatch, completion_tokens, load_prompts
 from rayrl.outputs import export_final_model
 from rayrl.rewards.scoring import RewardScorer, RewardSpec, ScoreResult
 from rayrl.stage_common import StageResult, checkpoint_due, eval_due, prepare_stage
@@ -130,7 +138,7 @@ class Rollout:
         return torch.tensor(self.scores.total, dtype=torch.float32)
 
 
-def reward_specs(config: GRPOConfig) -> list[RewardSpec]:
+def reward_specs(config: GRPOConfig | PPOConfig) -> list[RewardSpec]:
     return [RewardSpec(name=r.name or r.fn.rsplit(":", 1)[-1], fn=r.fn, weight=r.weight, timeout_s=r.timeout_s,
                        fallback=r.fallback) for r in config.rewards]
 
@@ -150,17 +158,68 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor
     return (grouped.max(-1).values - grouped.min(-1).values) == 0
 
 
-def run_grpo(config: GRPOConfig) -> StageResult:
+@dataclass(frozen=True)
+class PPOAdvantageSettings:
+    """What ``ppo_advantages`` needs of the PPO settings (kl_coef is the current, maybe adapted, one)."""
+
+    kl_coef: float = 0.05
+    kl_kind: str = "k1"
+    kl_in: str = "reward"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+
+
+def ppo_advantages(scores: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+                   values: torch.Tensor, mask: torch.Tensor,
+                   settings: PPOAdvantageSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's (B, T-1) token advantages, returns and per-token rewards of one rollout batch.
+
+    Per-token rewards are the sequence score at the last completion token minus kl_coef x KL_t to the
+    reference (``kl_penalized_rewards``; with ``kl_in="loss"`` or no reference, the score alone);
+    advantages and returns are GAE over the critic's values (``gae_advantages``)."""
+    if ref_logps is None or settings.kl_in != "reward":
+        ref_logps, kl_coef = old_logps, 0.0
+    else:
+        kl_coef = settings.kl_coef
+    token_rewards = kl_penalized_rewards(scores, old_logps, ref_logps, mask, kl_coef=kl_coef,
+                                         kl_kind=settings.kl_kind)
+    advantages, returns = gae_advantages(token_rewards, values, mask, gamma=settings.gamma, lam=settings.lam,
+                                         whiten=settings.whiten)
+    return advantages, returns, token_rewards
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens (1: perfect critic)."""
+    m = mask.bool()
+    r, v = returns[m], values[m]
+    if r.numel() < 2:
+        return float("nan")
+    var = r.var()
+    return float(1 - (r - v).var() / var) if var > 0 else float("nan")
+
+
+def _sequence_kl(old_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over sequences of the summed k1 KL(pi || ref) of the sampled tokens."""
+    return float(((old_logps - ref_logps) * mask).sum(-1).mean())
+
+
+def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
+    """The RL loop for the GRPO family and PPO (``config.algorithm``); PPO adds a reward model, a
+    critic and GAE token advantages as branches of the same steps."""
     started = time.perf_counter()
+    ppo = isinstance(config, PPOConfig)
+    settings = config.settings
     setup = prepare_stage(config)
     tokenizer = setup.tokenizer
     pad_id = tokenizer.pad_token_id
     group = config.rollout.group_size
-    prompts_per_step = config.grpo.prompts_per_step
+    prompts_per_step = settings.prompts_per_step
 
     # Reward functions resolve now, on the driver: a bad spec fails before any actor starts.
     specs = reward_specs(config)
-    RewardScorer(specs, base_dir=os.getcwd()).load()
+    if specs:  # PPO may run on the reward model alone
+        RewardScorer(specs, base_dir=os.getcwd()).load()
 
     # Data: prompts (plus fields for the reward functions); a deterministic prompt order per step.
     train_prompts = load_prompts(config.data.train, tokenizer, config.data.max_prompt_length)
@@ -170,12 +229,17 @@ def run_grpo(config: GRPOConfig) -> StageResult:
                                world_size=1, seed=config.seed, shuffle=config.data.shuffle,
                                collate=lambda rows: rows, unit="prompts")
     total_steps = config.train.max_steps
-    optimizer_steps = total_steps * config.grpo.mini_batches * config.grpo.epochs
+    optimizer_steps = total_steps * settings.mini_batches * settings.epochs
+    # KL to the reference: GRPO's is a loss term; PPO's is folded into the rewards or a loss term.
+    kl_coef = settings.kl_coef
+    kl_loss = not ppo or config.ppo.kl_in == "loss"
+    kl_controller = (AdaptiveKLController(config.ppo.kl_coef, config.ppo.kl_target, config.ppo.kl_horizon)
+                     if ppo and config.ppo.adaptive_kl else None)
     objective = PolicyGradientObjective(
-        ratio_level=config.grpo.ratio_level, eps_low=config.grpo.eps_low, eps_high=config.grpo.eps_high,
-        kl_coef=config.grpo.kl_coef, kl_kind=config.grpo.kl_kind, aggregation=config.grpo.loss_aggregation,
-        norm_constant=float(config.rollout.max_new_tokens), tis_cap=config.grpo.tis_cap,
-        overlong_filter=config.grpo.overlong_filter)
+        ratio_level=settings.ratio_level, eps_low=settings.eps_low, eps_high=settings.eps_high,
+        kl_coef=kl_coef if kl_loss else 0.0, kl_kind=settings.kl_kind, aggregation=settings.loss_aggregation,
+        norm_constant=float(config.rollout.max_new_tokens), tis_cap=settings.tis_cap,
+        overlong_filter=settings.overlong_filter)
     sampling = SamplingSettings(n=group, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                                 top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
                                 stop=list(config.rollout.stop))
@@ -190,17 +254,52 @@ def run_grpo(config: GRPOConfig) -> StageResult:
         shared = {"CPU": config.rollout.num_cpus, "GPU": config.rollout.num_gpus} if colocated else None
         trainers = TrainerGroup(_spec(config, setup.model_path, optimizer_steps), num_cpus=config.trainer.num_cpus,
                                 num_gpus=config.trainer.num_gpus, shared_bundle=shared)
-        rollout = RolloutPool(_rollout_workers(config, setup.model_path, trainers if colocated else None))
-        verifiers = VerifierPool([ray.remote(Verifier).options(num_cpus=config.verifier.num_cpus).remote(
-            specs, base_dir=os.getcwd()) for _ in range(config.verifier.num_workers)])
-        reference = None
-        if config.grpo.kl_coef and config.model.peft is None:
-            reference = ray.remote(ReferenceModel).options(
-                num_cpus=config.reference.num_cpus, num_gpus=config.reference.num_gpus).remote(
-                setup.model_path, num_threads=max(1, int(config.reference.num_cpus)))
+        critic = reward_models = verifiers = reference = None
+        try:
+            rollout = RolloutPool(_rollout_workers(config, setup.model_path, trainers if colocated else None))
+            if specs:
+                verifiers = VerifierPool([ray.remote(Verifier).options(num_cpus=config.verifier.num_cpus).remote(
+                    specs, base_dir=os.getcwd()) for _ in range(config.verifier.num_workers)])
+            if ppo:
+                reward_models = RewardModelPool([ray.remote(RewardModel).options(
+                    num_cpus=config.reward_model.num_cpus, num_gpus=config.reward_model.num_gpus).remote(
+                    config.reward_model.path, pad_token_id=pad_id, num_threads=max(1, int(config.reward_model.num_cpus)),
+                    batch_size=config.train.micro_batch_size) for _ in range(config.reward_model.num_workers)])
+                critic_path = config.reward_model.path if config.critic.init == "reward_model" else setup.model_path
+                critic = TrainerGroup(_critic_spec(config, critic_path, optimizer_steps),
+                                      num_cpus=config.critic.num_cpus, num_gpus=config.critic.num_gpus, role=Critic,
+                                      role_kwargs={"value_clip": config.critic.value_clip})
+            if kl_coef and config.model.peft is None:
+                reference = ray.remote(ReferenceModel).options(
+                    num_cpus=config.reference.num_cpus, num_gpus=config.reference.num_gpus).remote(
+                    setup.model_path, num_threads=max(1, int(config.reference.num_cpus)))
+        except BaseException:
+            trainers.shutdown()
+            if critic is not None:
+                critic.shutdown()
+            raise
         tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
                           total_steps=total_steps, start_step=setup.start_step,
-                          progress=config.tracking.progress, description="grpo")
+                          progress=config.tracking.progress, description=config.algorithm)
+
+        def score(rows: list[PromptRow], completions: list[Completion]) -> ScoreResult:
+            """Verifier rewards (GRPO) or reward-model scores plus any verifier rewards (PPO)."""
+            parts = None
+            if verifiers is not None:
+                parts = verifiers.score([p.prompt for p in rows], [c.text for c in completions],
+                                        [p.fields for p in rows])
+            if reward_models is None:
+                return parts
+            rm = reward_models.score([p.prompt_ids + c.token_ids for p, c in zip(rows, completions)])
+            n = len(rm)
+            if parts is None:
+                return ScoreResult(total=rm, per_function={"reward_model": rm}, failures={"reward_model": 0},
+                                   timeouts={"reward_model": 0}, failed={"reward_model": [False] * n})
+            return ScoreResult(total=[a + b for a, b in zip(rm, parts.total)],
+                               per_function={"reward_model": rm, **parts.per_function},
+                               failures={"reward_model": 0, **parts.failures},
+                               timeouts={"reward_model": 0, **parts.timeouts},
+                               failed={"reward_model": [False] * n, **parts.failed}, errors=parts.errors)
 
         def sync(version: int) -> tuple[float, int]:
             start = time.perf_counter()
@@ -210,15 +309,28 @@ def run_grpo(config: GRPOConfig) -> StageResult:
 
         def evaluate() -> dict[str, float]:
             completions = rollout.generate([p.prompt_ids for p in eval_prompts], greedy)
-            scores = verifiers.score([p.prompt for p in eval_prompts], [c.text for c in completions],
-                                     [p.fields for p in eval_prompts])
-            first = next(iter(scores.per_function))
-            return {"eval/accuracy": sum(scores.per_function[first]) / len(eval_prompts),
-                    "eval/reward": sum(scores.total) / len(eval_prompts)}
+            scores = score(eval_prompts, completions)
+            out = {"eval/reward": sum(scores.total) / len(eval_prompts)}
+            verified = [name for name in scores.per_function if name != "reward_model"]
+            if verified:
+                out["eval/accuracy"] = sum(scores.per_function[verified[0]]) / len(eval_prompts)
+            if ppo:
+                out["eval/reward_model"] = sum(scores.per_function["reward_model"]) / len(eval_prompts)
+            return out
+
+        def save(directory) -> None:
+            trainers.save_checkpoint(str(directory))
+            if critic is not None:
+                critic.save_checkpoint(str(directory / "critic"))
 
         try:
             if setup.resume_from:
                 trainers.load_checkpoint(str(setup.resume_from))
+                if critic is not None:
+                    critic.load_checkpoint(str(setup.resume_from / "critic"))
+                if kl_controller is not None:
+                    kl_controller.value = CheckpointManager.load_state(setup.resume_from).get(
+                        "kl_coef", kl_controller.value)
                 sync(setup.start_step)
                 tracker.write(f"resumed from {setup.resume_from} (step {setup.start_step})")
             if eval_prompts and config.eval.at_start and setup.start_step == 0:
@@ -230,7 +342,7 @@ def run_grpo(config: GRPOConfig) -> StageResult:
                 step_start = time.perf_counter()
 
                 # 1-2. Generate and score, topping up zero-variance groups (DAPO) if asked.
-                rollout_data, sampling_stats = _sample(config, step, prompt_order, train_prompts, rollout, verifiers,
+                rollout_data, sampling_stats = _sample(config, step, prompt_order, train_prompts, rollout, score,
                                                        sampling, times)
                 rewards = rollout_data.rewards
 
@@ -241,7 +353,7 @@ def run_grpo(config: GRPOConfig) -> StageResult:
                     [c.logprobs for c in rollout_data.completions], pad_id)
                 old_logps = _chunked(lambda b: trainers.rank0("token_logprobs", b), tokens, config.train.micro_batch_size)
                 ref_logps = None
-                if config.grpo.kl_coef:
+                if kl_coef:
                     if reference is not None:
                         ref_logps = _chunked(lambda b: ray.get(reference.token_logprobs.remote(b)), tokens,
                                              config.train.micro_batch_size)
@@ -249,9 +361,32 @@ def run_grpo(config: GRPOConfig) -> StageResult:
                         ref_logps = _chunked(lambda b: trainers.rank0("token_logprobs", b, reference=True), tokens,
                                              config.train.micro_batch_size)
                 times["time/reference"] = time.perf_counter() - t
+                mask = tokens.loss_mask[:, 1:]
 
-                # 4. Advantages.
-                advantages = compute_advantages(rewards, group, config)
+                # 4. Advantages: per sequence (GRPO family), or GAE per token over the critic's values (PPO).
+                ppo_metrics: dict[str, float] = {}
+                values = returns = None
+                if ppo:
+                    t = time.perf_counter()
+                    values = _chunked(lambda b: critic.rank0("values", b), tokens, config.train.micro_batch_size)
+                    times["time/values"] = time.perf_counter() - t
+                    current_kl = kl_controller.value if kl_controller is not None else kl_coef
+                    advantages, returns, token_rewards = ppo_advantages(
+                        rewards, old_logps, ref_logps, values, mask, PPOAdvantageSettings(
+                            kl_coef=current_kl, kl_kind=config.ppo.kl_kind, kl_in=config.ppo.kl_in,
+                            gamma=config.ppo.gamma, lam=config.ppo.lam, whiten=config.ppo.whiten_advantages))
+                    if kl_loss:
+                        objective = replace(objective, kl_coef=current_kl)
+                    m = mask.float()
+                    ppo_metrics = {"kl_coef": current_kl,
+                                   "returns/mean": float((returns * m).sum() / m.sum().clamp_min(1)),
+                                   "values/mean": float((values * m).sum() / m.sum().clamp_min(1)),
+                                   "token_rewards/sum_mean": float((token_rewards * m).sum(-1).mean()),
+                                   "critic/explained_variance": explained_variance(values, returns, mask)}
+                    if ref_logps is not None:
+                        ppo_metrics["kl/rollout"] = _sequence_kl(old_logps, ref_logps, m)
+                else:
+                    advantages = compute_advantages(rewards, group, config)
 
                 # 5. Train: mini_batches x epochs optimizer steps (the engine sleeps if colocated).
                 t = time.perf_counter()
@@ -259,8 +394,10 @@ def run_grpo(config: GRPOConfig) -> StageResult:
                     rollout.sleep()
                 overlong = torch.tensor([c.finish_reason == "length" for c in rollout_data.completions])
                 train_metrics = _train(config, trainers, objective, tokens, advantages, old_logps, sampler_logps,
-                                       ref_logps, overlong, step)
+                                       ref_logps, overlong, step, critic=critic, values=values, returns=returns)
                 times["time/train"] = time.perf_counter() - t
+                if kl_controller is not None and ref_logps is not None:
+                    kl_controller.update(ppo_metrics["kl/rollout"], n_steps=len(rollout_data.completions))
 
                 # 6. Sync the new weights into the engines.
                 if colocated:
@@ -270,13 +407,13 @@ def run_grpo(config: GRPOConfig) -> StageResult:
                 times["time/step"] = time.perf_counter() - step_start
 
                 # 7. Metrics, eval, checkpoint.
-                mask = tokens.loss_mask[:, 1:]
                 lengths = torch.tensor([len(c.token_ids) for c in rollout_data.completions], dtype=torch.float32)
                 gap = ((sampler_logps - old_logps).abs() * mask).sum() / mask.sum().clamp_min(1)
                 num_tokens = tokens.num_tokens
                 metrics = {
-                    **train_metrics, **rollout_data.scores.metrics(), **sampling_stats, **times,
-                    "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+                    **train_metrics, **ppo_metrics, **rollout_data.scores.metrics(), **sampling_stats, **times,
+                    "reward/mean": float(rewards.mean()),
+                    "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                     "completion/length_mean": float(lengths.mean()), "completion/length_max": float(lengths.max()),
                     "completion/truncated_frac": float(overlong.float().mean()),
                     "logprob_gap/sampler_trainer": float(gap), "policy_version": step + 1,
@@ -290,25 +427,43 @@ def run_grpo(config: GRPOConfig) -> StageResult:
                     final_eval = evaluate()
                     tracker.log(done, final_eval)
                 if checkpoint_due(config, done, total_steps):
-                    setup.checkpoints.save(done, lambda d: trainers.save_checkpoint(str(d)),
-                                           {"total_steps": total_steps})
+                    state = {"total_steps": total_steps}
+                    if kl_controller is not None:
+                        state["kl_coef"] = kl_controller.value  # the adaptive coefficient resumes too
+                    setup.checkpoints.save(done, save, state)
 
             final_model = export_final_model(trainers, tokenizer, setup.output_dir)
         finally:
             tracker.close()
             trainers.shutdown()
+            if critic is not None:
+                critic.shutdown()
+            if reward_models is not None:
+                reward_models.shutdown()
             for worker in rollout.workers:
                 ray.kill(worker)
     return StageResult(setup.output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)
 
 
-def _spec(config: GRPOConfig, model_path: str, optimizer_steps: int) -> TrainerSpec:
+run_grpo = run_rl
+run_ppo = run_rl
+
+
+def _spec(config: GRPOConfig | PPOConfig, model_path: str, optimizer_steps: int) -> TrainerSpec:
     from rayrl.sft import trainer_spec
 
     return trainer_spec(config, model_path, optimizer_steps)
 
 
-def _rollout_workers(config: GRPOConfig, model_path: str, colocate_with: TrainerGroup | None) -> list:
+def _critic_spec(config: PPOConfig, model_path: str, optimizer_steps: int) -> TrainerSpec:
+    """The policy's engine settings with the critic section's own lr, world size and DeepSpeed settings."""
+    return replace(_spec(config, model_path, optimizer_steps), world_size=config.critic.world_size,
+                   grad_accum_steps=config.critic_grad_accum_steps, lr=config.critic.lr,
+                   zero_stage=config.critic.zero_stage, deepspeed_overrides=config.critic.deepspeed,
+                   peft=None, num_threads=max(1, int(config.critic.num_cpus)))
+
+
+def _rollout_workers(config: GRPOConfig | PPOConfig, model_path: str, colocate_with: TrainerGroup | None) -> list:
     import ray
 
     if colocate_with is not None and config.rollout.num_workers > config.trainer.world_size:
@@ -325,13 +480,14 @@ def _rollout_workers(config: GRPOConfig, model_path: str, colocate_with: Trainer
     return workers
 
 
-def _sample(config: GRPOConfig, step: int, prompt_order: StepBatcher, all_prompts: list[PromptRow],
-            rollout: RolloutPool, verifiers: VerifierPool, sampling: SamplingSettings,
+def _sample(config: GRPOConfig | PPOConfig, step: int, prompt_order: StepBatcher, all_prompts: list[PromptRow],
+            rollout: RolloutPool, score, sampling: SamplingSettings,
             times: dict[str, float]) -> tuple[Rollout, dict[str, float]]:
-    """Generate and score this step's prompts; with dynamic sampling, replace zero-variance groups
-    by fresh prompts for up to max_sampling_rounds rounds."""
+    """Generate and score this step's prompts (``score(rows, completions) -> ScoreResult``); with
+    dynamic sampling, replace zero-variance groups by fresh prompts for up to max_sampling_rounds rounds."""
     group = config.rollout.group_size
-    wanted = config.grpo.prompts_per_step
+    settings = config.settings
+    wanted = settings.prompts_per_step
     prompts = prompt_order.step_rows(step)
     rng = random.Random(config.seed * 7_919 + step)
     kept: list[tuple[PromptRow, list[Completion], ScoreResult]] = []
@@ -339,15 +495,14 @@ def _sample(config: GRPOConfig, step: int, prompt_order: StepBatcher, all_prompt
     first_zero_frac = 0.0
     scored: list[ScoreResult] = []
     times["time/generate"] = times["time/reward"] = 0.0
-    for round_index in range(config.grpo.max_sampling_rounds if config.grpo.dynamic_sampling else 1):
+    for round_index in range(settings.max_sampling_rounds if settings.dynamic_sampling else 1):
         t = time.perf_counter()
         round_sampling = replace(sampling, seed=(config.seed * 1_000_003 + step) * 101 + round_index)
         completions = rollout.generate([p.prompt_ids for p in prompts], round_sampling)
         times["time/generate"] += time.perf_counter() - t
         t = time.perf_counter()
         expanded = [p for p in prompts for _ in range(group)]
-        scores = verifiers.score([p.prompt for p in expanded], [c.text for c in completions],
-                                 [p.fields for p in expanded])
+        scores = score(expanded, completions)
         times["time/reward"] += time.perf_counter() - t
         scored.append(scores)
         flat = torch.tensor(scores.total)
@@ -356,7 +511,7 @@ def _sample(config: GRPOConfig, step: int, prompt_order: StepBatcher, all_prompt
             first_zero_frac = float(zero.float().mean())
         for g, prompt in enumerate(prompts):
             entry = (prompt, completions[g * group:(g + 1) * group], _slice_scores(scores, g * group, (g + 1) * group))
-            (spare if (config.grpo.dynamic_sampling and zero[g]) else kept).append(entry)
+            (spare if (settings.dynamic_sampling and zero[g]) else kept).append(entry)
         if len(kept) >= wanted:
             break
         prompts = rng.sample(all_prompts, wanted - len(kept))
@@ -368,8 +523,9 @@ def _sample(config: GRPOConfig, step: int, prompt_order: StepBatcher, all_prompt
     scores = merge_scores([entry[2] for entry in filled])
     # failure and timeout rates over everything scored this step (dropped groups included)
     stats = {k: v for k, v in merge_scores(scored).metrics().items() if k.endswith(("failure_rate", "timeout_rate"))}
-    stats["groups/zero_variance_frac"] = first_zero_frac
-    if config.grpo.dynamic_sampling:
+    if group > 1:
+        stats["groups/zero_variance_frac"] = first_zero_frac
+    if settings.dynamic_sampling:
         stats["groups/unfilled"] = float(max(0, wanted - len(kept)))
     return Rollout(rows, completions, scores), stats
 
@@ -397,40 +553,60 @@ def _chunked(fn, tokens, size: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _train(config: GRPOConfig, trainers: TrainerGroup, objective: PolicyGradientObjective, tokens,
-           advantages: torch.Tensor, old_logps: torch.Tensor, sampler_logps: torch.Tensor,
-           ref_logps: torch.Tensor | None, overlong: torch.Tensor, step: int) -> dict[str, float]:
-    """mini_batches x epochs optimizer steps; each splits its sequences over ranks and micro-batches."""
+def _split(index: torch.Tensor, world: int, micro: int) -> list[list[torch.Tensor]]:
+    """An optimizer step's row indices split over ranks, then into micro-batches of ``micro`` rows."""
+    per_rank = len(index) // world
+    return [[rows[m:m + micro] for m in range(0, len(rows), micro)]
+            for rows in (index[r * per_rank:(r + 1) * per_rank] for r in range(world))]
+
+
+def _rows(tokens, rows: torch.Tensor):
     from rayrl.data.batch import TokenBatch
 
+    return TokenBatch(tokens.input_ids[rows], tokens.loss_mask[rows], tokens.position_ids[rows],
+                      tokens.segment_ids[rows])
+
+
+def _train(config: GRPOConfig | PPOConfig, trainers: TrainerGroup, objective: PolicyGradientObjective, tokens,
+           advantages: torch.Tensor, old_logps: torch.Tensor, sampler_logps: torch.Tensor,
+           ref_logps: torch.Tensor | None, overlong: torch.Tensor, step: int, *, critic: TrainerGroup | None = None,
+           values: torch.Tensor | None = None, returns: torch.Tensor | None = None) -> dict[str, float]:
+    """mini_batches x epochs optimizer steps; each splits its sequences over ranks and micro-batches.
+    ``advantages`` are (N,) per sequence or (N, T-1) per token. With a critic (PPO), each mini-batch
+    also takes one critic step of the clipped value loss towards ``returns``."""
+    settings = config.settings
     total = tokens.input_ids.shape[0]
     per_step = config.sequences_per_optimizer_step
     world, micro = config.trainer.world_size, config.train.micro_batch_size
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     sums: dict[str, float] = {}
     count = 0
-    for _ in range(config.grpo.epochs):
+    for _ in range(settings.epochs):
         order = torch.randperm(total, generator=generator)
         for start in range(0, total, per_step):
             index = order[start:start + per_step]
             mask = tokens.loss_mask[index][:, 1:]
             if objective.overlong_filter:
                 mask = mask & ~overlong[index][:, None]
-            per_rank = []
-            for rank in range(world):
-                rank_index = index[rank * (per_step // world):(rank + 1) * (per_step // world)]
-                batches = []
-                for m in range(0, len(rank_index), micro):
-                    rows = rank_index[m:m + micro]
-                    sub = TokenBatch(tokens.input_ids[rows], tokens.loss_mask[rows], tokens.position_ids[rows],
-                                     tokens.segment_ids[rows])
-                    batches.append(RolloutBatch(sub, advantages[rows], old_logps[rows], sampler_logps[rows],
-                                                None if ref_logps is None else ref_logps[rows], overlong[rows]))
-                per_rank.append(_trim(batches))
+            per_rank = [_trim([RolloutBatch(_rows(tokens, rows), advantages[rows], old_logps[rows], sampler_logps[rows],
+                                            None if ref_logps is None else ref_logps[rows], overlong[rows])
+                               for rows in rank_rows])
+                        for rank_rows in _split(index, world, micro)]
             metrics = trainers.train_policy_gradient_step(
                 # max(1, .): a step whose every completion is filtered out trains on nothing (loss 0), not NaN
                 per_rank, global_num_tokens=max(1, int(mask.sum())), global_num_seqs=max(1, int((mask.sum(-1) > 0).sum())),
                 objective=objective)
+            if critic is not None:
+                value_batches = [[_trim_values(ValueBatch(_rows(tokens, rows), values[rows], returns[rows]))
+                                  for rows in rank_rows]
+                                 for rank_rows in _split(index, config.critic.world_size, micro)]
+                value_metrics = critic.train_value_step(
+                    value_batches, global_num_tokens=max(1, int(tokens.loss_mask[index][:, 1:].sum())))
+                metrics.update({"critic/value_loss": value_metrics["loss"],
+                                "critic/vf_clip_frac": value_metrics.get("vf_clip_frac", 0.0),
+                                "critic/value_error": value_metrics.get("value_error", 0.0),
+                                "critic/grad_norm": value_metrics["grad_norm"], "critic/lr": value_metrics["lr"],
+                                "memory/critic_peak_rss_mb": value_metrics["memory/trainer_peak_rss_mb"]})
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
             count += 1
@@ -446,8 +622,19 @@ def _trim(batches: list[RolloutBatch]) -> list[RolloutBatch]:
         width = int((batch.tokens.segment_ids > 0).sum(-1).max())
         tokens = TokenBatch(*(t[:, :width] for t in (batch.tokens.input_ids, batch.tokens.loss_mask,
                                                       batch.tokens.position_ids, batch.tokens.segment_ids)))
-        trimmed.append(RolloutBatch(tokens, batch.advantages, batch.old_logps[:, :width - 1],
+        advantages = batch.advantages if batch.advantages.dim() == 1 else batch.advantages[:, :width - 1]
+        trimmed.append(RolloutBatch(tokens, advantages, batch.old_logps[:, :width - 1],
                                     batch.sampler_logps[:, :width - 1],
                                     None if batch.ref_logps is None else batch.ref_logps[:, :width - 1],
                                     batch.overlong))
     return trimmed
+
+
+def _trim_values(batch: ValueBatch) -> ValueBatch:
+    """A critic micro-batch cut to its own longest row, like ``_trim``."""
+    from rayrl.data.batch import TokenBatch
+
+    width = int((batch.tokens.segment_ids > 0).sum(-1).max())
+    tokens = TokenBatch(*(t[:, :width] for t in (batch.tokens.input_ids, batch.tokens.loss_mask,
+                                                  batch.tokens.position_ids, batch.tokens.segment_ids)))
+    return ValueBatch(tokens, batch.old_values[:, :width - 1], batch.returns[:, :width - 1])

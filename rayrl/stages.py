@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rayrl.config import DPOConfig, GRPOConfig, RewardModelConfig, SFTConfig
+from rayrl.config import DPOConfig, GRPOConfig, PPOConfig, RewardModelConfig, SFTConfig
 
 
 def run_stage(config):
@@ -22,4 +22,8 @@ def run_stage(config):
         from rayrl.rl import run_grpo
 
         return run_grpo(config)
+    if isinstance(config, PPOConfig):
+        from rayrl.rl import run_ppo
+
+        return run_ppo(config)
     raise TypeError(f"no loop for {type(config).__name__}")

@@ -75,7 +75,7 @@ def build_tiny_model(tokenizer, *, seed: int = 0, hidden_size: int = 128, num_la
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        torch_dtype="float32",
+        dtype="float32",
     )
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -23,11 +23,24 @@ class RolloutBatch:
     with next-token targets: position t scores token t+1 of ``tokens``."""
 
     tokens: TokenBatch  # (B, T) prompt + completion; loss_mask on completion tokens
-    advantages: torch.Tensor  # (B,)
+    advantages: torch.Tensor  # (B,) sequence advantages (GRPO family) or (B, T-1) token advantages (PPO)
     old_logps: torch.Tensor  # (B, T-1) trainer log-probs before this batch's updates
     sampler_logps: torch.Tensor  # (B, T-1) the rollout engine's log-probs (0 off the completion)
     ref_logps: torch.Tensor | None  # (B, T-1) reference log-probs, when a KL term is on
     overlong: torch.Tensor  # (B,) bool: cut at max_new_tokens (DAPO overlong filtering)
+
+    @property
+    def num_examples(self) -> int:
+        return self.tokens.input_ids.shape[0]
+
+
+@dataclass(frozen=True)
+class ValueBatch:
+    """One micro-batch for the PPO critic's clipped value loss; (B, T-1) tensors aligned like RolloutBatch's."""
+
+    tokens: TokenBatch  # (B, T) prompt + completion; loss_mask on completion tokens
+    old_values: torch.Tensor  # (B, T-1) the critic's values before this batch's updates
+    returns: torch.Tensor  # (B, T-1) GAE returns (the value targets)
 
     @property
     def num_examples(self) -> int:

@@ -1,0 +1,112 @@
+"""Critic: one data-parallel rank of the PPO value model, a DeepSpeed engine over an HF token classifier.
+
+The value model is the causal LM backbone with a one-scalar-per-token head
+(``AutoModelForTokenClassification(num_labels=1)``), started from the policy's checkpoint (fresh head)
+or from the reward model's (its ``score`` head included: both classes name the head alike). Values are
+returned aligned with next-token targets like ``PolicyTrainer.token_logprobs``: position t is the
+value of the state that predicts token t+1, so (B, T-1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rayrl.actors.engine import TrainerSpec, TrainingEngine, init_process_group, node_ip, rendezvous_address
+from rayrl.actors.models import export_model, param_groups
+from rayrl.data.batch import TokenBatch
+from rayrl.data.rollout import ValueBatch
+
+
+def load_value_model(path: str, *, attn_implementation: str = "sdpa", gradient_checkpointing: bool = False):
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    # classifier_dropout=0: the head's dropout (0.1 by default) would make training-mode values differ
+    # from the rollout-time values they are clipped against.
+    config = AutoConfig.from_pretrained(path, num_labels=1)
+    config.classifier_dropout = 0.0
+    model = AutoModelForTokenClassification.from_pretrained(
+        path, config=config, torch_dtype=torch.float32, attn_implementation=attn_implementation)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
+
+
+class Critic:
+    """One rank. Call order (TrainerGroup does it): ``address()`` on rank 0, then ``setup(...)`` on all."""
+
+    def __init__(self, spec: TrainerSpec, rank: int, value_clip: float | None = 0.2):
+        self.spec = spec
+        self.rank = rank
+        self.value_clip = value_clip
+        self.train_engine: TrainingEngine | None = None
+        torch.set_num_threads(max(1, spec.num_threads))
+
+    def address(self) -> tuple[str, int]:
+        return rendezvous_address()
+
+    def node_ip(self) -> str:
+        return node_ip()
+
+    def setup(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int,
+              separate_reference: bool = False) -> dict:
+        spec = self.spec
+        init_process_group(self.rank, spec.world_size, master_addr, master_port, local_rank, local_world_size)
+        torch.manual_seed(spec.seed)
+        model = load_value_model(spec.model_path, attn_implementation=spec.attn_implementation,
+                                 gradient_checkpointing=spec.gradient_checkpointing)
+        groups = param_groups(model, weight_decay=spec.weight_decay, lr=spec.lr, lora_plus_ratio=None)
+        self.train_engine = TrainingEngine(spec, model, groups)
+        return {"rank": self.rank, "parameters": sum(p.numel() for p in model.parameters())}
+
+    def _values(self, tokens: TokenBatch) -> torch.Tensor:
+        """(B, T-1): the head's scalar at every position but the last."""
+        device = self.train_engine.device
+        inputs = {"input_ids": tokens.input_ids.to(device)}
+        if tokens.is_packed:
+            inputs["attention_mask"] = tokens.block_causal_mask(None).to(device)
+            inputs["position_ids"] = tokens.position_ids.to(device)
+        else:
+            inputs["attention_mask"] = tokens.padding_mask().to(device)
+        logits = self.train_engine.forward(**inputs).logits
+        return logits[:, :-1, 0].float()
+
+    @torch.no_grad()
+    def values(self, tokens: TokenBatch) -> torch.Tensor:
+        self.train_engine.engine.eval()
+        return self._values(tokens).cpu()
+
+    def train_value_step(self, micro_batches: list[ValueBatch], global_num_tokens: int,
+                         value_clip: float | None = None) -> dict[str, float]:
+        """One optimizer step of the clipped value loss, token mean over the optimizer step's global
+        completion tokens (all ranks and micro-batches)."""
+        from rayrl.algorithms.ppo import clipped_value_loss
+
+        clip = self.value_clip if value_clip is None else value_clip
+
+        def loss_fn(batch: ValueBatch):
+            device = self.train_engine.device
+            values = self._values(batch.tokens)
+            mask = batch.tokens.loss_mask[:, 1:].to(device)
+            loss, stats = clipped_value_loss(values, batch.old_values.to(device), batch.returns.to(device), mask,
+                                             clip=clip, mode="token_mean", global_num_tokens=global_num_tokens)
+            share = float(mask.sum()) / global_num_tokens
+            return loss, {k: float(v) * share for k, v in stats.items()}
+
+        return self.train_engine.optimizer_step(micro_batches, loss_fn)
+
+    # ---- persistence ------------------------------------------------------------------------
+    def save_checkpoint(self, directory: str) -> float:
+        return self.train_engine.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        self.train_engine.load_checkpoint(directory)
+
+    def export_hf(self, directory: str) -> None:
+        state = self.train_engine.full_state_dict(self.rank)
+        if self.rank == 0:
+            export_model(self.train_engine.module, state, directory, None)
+        self.train_engine.barrier()
+
+    def shutdown(self) -> None:
+        TrainingEngine.shutdown()

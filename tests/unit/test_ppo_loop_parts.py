@@ -1,0 +1,87 @@
+"""The PPO parts of the RL loop: its advantage computation equals the algorithm library's on a
+recorded (hand-made) batch; config strictness; reward-model batch balancing."""
+
+import pytest
+import torch
+
+from rayrl.actors.reward_model import balanced_slices
+from rayrl.algorithms.ppo import AdaptiveKLController, gae_advantages, kl_penalized_rewards
+from rayrl.config import ConfigError, build_config
+from rayrl.rl import PPOAdvantageSettings, explained_variance, ppo_advantages
+
+
+def recorded_batch():
+    # 3 completions, T-1 = 6 target positions: prompt positions and right padding are masked out.
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0],
+                         [0, 1, 1, 1, 1, 1],
+                         [0, 0, 0, 1, 0, 0]], dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    old = -torch.rand(3, 6, generator=g) * 3 * mask
+    ref = -torch.rand(3, 6, generator=g) * 3 * mask
+    values = torch.randn(3, 6, generator=g)
+    scores = torch.tensor([1.0, -0.5, 2.0])
+    return scores, old, ref, values, mask
+
+
+@pytest.mark.parametrize("whiten", [True, False])
+def test_loop_advantages_equal_the_library(whiten):
+    scores, old, ref, values, mask = recorded_batch()
+    settings = PPOAdvantageSettings(kl_coef=0.1, kl_kind="k1", gamma=0.99, lam=0.9, whiten=whiten)
+    advantages, returns, token_rewards = ppo_advantages(scores, old, ref, values, mask, settings)
+    expected_rewards = kl_penalized_rewards(scores, old, ref, mask, kl_coef=0.1, kl_kind="k1")
+    expected_adv, expected_ret = gae_advantages(expected_rewards, values, mask, gamma=0.99, lam=0.9, whiten=whiten)
+    torch.testing.assert_close(token_rewards, expected_rewards)
+    torch.testing.assert_close(advantages, expected_adv)
+    torch.testing.assert_close(returns, expected_ret)
+    assert advantages.shape == (3, 6) and torch.all(advantages[~mask] == 0)
+    # the score sits at each row's last completion token, on top of the KL penalty
+    assert torch.isclose(token_rewards[0, 4], scores[0] - 0.1 * (old[0, 4] - ref[0, 4]))
+
+
+def test_kl_in_loss_or_no_reference_leaves_the_scores_alone():
+    scores, old, ref, values, mask = recorded_batch()
+    plain = kl_penalized_rewards(scores, old, old, mask, kl_coef=0.0)
+    for ref_logps, kl_in in ((ref, "loss"), (None, "reward")):
+        _, _, token_rewards = ppo_advantages(scores, old, ref_logps, values, mask,
+                                             PPOAdvantageSettings(kl_coef=0.3, kl_in=kl_in))
+        torch.testing.assert_close(token_rewards, plain)
+    assert float(token_rewards.sum()) == pytest.approx(float(scores.sum()))
+
+
+def test_explained_variance():
+    _, _, _, values, mask = recorded_batch()
+    assert explained_variance(values, values, mask) == pytest.approx(1.0)
+    assert explained_variance(values, values + 1.0, mask) == pytest.approx(1.0)  # a constant offset is explained
+    assert explained_variance(torch.zeros_like(values), values, mask) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adaptive_kl_moves_towards_target():
+    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    assert ctl.update(5.0, n_steps=10) > 0.1
+
+
+def test_ppo_config():
+    config = build_config({"algorithm": "ppo", "reward_model": {"path": "rm"},
+                           "ppo": {"prompts_per_step": 8, "adaptive_kl": True, "kl_in": "loss"},
+                           "critic": {"lr": 1e-5, "value_clip": None}, "train": {"micro_batch_size": 4}})
+    assert config.rollout.group_size == 1 and config.rewards == [] and config.settings is config.ppo
+    assert config.sequences_per_optimizer_step == 8 and config.critic_grad_accum_steps == 2
+    with pytest.raises(ConfigError, match="ppo.advantage"):  # a GRPO-only key is unknown here
+        build_config({"algorithm": "ppo", "reward_model": {"path": "rm"}, "ppo": {"advantage": "group"}})
+    with pytest.raises(ConfigError, match="critic.valu_clip"):
+        build_config({"algorithm": "ppo", "reward_model": {"path": "rm"}, "critic": {"valu_clip": 0.1}})
+    with pytest.raises(ConfigError, match="reward_model"):
+        build_config({"algorithm": "ppo"})
+    with pytest.raises(ConfigError, match="critic.world_size"):
+        build_config({"algorithm": "ppo", "reward_model": {"path": "rm"}, "ppo": {"prompts_per_step": 4},
+                      "train": {"micro_batch_size": 4}, "critic": {"world_size": 2}})
+    # GRPO keeps its own section and rejects PPO's
+    with pytest.raises(ConfigError, match="grpo.gamma"):
+        build_config({"algorithm": "grpo", "grpo": {"gamma": 1.0}})
+
+
+def test_reward_model_batches_are_balanced():
+    assert balanced_slices([3, 3, 3, 3], 2) == [(0, 2), (2, 4)]
+    assert balanced_slices([10, 1, 1, 1], 2) == [(0, 1), (1, 4)]
+    assert balanced_slices([1, 1], 4) == [(0, 1), (1, 2)]  # never an empty slice
+    assert balanced_slices([], 2) == []
