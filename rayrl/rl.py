@@ -48,6 +48,7 @@ from rayrl.data.rollout import PromptRow, RolloutBatch, ValueBatch, completion_t
 from rayrl.outputs import export_final_model
 from rayrl.rewards.scoring import RewardScorer, RewardSpec, ScoreResult
 from rayrl.stage_common import StageResult, checkpoint_due, eval_due, prepare_stage
+from rayrl.tiny import resolve_model_path
 from rayrl.tracking import Tracker
 from rayrl.trainer_group import TrainerGroup
 
@@ -263,9 +264,10 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
             if ppo:
                 reward_models = RewardModelPool([ray.remote(RewardModel).options(
                     num_cpus=config.reward_model.num_cpus, num_gpus=config.reward_model.num_gpus).remote(
-                    config.reward_model.path, pad_token_id=pad_id, num_threads=max(1, int(config.reward_model.num_cpus)),
+                    resolve_model_path(config.reward_model.path), pad_token_id=pad_id, num_threads=max(1, int(config.reward_model.num_cpus)),
                     batch_size=config.train.micro_batch_size) for _ in range(config.reward_model.num_workers)])
-                critic_path = config.reward_model.path if config.critic.init == "reward_model" else setup.model_path
+                critic_path = (resolve_model_path(config.reward_model.path) if config.critic.init == "reward_model"
+                               else setup.model_path)
                 critic = TrainerGroup(_critic_spec(config, critic_path, optimizer_steps),
                                       num_cpus=config.critic.num_cpus, num_gpus=config.critic.num_gpus, role=Critic,
                                       role_kwargs={"value_clip": config.critic.value_clip})

@@ -96,3 +96,4 @@ def test_peft_contradictions():
         build_config({"algorithm": "sft", "model": {"peft": {"rank": 4}}})
     with pytest.raises(ConfigError, match="label_smoothing applies to loss_type"):
         build_config({"algorithm": "dpo", "dpo": {"loss_type": "ipo", "label_smoothing": 0.1}})
+
