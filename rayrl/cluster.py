@@ -35,3 +35,30 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def check_cluster_resources(config: RayConfig, roles: dict[str, tuple[float, float]]) -> None:
+    """Fail (embedded cluster) or warn (existing cluster, which may autoscale) when the roles ask for
+    more CPUs or GPUs than Ray has: otherwise actors wait for resources forever."""
+    import sys
+
+    import ray
+
+    from rayrl.config import ConfigError
+
+    available = ray.cluster_resources()
+    for index, resource in enumerate(("CPU", "GPU")):
+        needed = sum(request[index] for request in roles.values())
+        have = available.get(resource, 0.0)
+        if needed > have + 1e-9:
+            parts = ", ".join(f"{name} {request[index]:g}" for name, request in roles.items() if request[index])
+            message = (f"the roles need {needed:g} {resource}s ({parts}) but the Ray cluster has {have:g}; "
+                       f"lower the roles' num_{resource.lower()}s (fractions are fine) or use a bigger cluster")
+            if config.address is None:
+                raise ConfigError(message)
+            print(f"warning: {message}", file=sys.stderr)
+
+
+def trainer_roles(config) -> dict[str, tuple[float, float]]:
+    world = config.trainer.world_size
+    return {"trainer": (world * config.trainer.num_cpus, world * config.trainer.num_gpus)}

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rayrl.cluster import ray_session
+from rayrl.cluster import check_cluster_resources, ray_session, trainer_roles
 from rayrl.config import DPOConfig, config_to_dict
 from rayrl.data.batch import collate
 from rayrl.data.batching import StepBatcher, steps_for_epochs
@@ -117,6 +117,7 @@ def run_dpo(config: DPOConfig) -> StageResult:
     separate_reference = (objective.needs_reference and config.dpo.reference == "alongside"
                           and config.model.peft is None)
     with ray_session(config.ray):
+        check_cluster_resources(config.ray, trainer_roles(config))
         # 2. The policy group (plus, for "alongside" without PEFT, a frozen reference copy per rank).
         total_steps = config.train.max_steps or steps_for_epochs(len(train_items), config.train.epochs,
                                                                  config.train.global_batch_size)

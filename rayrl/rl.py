@@ -41,7 +41,7 @@ from rayrl.actors.verifier import Verifier
 from rayrl.algorithms import group_advantages, masked_whiten, rloo_advantages
 from rayrl.algorithms.ppo import AdaptiveKLController, gae_advantages, kl_penalized_rewards
 from rayrl.checkpoint import CheckpointManager
-from rayrl.cluster import ray_session
+from rayrl.cluster import check_cluster_resources, ray_session, trainer_roles
 from rayrl.config import GRPOConfig, PPOConfig, config_to_dict
 from rayrl.data.batching import StepBatcher
 from rayrl.data.rollout import PromptRow, RolloutBatch, ValueBatch, completion_tokens, load_prompts
@@ -250,6 +250,8 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
     with ray_session(config.ray):
         import ray
 
+        check_cluster_resources(config.ray, rl_roles(config, bool(specs), ppo, bool(kl_coef)))
+
         # Roles. Colocated: rollout worker i shares trainer rank i's bundle (and sleeps while it trains).
         colocated = config.placement == "colocated"
         shared = {"CPU": config.rollout.num_cpus, "GPU": config.rollout.num_gpus} if colocated else None
@@ -449,6 +451,22 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
 
 run_grpo = run_rl
 run_ppo = run_rl
+
+
+def rl_roles(config: GRPOConfig | PPOConfig, verifiers: bool, ppo: bool, kl: bool) -> dict[str, tuple[float, float]]:
+    """CPUs and GPUs each role asks for (colocated rollout workers add to the trainer's bundles)."""
+    roles = trainer_roles(config)
+    rollout = config.rollout
+    roles["rollout"] = (rollout.num_workers * rollout.num_cpus, rollout.num_workers * rollout.num_gpus)
+    if verifiers:
+        roles["verifier"] = (config.verifier.num_workers * config.verifier.num_cpus, 0.0)
+    if ppo:
+        rm, critic = config.reward_model, config.critic
+        roles["reward_model"] = (rm.num_workers * rm.num_cpus, rm.num_workers * rm.num_gpus)
+        roles["critic"] = (critic.world_size * critic.num_cpus, critic.world_size * critic.num_gpus)
+    if kl and config.model.peft is None:
+        roles["reference"] = (config.reference.num_cpus, config.reference.num_gpus)
+    return roles
 
 
 def _spec(config: GRPOConfig | PPOConfig, model_path: str, optimizer_steps: int) -> TrainerSpec:

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from rayrl.actors.reward_trainer import RewardModelTrainer
-from rayrl.cluster import ray_session
+from rayrl.cluster import check_cluster_resources, ray_session, trainer_roles
 from rayrl.config import RewardModelConfig, config_to_dict
 from rayrl.data.batching import StepBatcher
 from rayrl.data.preference import collate_pairs, load_preference_pairs
@@ -50,6 +50,7 @@ def run_rm(config: RewardModelConfig) -> StageResult:
         return {f"eval/{k}": v for k, v in stats.items()}
 
     with ray_session(config.ray):
+        check_cluster_resources(config.ray, trainer_roles(config))
         # 2. The reward-model group: N DeepSpeed ranks, one Ray actor each.
         trainers = TrainerGroup(trainer_spec(config, setup.model_path, total_steps),
                                 num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,

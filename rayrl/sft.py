@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from rayrl.actors.engine import TrainerSpec
-from rayrl.cluster import ray_session
+from rayrl.cluster import check_cluster_resources, ray_session, trainer_roles
 from rayrl.config import SFTConfig, config_to_dict
 from rayrl.data.batch import collate
 from rayrl.data.sft import SFTExample, load_sft_examples, sft_step_batcher, unpacked_rows
@@ -68,6 +68,7 @@ def run_sft(config: SFTConfig) -> StageResult:
     total_steps = config.train.max_steps or batcher.steps_for_epochs(config.train.epochs)
 
     with ray_session(config.ray):
+        check_cluster_resources(config.ray, trainer_roles(config))
         # 2. The trainer group: N DeepSpeed ranks, one Ray actor each.
         trainers = TrainerGroup(trainer_spec(config, setup.model_path, total_steps),
                                 num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus)

@@ -167,3 +167,13 @@ def test_grpo_variants_run(ray_cluster, tmp_path, tiny_model_dir, variant):
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     if variant["grpo"].get("dynamic_sampling"):
         assert all("groups/unfilled" in r for r in steps)
+
+
+def test_roles_that_do_not_fit_the_cluster_fail_before_work(ray_cluster, tmp_path, tiny_model_dir):
+    from rayrl.config import ConfigError
+    from rayrl.rl import run_grpo
+
+    config = grpo_config(tmp_path / "big", tiny_model_dir, trainer={"world_size": 2, "num_cpus": 1.5})
+    with pytest.raises(ConfigError, match=r"the roles need 3.45 CPUs \(trainer 3, rollout 0.25, verifier 0.2\) but the Ray cluster has 2"):
+        run_grpo(config)
+    assert not (tmp_path / "big" / "metrics.jsonl").exists()
