@@ -101,6 +101,24 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
         "LOCAL_SIZE": "1" if on_gpu else str(local_world_size),
     })
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False, verbose=False)
+    if not on_gpu:
+        release_shm_buffer(rank, master_port)
+
+
+def release_shm_buffer(rank: int, master_port: int) -> None:
+    """DeepSpeed's CPU shared-memory allreduce maps one 69 MB /dev/shm file per rank and never removes
+    it: every process group leaked one until /dev/shm filled the RAM. All ranks open every peer's file
+    during init, so once all are past init (the barrier) the names can go; the mappings stay valid."""
+    import glob
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{master_port}_{rank}"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 # A micro-batch loss function returns (this micro-batch's share of the global-batch loss, stats

@@ -146,3 +146,12 @@ def test_cli_help_and_init_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.model_type == "llama"
+
+
+def test_no_shared_memory_left_behind(ray_cluster, tmp_path):
+    """DeepSpeed's CPU allreduce files in /dev/shm are released (they filled the RAM before)."""
+    import glob
+
+    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+    run_sft(sft_config(tmp_path / "shm", trainer={"world_size": 2}, train={"max_steps": 2}))
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - before == set()
