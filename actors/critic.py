@@ -5,14 +5,22 @@ The value model is the causal LM backbone with a one-scalar-per-token head
 or from the reward model's (its ``score`` head included: both classes name the head alike). Values are
 returned aligned with next-token targets like ``PolicyTrainer.token_logprobs``: position t is the
 value of the state that predicts token t+1, so (B, T-1).
+
+With ``critic.peft`` (LoRA / DoRA) the backbone is frozen under the adapter and the value head
+(``score``) is fully trained (peft ``modules_to_save``); ``all-linear`` never puts an adapter on the head.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
 
 import torch
 
 from rayrl.actors.engine import TrainerSpec, TrainingEngine, init_process_group, node_ip, rendezvous_address
 from rayrl.actors.models import export_model, param_groups
+from rayrl.config import PeftConfig
 from rayrl.data.batch import TokenBatch
 from rayrl.data.rollout import ValueBatch
 
@@ -30,6 +38,45 @@ def load_value_model(path: str, *, attn_implementation: str = "sdpa", gradient_c
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
     return model
+
+
+VALUE_HEAD = "score"  # AutoModelForTokenClassification's head (and the reward model's: same name)
+FINAL_CRITIC_DIR = "final_critic"
+
+
+def apply_value_peft(model: torch.nn.Module, peft: PeftConfig) -> torch.nn.Module:
+    """A LoRA / DoRA adapter on the value model's backbone; the value head stays fully trainable.
+
+    peft's token-classification wrapper puts the head in ``modules_to_save``; the head is excluded
+    from the adapted modules (``all-linear`` would otherwise pick it, and peft then refuses to
+    also save it whole)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if peft.method not in ("lora", "dora"):
+        raise ValueError(f"critic.peft.method={peft.method!r}: the critic supports lora and dora")
+    config = LoraConfig(task_type=TaskType.TOKEN_CLS, r=peft.r, lora_alpha=peft.alpha, lora_dropout=peft.dropout,
+                        target_modules=peft.target_modules, exclude_modules=[VALUE_HEAD],
+                        use_dora=peft.method == "dora")
+    model = get_peft_model(model, config)
+    head = [n for n, p in model.named_parameters() if p.requires_grad and f"{VALUE_HEAD}.modules_to_save" in n]
+    if not head:
+        raise RuntimeError(f"critic.peft: the value head '{VALUE_HEAD}' is not trainable under the adapter")
+    return model
+
+
+def export_critic(critic, tokenizer, output_dir: Path) -> Path:
+    """The trained critic in HF format (``AutoModelForTokenClassification``, num_labels=1) under
+    ``output_dir/final_critic``; with PEFT as the policy's export (merged and/or ``adapter/``).
+    Written to a temp directory and renamed, like the policy's ``final/``."""
+    final = Path(output_dir) / FINAL_CRITIC_DIR
+    tmp = Path(output_dir) / f".{FINAL_CRITIC_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    critic.export_hf(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
 
 
 class Critic:
@@ -55,9 +102,16 @@ class Critic:
         torch.manual_seed(spec.seed)
         model = load_value_model(spec.model_path, attn_implementation=spec.attn_implementation,
                                  gradient_checkpointing=spec.gradient_checkpointing)
-        groups = param_groups(model, weight_decay=spec.weight_decay, lr=spec.lr, lora_plus_ratio=None)
+        if spec.peft is not None:
+            model = apply_value_peft(model, spec.peft)
+        groups = param_groups(model, weight_decay=spec.weight_decay, lr=spec.lr,
+                              lora_plus_ratio=spec.peft.lora_plus_ratio if spec.peft else None)
         self.train_engine = TrainingEngine(spec, model, groups)
-        return {"rank": self.rank, "parameters": sum(p.numel() for p in model.parameters())}
+        return {"rank": self.rank, "parameters": sum(p.numel() for p in model.parameters()),
+                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+    def trainable_parameter_names(self) -> list[str]:
+        return [n for n, p in self.train_engine.module.named_parameters() if p.requires_grad]
 
     def _values(self, tokens: TokenBatch) -> torch.Tensor:
         """(B, T-1): the head's scalar at every position but the last."""
@@ -105,7 +159,7 @@ class Critic:
     def export_hf(self, directory: str) -> None:
         state = self.train_engine.full_state_dict(self.rank)
         if self.rank == 0:
-            export_model(self.train_engine.module, state, directory, None)
+            export_model(self.train_engine.module, state, directory, self.spec.peft)
         self.train_engine.barrier()
 
     def shutdown(self) -> None:

