@@ -1,10 +1,14 @@
-"""Connecting to Ray: an embedded local cluster by default, or an existing one by address."""
+"""Connecting to Ray: an embedded local cluster by default, or an existing one by address; resource
+checks; and a record of which node each role's actors landed on (``placement.json``)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from typing import Iterator
+import sys
+from pathlib import Path
+from typing import Any, Iterator
 
 from rayrl.config import RayConfig
 
@@ -62,3 +66,59 @@ def check_cluster_resources(config: RayConfig, roles: dict[str, tuple[float, flo
 def trainer_roles(config) -> dict[str, tuple[float, float]]:
     world = config.trainer.world_size
     return {"trainer": (world * config.trainer.num_cpus, world * config.trainer.num_gpus)}
+
+
+PLACEMENT_FILE = "placement.json"
+
+
+def _actor_node_id(_instance: Any) -> str:
+    """Run inside an actor (through ``__ray_call__``): the id of the Ray node it lives on."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def record_placement(output_dir: str | Path, layout: str, roles: dict[str, list]) -> dict[str, Any] | None:
+    """Ask every actor of every role which Ray node it runs on and write ``output_dir/placement.json``:
+
+        {"layout": "split", "num_nodes": 2,
+         "nodes": {NODE_ID: {"ip": ..., "head": bool, "resources": {...}}},   # the nodes the roles use
+         "roles": {"trainer": [NODE_ID, ...], "rollout": [...], ...}}         # one entry per actor, in order
+
+    Waits for the actors to start (a later call would wait for them anyway). Never fails a run: on an
+    error it warns and returns None."""
+    import ray
+
+    roles = {name: list(actors) for name, actors in roles.items() if actors}
+    try:
+        refs = {name: [actor.__ray_call__.remote(_actor_node_id) for actor in actors] for name, actors in roles.items()}
+        placed = {name: ray.get(node_refs) for name, node_refs in refs.items()}
+        alive = {node["NodeID"]: node for node in ray.nodes() if node.get("Alive")}
+    except Exception as exc:  # an actor that failed to start fails the run at its first real call
+        print(f"warning: could not record the roles' placement: {exc}", file=sys.stderr)
+        return None
+    used = sorted({node_id for node_ids in placed.values() for node_id in node_ids})
+    nodes = {}
+    for node_id in used:
+        info = alive.get(node_id, {})
+        resources = info.get("Resources", {})
+        nodes[node_id] = {"ip": info.get("NodeManagerAddress"), "head": "node:__internal_head__" in resources,
+                          "resources": {k: v for k, v in resources.items() if not k.startswith("node:")}}
+    record = {"layout": layout, "num_nodes": len(used), "nodes": nodes, "roles": placed}
+    path = Path(output_dir) / PLACEMENT_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+    return record
+
+
+def describe_placement(record: dict[str, Any]) -> str:
+    """One console line: ``placement (split, 2 nodes): trainer x2 on n0; rollout x1 on n1``."""
+    labels = {node_id: f"n{i}" for i, node_id in enumerate(record["nodes"])}
+    parts = []
+    for name, node_ids in record["roles"].items():
+        where = ",".join(sorted({labels[n] for n in node_ids}))
+        parts.append(f"{name} x{len(node_ids)} on {where}")
+    legend = ", ".join(f"{label}={node_id[:8]}{' (head)' if record['nodes'][node_id]['head'] else ''}"
+                       for node_id, label in labels.items())
+    return f"placement ({record['layout']}, {record['num_nodes']} node(s)): " + "; ".join(parts) + f" [{legend}]"

@@ -1,7 +1,9 @@
 """Run tracking: ``metrics.jsonl``, a console progress bar with ETA, and Weights & Biases.
 
 The same metric names go to all three. ``metrics.jsonl`` holds one JSON object per optimizer step
-(``step`` plus the stage's metrics) and eval entries (``step`` plus ``eval/...`` keys).
+(``step`` plus the stage's metrics) and eval entries (``step`` plus ``eval/...`` keys). RL stages can
+also log tables of sampled completions (``tracking.sample_table_every``): a W&B table ``samples`` and
+the same rows in ``samples.jsonl``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import Any
 from rayrl.config import WandbConfig
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 WANDB_ID_FILE = "wandb_run_id"
+SAMPLE_TABLE_KEY = "samples"
+SAMPLE_COLUMNS = ("step", "prompt", "completion", "reward")
 
 
 def _clean(value: Any) -> Any:
@@ -33,13 +38,55 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_samples(output_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(output_dir) / SAMPLES_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
-    """Drop entries after ``last_step`` so a resumed run does not log steps twice."""
-    path = Path(output_dir) / METRICS_FILE
-    kept = [row for row in read_metrics(output_dir) if row.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-    os.replace(tmp, path)
+    """Drop entries (metrics and sample rows) after ``last_step`` so a resumed run does not log steps twice."""
+    for name, rows in ((METRICS_FILE, read_metrics(output_dir)), (SAMPLES_FILE, read_samples(output_dir))):
+        path = Path(output_dir) / name
+        if not path.exists():
+            continue
+        kept = [row for row in rows if row.get("step", 0) <= last_step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(tmp, path)
+
+
+def sample_table_due(every: int, step: int) -> bool:
+    """Whether rollout step ``step`` (1-based) logs a sample table (``tracking.sample_table_every``)."""
+    return every > 0 and step % every == 0
+
+
+def sample_rows(step: int, prompts: list[str], completions: list[str], rewards: list[float], *,
+                group_size: int, limit: int, per_function: dict[str, list[float]] | None = None,
+                extra: dict[str, list[Any]] | None = None) -> list[dict[str, Any]]:
+    """Up to ``limit`` rows of one step's samples for a sample table. Items are grouped by prompt
+    (``group_size`` consecutive completions per prompt); rows go round-robin over the groups (sample 0
+    of every prompt, then sample 1, ...) so a small table still shows many prompts.
+
+    Columns: ``step``, ``prompt``, ``completion``, ``reward`` (the weighted total), then
+    ``reward/<name>`` per reward function and any ``extra`` columns (e.g. ``policy_version``)."""
+    n = len(completions)
+    if not (len(prompts) == len(rewards) == n):
+        raise ValueError(f"sample_rows: {len(prompts)} prompts, {n} completions and {len(rewards)} rewards differ")
+    group_size = max(1, group_size)
+    groups = -(-n // group_size)
+    order = [g * group_size + s for s in range(group_size) for g in range(groups) if g * group_size + s < n]
+    rows = []
+    for i in order[:limit]:
+        row: dict[str, Any] = {"step": step, "prompt": prompts[i], "completion": completions[i],
+                               "reward": _clean(float(rewards[i]))}
+        for name, values in (per_function or {}).items():
+            row[f"reward/{name}"] = _clean(float(values[i]))
+        for name, values in (extra or {}).items():
+            row[name] = values[i]
+        rows.append(row)
+    return rows
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -86,6 +133,16 @@ class Tracker:
             if shown:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """A table of sampled completions: appended to ``samples.jsonl`` (one JSON object per row) and
+        logged to W&B as the table ``samples`` at ``step``."""
+        if not rows:
+            return
+        with (self.output_dir / SAMPLES_FILE).open("a") as f:
+            f.write("".join(json.dumps({**row, "step": step}) + "\n" for row in rows))
+        if self._wandb is not None:
+            self._wandb.log({SAMPLE_TABLE_KEY: build_wandb_table(step, rows)}, step=step)
+
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(steps)
@@ -103,3 +160,14 @@ class Tracker:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def build_wandb_table(step: int, rows: list[dict[str, Any]]):
+    """A ``wandb.Table`` of sample rows; columns are the fixed ones, then every other key in first-seen order."""
+    import wandb
+
+    columns = list(SAMPLE_COLUMNS)
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    data = [[step if column == "step" else row.get(column) for column in columns] for row in rows]
+    return wandb.Table(columns=columns, data=data)

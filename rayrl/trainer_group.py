@@ -18,17 +18,22 @@ class TrainerGroup:
 
     def __init__(self, spec: TrainerSpec, *, num_cpus: float, num_gpus: float, role: type = PolicyTrainer,
                  separate_reference: bool = False, role_kwargs: dict[str, Any] | None = None,
-                 shared_bundle: dict[str, float] | None = None):
+                 shared_bundle: dict[str, float] | None = None, resources: dict[str, float] | None = None):
         """``shared_bundle``: extra resources added to every rank's bundle, for actors the caller
-        co-locates with the ranks (``bundle_strategy``), e.g. rollout workers sharing a GPU."""
+        co-locates with the ranks (``bundle_strategy``), e.g. rollout workers sharing a GPU.
+        ``resources``: custom Ray resources each rank asks for (pins ranks to node groups)."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.spec = spec
         extra = shared_bundle or {}
+        resources = dict(resources or {})
         bundle = {key: value for key, value in (("CPU", num_cpus + extra.get("CPU", 0.0)),
                                                 ("GPU", num_gpus + extra.get("GPU", 0.0))) if value > 0}
+        for key, value in [*resources.items(), *extra.items()]:
+            if key not in ("CPU", "GPU"):
+                bundle[key] = bundle.get(key, 0.0) + value
         self.placement_group = None
         options: list[dict[str, Any]] = [{} for _ in range(spec.world_size)]
         if bundle:
@@ -38,7 +43,7 @@ class TrainerGroup:
                 self.placement_group, placement_group_bundle_index=i)} for i in range(spec.world_size)]
         remote_cls = ray.remote(role)
         self.actors = [
-            remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, **options[rank]).remote(
+            remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, **options[rank]).remote(
                 spec, rank, **(role_kwargs or {}))
             for rank in range(spec.world_size)
         ]
