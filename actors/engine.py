@@ -7,11 +7,12 @@ checkpoints and the full-weights gather live in exactly one place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -208,17 +209,22 @@ class TrainingEngine:
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint under {directory}")
 
-    def full_state_dict(self, rank: int) -> dict[str, torch.Tensor] | None:
-        """The whole module's weights on CPU at rank 0 (gathered from all ranks under ZeRO-3)."""
+    @contextlib.contextmanager
+    def gathered_state(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The whole module's live weights (on its device) on every rank, valid inside the block
+        (gathered from all ranks under ZeRO-3; all ranks must enter)."""
         import deepspeed
-
-        def snapshot():
-            return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()} if rank == 0 else None
 
         if self.spec.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-                return snapshot()
-        return snapshot()
+                yield self.module.state_dict()
+        else:
+            yield self.module.state_dict()
+
+    def full_state_dict(self, rank: int) -> dict[str, torch.Tensor] | None:
+        """The whole module's weights on CPU at rank 0 (gathered from all ranks under ZeRO-3)."""
+        with self.gathered_state() as state:
+            return {k: v.detach().cpu().clone() for k, v in state.items()} if rank == 0 else None
 
     @staticmethod
     def barrier() -> None:

@@ -98,13 +98,15 @@ def export_model(module: torch.nn.Module, state: dict[str, torch.Tensor], direct
         merged.save_pretrained(out, safe_serialization=True)
 
 
-def merged_named_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], peft: PeftConfig | None):
+def merged_named_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], peft: PeftConfig | None,
+                         device: torch.device | str = "cpu"):
     """(HF name, tensor) pairs of the full model as an inference engine loads it: with LoRA-type
-    adapters merged into the base weights (the engine then needs no adapter support)."""
+    adapters merged into the base weights (the engine then needs no adapter support). With PEFT the
+    merge runs on a copy of the model on ``device``."""
     if peft is None:
         return list(state.items())
     if peft.method in ("prefix", "prompt"):
         raise ValueError(f"{peft.method} tuning has no mergeable weights to sync into a rollout engine")
-    model = copy.deepcopy(module).cpu()
+    model = copy.deepcopy(module).to(device)
     model.load_state_dict(state)
     return list(model.merge_and_unload().state_dict().items())

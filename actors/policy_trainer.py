@@ -45,6 +45,9 @@ class PolicyTrainer:
         self.rank = rank
         self.train_engine: TrainingEngine | None = None
         self.reference: torch.nn.Module | None = None
+        self._shared_buffers: list[torch.Tensor] = []  # packed CUDA buffers lent to rollout engines (IPC)
+        self._shared_layouts: list = []
+        self._broadcast = None  # NCCL communicator to the rollout engines (rank 0, split layouts)
         torch.set_num_threads(max(1, spec.num_threads))
 
     # ---- set-up -----------------------------------------------------------------------------
@@ -244,6 +247,56 @@ class PolicyTrainer:
             refs = [ray.put(bucket) for bucket in bucket_state_dict(named, bucket_bytes=bucket_bytes)]
         self.train_engine.barrier()
         return refs
+
+    # ---- GPU weight transports (rayrl.cuda_transfer) ------------------------------------------
+    def _engine_weights(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(merged_named_weights(self.train_engine.module, state, self.spec.peft,
+                                         device=self.train_engine.device))
+
+    def share_weights_ipc(self, bucket_bytes: int, wire_dtype: str | None = None) -> list[dict]:
+        """Pack the full weights into CUDA buffers on this rank's GPU and return one IPC handle dict
+        per bucket (every rank: each rollout engine opens the buffer on its own GPU). The buffers
+        stay alive until :meth:`release_shared_weights`."""
+        from rayrl.cuda_transfer import pack_bucket, plan_buckets, share_ipc
+
+        self.release_shared_weights()
+        dtype = getattr(torch, wire_dtype) if wire_dtype else None
+        with self.train_engine.gathered_state() as state:
+            weights = self._engine_weights(state)
+            self._shared_layouts = plan_buckets(weights.items(), bucket_bytes, dtype)
+            self._shared_buffers = [pack_bucket(weights, layout, device=self.train_engine.device)
+                                    for layout in self._shared_layouts]
+        return [{"handles": share_ipc(buf), "layout": layout}
+                for buf, layout in zip(self._shared_buffers, self._shared_layouts)]
+
+    def release_shared_weights(self) -> None:
+        self._shared_buffers = []
+        self._shared_layouts = []
+
+    def weight_broadcast_address(self) -> tuple[str, int]:
+        return rendezvous_address()
+
+    def init_weight_broadcast(self, host: str, port: int, world_size: int) -> None:
+        """Rank 0 joins the NCCL group with the rollout engines as its rank 0 (other ranks: no-op)."""
+        from rayrl.cuda_transfer import nccl_communicator
+
+        if self.rank == 0:
+            self._broadcast = nccl_communicator(host, port, 0, world_size, self.train_engine.device)
+
+    def broadcast_weights(self, bucket_bytes: int, wire_dtype: str | None = None) -> int:
+        """Broadcast the full weights to the rollout engines (all ranks call: ZeRO-3 gathers);
+        returns the bytes sent (rank 0) or 0."""
+        from rayrl.cuda_transfer import broadcast_buckets, plan_buckets
+
+        sent = 0
+        with self.train_engine.gathered_state() as state:
+            if self.rank == 0:
+                weights = self._engine_weights(state)
+                layouts = plan_buckets(weights.items(), bucket_bytes, getattr(torch, wire_dtype) if wire_dtype else None)
+                for _, layout in broadcast_buckets(self._broadcast, layouts, weights, self.train_engine.device):
+                    sent += layout.nbytes
+        self.train_engine.barrier()
+        return sent
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[TokenBatch]) -> tuple[float, int]:

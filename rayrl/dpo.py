@@ -22,13 +22,12 @@ from rayrl.config import DPOConfig, config_to_dict
 from rayrl.data.batch import collate
 from rayrl.data.batching import StepBatcher, steps_for_epochs
 from rayrl.data.loading import DataError
-from rayrl.data.preference import (PreferencePair, UnpairedExample, collate_pairs, collate_unpaired,
+from rayrl.data.preference import (PreferencePair, collate_pairs, collate_unpaired,
                                    load_kto_examples, load_preference_pairs, pair_token_rows)
-from rayrl.outputs import export_final_model
 from rayrl.preference_objective import PreferenceObjective
 from rayrl.sft import trainer_spec
-from rayrl.stage_common import (StageResult, checkpoint_due, eval_due, generation_accuracy, load_generation_eval,
-                                prepare_stage)
+from rayrl.stage_common import (StageResult, generation_accuracy, load_generation_eval,
+                                prepare_stage, run_training_steps)
 from rayrl.tracking import Tracker
 from rayrl.trainer_group import TrainerGroup
 
@@ -123,6 +122,7 @@ def run_dpo(config: DPOConfig) -> StageResult:
                                                                  config.train.global_batch_size)
         trainers = TrainerGroup(trainer_spec(config, setup.model_path, total_steps),
                                 num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,
+                                resources=config.trainer.resources,
                                 separate_reference=separate_reference)
         tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
                           total_steps=total_steps, start_step=setup.start_step,
@@ -155,40 +155,16 @@ def run_dpo(config: DPOConfig) -> StageResult:
                                                                    config.eval.max_new_tokens)
                 return metrics
 
-            if setup.resume_from:
-                trainers.load_checkpoint(str(setup.resume_from))
-                tracker.write(f"resumed from {setup.resume_from} (step {setup.start_step})")
-            else:
-                tracker.log(0, {"data/rows": data_stats.rows, "data/truncated": data_stats.truncated,
-                                "data/dropped": data_stats.dropped, "total_steps": total_steps})
-            if config.eval.at_start and setup.start_step == 0:
-                tracker.log(0, evaluate())
+            def train_step(batches) -> tuple[dict[str, Any], int]:
+                metrics = trainers.train_preference_step(batches, global_num_examples=config.train.global_batch_size,
+                                                         objective=objective)
+                return metrics, sum(b.tokens.num_tokens for rank in batches for b in rank)
 
-            final_eval: dict[str, float] = {}
-            for step in range(setup.start_step, total_steps):
-                # 4. One optimizer step over the global batch of pairs (or KTO rows).
-                step_start = time.perf_counter()
-                batches = batcher.step_batches(step)
-                num_tokens = sum(b.tokens.num_tokens for rank in batches for b in rank)
-                metrics: dict[str, Any] = trainers.train_preference_step(
-                    batches, global_num_examples=config.train.global_batch_size, objective=objective)
-                elapsed = time.perf_counter() - step_start
-                metrics.update(tokens_per_s=num_tokens / elapsed, num_tokens=num_tokens,
-                               epoch=batcher.epoch_of(step + 1), step_s=elapsed)
-                tracker.log(step + 1, metrics)
-                tracker.advance()
-
-                # 5. Eval and checkpoint on their schedules.
-                done = step + 1
-                if eval_due(config, done, total_steps):
-                    final_eval = evaluate()
-                    tracker.log(done, final_eval)
-                if checkpoint_due(config, done, total_steps):
-                    setup.checkpoints.save(done, lambda d: trainers.save_checkpoint(str(d)),
-                                           {"total_steps": total_steps})
-
-            # 6. The final model (merged and/or adapter with PEFT), in Hugging Face format.
-            final_model = export_final_model(trainers, tokenizer, setup.output_dir)
+            # 4. One optimizer step per global batch of pairs (or KTO rows); eval, checkpoints; the final
+            # model (merged and/or adapter with PEFT) in Hugging Face format.
+            final_model, final_eval = run_training_steps(
+                config, setup, trainers, tracker, total_steps=total_steps, batcher=batcher, train_step=train_step,
+                evaluate=evaluate, data_stats=data_stats)
         finally:
             tracker.close()
             trainers.shutdown()

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from rayrl.actors.critic import Critic
+from rayrl.actors.critic import Critic, export_critic
 from rayrl.actors.engine import TrainerSpec
 from rayrl.actors.policy_trainer import PolicyGradientObjective
 from rayrl.actors.reference_model import ReferenceModel
@@ -41,16 +41,18 @@ from rayrl.actors.verifier import Verifier
 from rayrl.algorithms import group_advantages, masked_whiten, rloo_advantages
 from rayrl.algorithms.ppo import AdaptiveKLController, gae_advantages, kl_penalized_rewards
 from rayrl.checkpoint import CheckpointManager
-from rayrl.cluster import check_cluster_resources, ray_session, trainer_roles
+from rayrl.cluster import check_cluster_resources, describe_placement, ray_session, record_placement, trainer_roles
 from rayrl.config import GRPOConfig, PPOConfig, config_to_dict
 from rayrl.data.batching import StepBatcher
 from rayrl.data.rollout import PromptRow, RolloutBatch, ValueBatch, completion_tokens, load_prompts
+from rayrl.evaluation import pass_at_k_metrics
 from rayrl.outputs import export_final_model
 from rayrl.rewards.scoring import RewardScorer, RewardSpec, ScoreResult
 from rayrl.stage_common import StageResult, checkpoint_due, eval_due, prepare_stage
 from rayrl.tiny import resolve_model_path
-from rayrl.tracking import Tracker
+from rayrl.tracking import Tracker, sample_rows, sample_table_due
 from rayrl.trainer_group import TrainerGroup
+from rayrl.weight_sync import WeightPusher
 
 SYNC_BUCKET_BYTES = 64 << 20
 
@@ -84,11 +86,6 @@ class RolloutPool:
                 results.append(completion)
         results.sort(key=lambda c: (c.prompt_index, c.sample_index))
         return results
-
-    def update_weights(self, version: int, refs: list) -> list:
-        import ray
-
-        return ray.get([worker.update_weights.remote(version, refs) for worker in self.workers])
 
     def sleep(self) -> None:
         import ray
@@ -246,6 +243,9 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                                 stop=list(config.rollout.stop))
     greedy = SamplingSettings(n=1, temperature=0.0, max_new_tokens=config.rollout.max_new_tokens,
                               stop=list(config.rollout.stop))
+    eval_sampling = SamplingSettings(n=max(1, config.eval.samples), temperature=config.eval.temperature,
+                                     max_new_tokens=config.rollout.max_new_tokens, stop=list(config.rollout.stop),
+                                     seed=config.seed)
 
     with ray_session(config.ray):
         import ray
@@ -254,9 +254,11 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
 
         # Roles. Colocated: rollout worker i shares trainer rank i's bundle (and sleeps while it trains).
         colocated = config.placement == "colocated"
-        shared = {"CPU": config.rollout.num_cpus, "GPU": config.rollout.num_gpus} if colocated else None
+        shared = ({"CPU": config.rollout.num_cpus, "GPU": config.rollout.num_gpus, **config.rollout.resources}
+                  if colocated else None)
         trainers = TrainerGroup(_spec(config, setup.model_path, optimizer_steps), num_cpus=config.trainer.num_cpus,
-                                num_gpus=config.trainer.num_gpus, shared_bundle=shared)
+                                num_gpus=config.trainer.num_gpus, shared_bundle=shared,
+                                resources=config.trainer.resources)
         critic = reward_models = verifiers = reference = None
         try:
             rollout = RolloutPool(_rollout_workers(config, setup.model_path, trainers if colocated else None))
@@ -305,13 +307,15 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                                timeouts={"reward_model": 0, **parts.timeouts},
                                failed={"reward_model": [False] * n, **parts.failed}, errors=parts.errors)
 
+        pusher = WeightPusher(config.resolved_weight_transport, trainers.actors, rollout.workers,
+                              bucket_bytes=SYNC_BUCKET_BYTES, wire_dtype=config.rollout.dtype)
+
         def sync(version: int) -> tuple[float, int]:
-            start = time.perf_counter()
-            refs = trainers.export_weight_buckets(SYNC_BUCKET_BYTES)
-            stats = rollout.update_weights(version, refs)
-            return time.perf_counter() - start, stats[0].bytes
+            return pusher.push(version)
 
         def evaluate() -> dict[str, float]:
+            """Greedy accuracy/reward, plus pass@k of eval.samples sampled completions per prompt
+            (correct: the first verifier's reward is positive)."""
             completions = rollout.generate([p.prompt_ids for p in eval_prompts], greedy)
             scores = score(eval_prompts, completions)
             out = {"eval/reward": sum(scores.total) / len(eval_prompts)}
@@ -320,6 +324,13 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 out["eval/accuracy"] = sum(scores.per_function[verified[0]]) / len(eval_prompts)
             if ppo:
                 out["eval/reward_model"] = sum(scores.per_function["reward_model"]) / len(eval_prompts)
+            n = config.eval.samples
+            if n and verified:
+                sampled = rollout.generate([p.prompt_ids for p in eval_prompts], eval_sampling)
+                rows = [p for p in eval_prompts for _ in range(n)]
+                values = score(rows, sampled).per_function[verified[0]]
+                correct = [[v > 0 for v in values[i * n:(i + 1) * n]] for i in range(len(eval_prompts))]
+                out.update(pass_at_k_metrics(correct, config.eval.pass_k or sorted({1, n})))
             return out
 
         def save(directory) -> None:
@@ -328,6 +339,15 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 critic.save_checkpoint(str(directory / "critic"))
 
         try:
+            # Which node each role's actors landed on: output_dir/placement.json and one console line.
+            placed = record_placement(setup.output_dir, config.placement, {
+                "trainer": trainers.actors, "rollout": rollout.workers,
+                "verifier": verifiers.verifiers if verifiers is not None else [],
+                "reference": [reference] if reference is not None else [],
+                "reward_model": reward_models.workers if reward_models is not None else [],
+                "critic": critic.actors if critic is not None else []})
+            if placed is not None:
+                tracker.write(describe_placement(placed))
             if setup.resume_from:
                 trainers.load_checkpoint(str(setup.resume_from))
                 if critic is not None:
@@ -424,7 +444,15 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                     "sync/bytes": sync_bytes, "sync/gb_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9,
                     "tokens_per_s": num_tokens / times["time/step"],
                 }
+                # the oldest policy version that sampled this step (the current one, step, after every sync)
+                metrics["policy_version/sampled_min"] = min(c.policy_version for c in rollout_data.completions)
                 tracker.log(step + 1, metrics)
+                if sample_table_due(config.tracking.sample_table_every, step + 1):
+                    tracker.log_samples(step + 1, sample_rows(
+                        step + 1, [p.prompt for p in rollout_data.prompts], [c.text for c in rollout_data.completions],
+                        rollout_data.scores.total, group_size=group, limit=config.tracking.sample_table_rows,
+                        per_function=rollout_data.scores.per_function,
+                        extra={"policy_version": [c.policy_version for c in rollout_data.completions]}))
                 tracker.advance()
                 done = step + 1
                 if eval_prompts and eval_due(config, done, total_steps):
@@ -437,6 +465,8 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                     setup.checkpoints.save(done, save, state)
 
             final_model = export_final_model(trainers, tokenizer, setup.output_dir)
+            if critic is not None:  # PPO: the value model too, as output_dir/final_critic
+                export_critic(critic, tokenizer, setup.output_dir)
         finally:
             tracker.close()
             trainers.shutdown()
@@ -480,7 +510,7 @@ def _critic_spec(config: PPOConfig, model_path: str, optimizer_steps: int) -> Tr
     return replace(_spec(config, model_path, optimizer_steps), world_size=config.critic.world_size,
                    grad_accum_steps=config.critic_grad_accum_steps, lr=config.critic.lr,
                    zero_stage=config.critic.zero_stage, deepspeed_overrides=config.critic.deepspeed,
-                   peft=None, num_threads=max(1, int(config.critic.num_cpus)))
+                   peft=config.critic.peft, num_threads=max(1, int(config.critic.num_cpus)))
 
 
 def _rollout_workers(config: GRPOConfig | PPOConfig, model_path: str, colocate_with: TrainerGroup | None) -> list:
@@ -490,7 +520,8 @@ def _rollout_workers(config: GRPOConfig | PPOConfig, model_path: str, colocate_w
         raise ValueError("placement=colocated needs rollout.num_workers <= trainer.world_size")
     workers = []
     for i in range(config.rollout.num_workers):
-        options: dict[str, Any] = {"num_cpus": config.rollout.num_cpus, "num_gpus": config.rollout.num_gpus}
+        options: dict[str, Any] = {"num_cpus": config.rollout.num_cpus, "num_gpus": config.rollout.num_gpus,
+                                   "resources": dict(config.rollout.resources)}
         strategy = colocate_with.bundle_strategy(i) if colocate_with is not None else None
         if strategy is not None:
             options["scheduling_strategy"] = strategy
@@ -601,6 +632,7 @@ def _train(config: GRPOConfig | PPOConfig, trainers: TrainerGroup, objective: Po
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     sums: dict[str, float] = {}
     count = 0
+    critic_s = 0.0  # the critic's share of time/train (PPO), summed over its optimizer steps
     for _ in range(settings.epochs):
         order = torch.randperm(total, generator=generator)
         for start in range(0, total, per_step):
@@ -620,8 +652,10 @@ def _train(config: GRPOConfig | PPOConfig, trainers: TrainerGroup, objective: Po
                 value_batches = [[_trim_values(ValueBatch(_rows(tokens, rows), values[rows], returns[rows]))
                                   for rows in rank_rows]
                                  for rank_rows in _split(index, config.critic.world_size, micro)]
+                critic_start = time.perf_counter()
                 value_metrics = critic.train_value_step(
                     value_batches, global_num_tokens=max(1, int(tokens.loss_mask[index][:, 1:].sum())))
+                critic_s += time.perf_counter() - critic_start
                 metrics.update({"critic/value_loss": value_metrics["loss"],
                                 "critic/vf_clip_frac": value_metrics.get("vf_clip_frac", 0.0),
                                 "critic/value_error": value_metrics.get("value_error", 0.0),
@@ -630,7 +664,10 @@ def _train(config: GRPOConfig | PPOConfig, trainers: TrainerGroup, objective: Po
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
             count += 1
-    return {key: value / count for key, value in sums.items()}
+    out = {key: value / count for key, value in sums.items()}
+    if critic is not None:
+        out["time/train_critic"] = critic_s
+    return out
 
 
 def _trim(batches: list[RolloutBatch]) -> list[RolloutBatch]:

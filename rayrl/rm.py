@@ -17,9 +17,8 @@ from rayrl.cluster import check_cluster_resources, ray_session, trainer_roles
 from rayrl.config import RewardModelConfig, config_to_dict
 from rayrl.data.batching import StepBatcher
 from rayrl.data.preference import collate_pairs, load_preference_pairs
-from rayrl.outputs import export_final_model
 from rayrl.sft import trainer_spec
-from rayrl.stage_common import StageResult, checkpoint_due, eval_due, prepare_stage
+from rayrl.stage_common import StageResult, prepare_stage, run_training_steps
 from rayrl.tracking import Tracker
 from rayrl.trainer_group import TrainerGroup
 
@@ -54,45 +53,22 @@ def run_rm(config: RewardModelConfig) -> StageResult:
         # 2. The reward-model group: N DeepSpeed ranks, one Ray actor each.
         trainers = TrainerGroup(trainer_spec(config, setup.model_path, total_steps),
                                 num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,
+                                resources=config.trainer.resources,
                                 role=RewardModelTrainer, role_kwargs={"pad_token_id": pad_id})
         tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
                           total_steps=total_steps, start_step=setup.start_step,
                           progress=config.tracking.progress, description="rm")
+        def train_step(batches) -> tuple[dict[str, Any], int]:
+            metrics = trainers.train_reward_step(batches, global_num_pairs=config.train.global_batch_size,
+                                                 center_coef=config.rm.center_coef)
+            return metrics, sum(b.tokens.num_tokens for rank in batches for b in rank)
+
         try:
-            if setup.resume_from:
-                trainers.load_checkpoint(str(setup.resume_from))
-                tracker.write(f"resumed from {setup.resume_from} (step {setup.start_step})")
-            else:
-                tracker.log(0, {"data/rows": data_stats.rows, "data/truncated": data_stats.truncated,
-                                "data/dropped": data_stats.dropped, "total_steps": total_steps})
-            if eval_batches and config.eval.at_start and setup.start_step == 0:
-                tracker.log(0, evaluate())
-
-            final_eval: dict[str, float] = {}
-            for step in range(setup.start_step, total_steps):
-                # 3. One optimizer step over the global batch of pairs.
-                step_start = time.perf_counter()
-                batches = batcher.step_batches(step)
-                num_tokens = sum(b.tokens.num_tokens for rank in batches for b in rank)
-                metrics: dict[str, Any] = trainers.train_reward_step(
-                    batches, global_num_pairs=config.train.global_batch_size, center_coef=config.rm.center_coef)
-                elapsed = time.perf_counter() - step_start
-                metrics.update(tokens_per_s=num_tokens / elapsed, num_tokens=num_tokens,
-                               epoch=batcher.epoch_of(step + 1), step_s=elapsed)
-                tracker.log(step + 1, metrics)
-                tracker.advance()
-
-                # 4. Eval and checkpoint on their schedules.
-                done = step + 1
-                if eval_batches and eval_due(config, done, total_steps):
-                    final_eval = evaluate()
-                    tracker.log(done, final_eval)
-                if checkpoint_due(config, done, total_steps):
-                    setup.checkpoints.save(done, lambda d: trainers.save_checkpoint(str(d)),
-                                           {"total_steps": total_steps})
-
-            # 5. The reward model, in Hugging Face format (AutoModelForSequenceClassification).
-            final_model = export_final_model(trainers, tokenizer, setup.output_dir)
+            # 3. One optimizer step per global batch of pairs; eval, checkpoints; the reward model in
+            # Hugging Face format (AutoModelForSequenceClassification).
+            final_model, final_eval = run_training_steps(
+                config, setup, trainers, tracker, total_steps=total_steps, batcher=batcher, train_step=train_step,
+                evaluate=evaluate if eval_batches else None, data_stats=data_stats)
         finally:
             tracker.close()
             trainers.shutdown()

@@ -16,9 +16,8 @@ from rayrl.cluster import check_cluster_resources, ray_session, trainer_roles
 from rayrl.config import SFTConfig, config_to_dict
 from rayrl.data.batch import collate
 from rayrl.data.sft import SFTExample, load_sft_examples, sft_step_batcher, unpacked_rows
-from rayrl.outputs import export_final_model
-from rayrl.stage_common import (GenerationEvalSet, StageResult, checkpoint_due, eval_due, generation_accuracy,
-                                prepare_stage)
+from rayrl.stage_common import (GenerationEvalSet, StageResult, generation_accuracy,
+                                prepare_stage, run_training_steps)
 from rayrl.tracking import Tracker
 from rayrl.trainer_group import TrainerGroup
 
@@ -71,47 +70,22 @@ def run_sft(config: SFTConfig) -> StageResult:
         check_cluster_resources(config.ray, trainer_roles(config))
         # 2. The trainer group: N DeepSpeed ranks, one Ray actor each.
         trainers = TrainerGroup(trainer_spec(config, setup.model_path, total_steps),
-                                num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus)
+                                num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,
+                                resources=config.trainer.resources)
         tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
                           total_steps=total_steps, start_step=setup.start_step,
                           progress=config.tracking.progress, description="sft")
+        def train_step(batches) -> tuple[dict[str, Any], int]:
+            num_loss_tokens = sum(b.num_loss_tokens for rank in batches for b in rank)
+            metrics = trainers.train_sft_step(batches, global_num_tokens=num_loss_tokens)
+            return {**metrics, "num_loss_tokens": num_loss_tokens}, sum(b.num_tokens for rank in batches for b in rank)
+
         try:
-            if setup.resume_from:
-                trainers.load_checkpoint(str(setup.resume_from))
-                tracker.write(f"resumed from {setup.resume_from} (step {setup.start_step})")
-            else:
-                tracker.log(0, {"data/rows": data_stats.rows, "data/truncated": data_stats.truncated,
-                                "data/dropped": data_stats.dropped, "total_steps": total_steps})
-            if eval_examples and config.eval.at_start and setup.start_step == 0:
-                tracker.log(0, evaluate(trainers, eval_examples, tokenizer, config))
-
-            final_eval: dict[str, float] = {}
-            for step in range(setup.start_step, total_steps):
-                # 3. One optimizer step over the global batch.
-                step_start = time.perf_counter()
-                batches = batcher.step_batches(step)
-                data_s = time.perf_counter() - step_start
-                num_loss_tokens = sum(b.num_loss_tokens for rank in batches for b in rank)
-                num_tokens = sum(b.num_tokens for rank in batches for b in rank)
-                metrics: dict[str, Any] = trainers.train_sft_step(batches, global_num_tokens=num_loss_tokens)
-                elapsed = time.perf_counter() - step_start
-                metrics.update(tokens_per_s=num_tokens / elapsed, num_tokens=num_tokens,
-                               num_loss_tokens=num_loss_tokens, epoch=batcher.epoch_of(step + 1),
-                               step_s=elapsed, **{"time/data": data_s})
-                tracker.log(step + 1, metrics)
-                tracker.advance()
-
-                # 4. Eval and checkpoint on their schedules.
-                done = step + 1
-                if eval_examples and eval_due(config, done, total_steps):
-                    final_eval = evaluate(trainers, eval_examples, tokenizer, config)
-                    tracker.log(done, final_eval)
-                if checkpoint_due(config, done, total_steps):
-                    setup.checkpoints.save(done, lambda d: trainers.save_checkpoint(str(d)),
-                                           {"total_steps": total_steps})
-
-            # 5. The final model, in Hugging Face format.
-            final_model = export_final_model(trainers, tokenizer, setup.output_dir)
+            # 3. One optimizer step per global batch; eval and checkpoints on their schedules; the final model.
+            final_model, final_eval = run_training_steps(
+                config, setup, trainers, tracker, total_steps=total_steps, batcher=batcher, train_step=train_step,
+                evaluate=(lambda: evaluate(trainers, eval_examples, tokenizer, config)) if eval_examples else None,
+                data_stats=data_stats)
         finally:
             tracker.close()
             trainers.shutdown()

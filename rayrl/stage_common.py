@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,3 +97,43 @@ def generation_accuracy(trainers, eval_set: GenerationEvalSet, tokenizer, max_ne
                                     pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(tokenizer))
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return exact_match_accuracy(texts, eval_set.answers)
+
+
+def run_training_steps(config, setup: StageSetup, trainers, tracker, *, total_steps: int, batcher,
+                       train_step: Callable[[list], tuple[dict[str, Any], int]],
+                       evaluate: Callable[[], dict[str, float]] | None, data_stats) -> tuple[Path, dict[str, float]]:
+    """The loop every single-actor stage (SFT, RM, DPO) shares; returns (final model dir, last eval).
+
+    Resume (or log the data counts), evaluate at the start, then per step: the batcher's global batch
+    -> ``train_step(batches)`` -> ``(metrics, num_tokens)`` -> log, eval and checkpoint on their
+    schedules; at the end the final model in Hugging Face format."""
+    from rayrl.outputs import export_final_model
+
+    if setup.resume_from:
+        trainers.load_checkpoint(str(setup.resume_from))
+        tracker.write(f"resumed from {setup.resume_from} (step {setup.start_step})")
+    else:
+        tracker.log(0, {"data/rows": data_stats.rows, "data/truncated": data_stats.truncated,
+                        "data/dropped": data_stats.dropped, "total_steps": total_steps})
+    if evaluate is not None and config.eval.at_start and setup.start_step == 0:
+        tracker.log(0, evaluate())
+
+    final_eval: dict[str, float] = {}
+    for step in range(setup.start_step, total_steps):
+        step_start = time.perf_counter()
+        batches = batcher.step_batches(step)
+        data_s = time.perf_counter() - step_start
+        metrics, num_tokens = train_step(batches)
+        elapsed = time.perf_counter() - step_start
+        metrics.update(tokens_per_s=num_tokens / elapsed, num_tokens=num_tokens, epoch=batcher.epoch_of(step + 1),
+                       step_s=elapsed, **{"time/data": data_s})
+        tracker.log(step + 1, metrics)
+        tracker.advance()
+
+        done = step + 1
+        if evaluate is not None and eval_due(config, done, total_steps):
+            final_eval = evaluate()
+            tracker.log(done, final_eval)
+        if checkpoint_due(config, done, total_steps):
+            setup.checkpoints.save(done, lambda d: trainers.save_checkpoint(str(d)), {"total_steps": total_steps})
+    return export_final_model(trainers, setup.tokenizer, setup.output_dir), final_eval

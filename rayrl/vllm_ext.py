@@ -33,24 +33,21 @@ Two parts:
    by 0.02-17 nats). ``prompt_logprobs`` requests bypass the cache, so a log-prob check alone looks
    right while generation is stale.
 
-2. GPU-only, untested here (no CUDA on the development machines): :func:`cuda_engine_kwargs`,
-   :class:`RolloutWorkerSyncClient` and :func:`start_cuda_weight_transfer` wire vLLM's official
-   weight-transfer API (``WeightTransferConfig``, ``WeightTransferTrainerFactory``; vllm >= 0.32):
-   ``"nccl"`` broadcasts from trainer rank 0 into every rollout engine (split layouts: trainer and
-   rollout on different GPUs/nodes), ``"ipc"`` hands CUDA IPC handles to an engine on the same GPU
-   (colocated). Both built-in worker engines do the same layerwise reload internally; the rollout
-   worker still resets the prefix cache after ``finish``.
+2. GPU transports (:mod:`rayrl.cuda_transfer`): ``rayrl_load_ipc_bucket`` opens a CUDA IPC buffer
+   the colocated trainer shared and loads views of it; ``rayrl_init_nccl`` / ``rayrl_receive_nccl``
+   join the trainer-rank-0 NCCL group and load each broadcast bucket. Both go through the same
+   begin -> load -> finish reload as the CPU path; only the way the bytes arrive differs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
-    from vllm.distributed.weight_transfer.base import TrainerWeightTransferEngine
+    from rayrl.cuda_transfer import BucketLayout
 
 
 class WeightSyncExtension:
@@ -80,6 +77,31 @@ class WeightSyncExtension:
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.model.load_weights(weights=weights)
         return len(weights)
+
+    def rayrl_load_ipc_bucket(self, handles: dict[str, tuple], layout: BucketLayout) -> int:
+        """Load one packed bucket shared over CUDA IPC (colocated trainer on this GPU)."""
+        from rayrl.cuda_transfer import open_ipc, unpack_bucket
+
+        flat = open_ipc(handles, self.device.index)
+        count = self.rayrl_load_weights(unpack_bucket(flat, layout))
+        torch.cuda.synchronize(self.device)  # the trainer frees the buffer once we return
+        del flat
+        return count
+
+    def rayrl_init_nccl(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        """Join the trainer's weight-broadcast group as rank ``rank_offset + this worker's rank``."""
+        from rayrl.cuda_transfer import nccl_communicator
+
+        self._rayrl_nccl = nccl_communicator(host, port, rank_offset + self.rank, world_size, self.device)
+
+    def rayrl_receive_nccl(self) -> int:
+        """Receive one push (layouts, then each bucket) from trainer rank 0 and load it."""
+        from rayrl.cuda_transfer import broadcast_buckets
+
+        count = 0
+        for pairs, _ in broadcast_buckets(self._rayrl_nccl, None, None, self.device):
+            count += self.rayrl_load_weights(pairs)
+        return count
 
     def rayrl_finish_weight_update(self) -> None:
         """Process (repack) layers that are still pending and drop derived state.
@@ -127,107 +149,3 @@ def refresh_tied_cpu_packs(model: torch.nn.Module) -> int:
             module.quant_method.process_weights_after_loading(module)
             repacked += 1
     return repacked
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU-only path over vLLM's official weight-transfer API. UNTESTED on CPU: the built-in backends
-# need CUDA (NCCL communicators, CUDA IPC handles). Written against vllm 0.32's
-# vllm/distributed/weight_transfer/{base,factory,nccl_engine,ipc_engine}.py.
-# ---------------------------------------------------------------------------------------------
-
-CudaBackend = Literal["nccl", "ipc"]
-
-
-def cuda_engine_kwargs(backend: CudaBackend) -> dict[str, Any]:
-    """Extra ``vllm.LLM(...)`` kwargs that create the worker-side transfer engine (GPU only).
-
-    The engine is built at model load (``Worker.load_model``), so this must be set at construction.
-    """
-    from vllm.config import WeightTransferConfig
-
-    return {"weight_transfer_config": WeightTransferConfig(backend=backend)}
-
-
-class RolloutWorkerSyncClient:
-    """``VLLMWeightSyncClient`` (vLLM's structural protocol) over rollout-worker Ray actor handles.
-
-    vLLM's own ``RayVLLMWeightSyncClient`` expects actors whose ``update_weights`` is vLLM's; ours is
-    the bucket API, so the calls are routed to ``RolloutWorker.transfer_*`` instead. Each call fans out
-    to every worker and waits on all of them.
-
-    NCCL ranks: every rollout engine here is its own vLLM instance (data-parallel index 0), so each
-    would compute the same rank from the single init payload the trainer engine sends. The client
-    shifts ``rank_offset`` per worker by ``ranks_per_worker`` (the engine's TP x PP size), giving the
-    NCCL group ranks ``1 .. len(workers) * ranks_per_worker`` after the trainer's rank 0.
-    """
-
-    def __init__(self, workers: Sequence[Any], ranks_per_worker: int = 1) -> None:
-        self.workers = list(workers)
-        self.ranks_per_worker = ranks_per_worker
-        self.version: int | None = None  # set by start_cuda_weight_transfer's caller per push
-
-    def _all(self, method: str, per_worker_args: Sequence[tuple] | None = None) -> None:
-        import ray
-
-        args = per_worker_args or [()] * len(self.workers)
-        ray.get([getattr(w, method).remote(*a) for w, a in zip(self.workers, args)])
-
-    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
-        per_worker = []
-        for i in range(len(self.workers)):
-            info = dict(init_info)
-            if "rank_offset" in info:  # NCCL; IPC's init info is just {"packed": ...}
-                info["rank_offset"] = init_info["rank_offset"] + i * self.ranks_per_worker
-            per_worker.append((info,))
-        self._all("transfer_init", per_worker)
-
-    def start_weight_update(self) -> None:
-        self._all("transfer_start")
-
-    def update_weights(self, update_info: dict[str, Any] | list[dict[str, Any]]) -> None:
-        self._all("transfer_update", [(update_info,)] * len(self.workers))
-
-    def finish_weight_update(self, weight_version: str | None = None) -> None:
-        version = self.version if weight_version is None else int(weight_version)
-        self._all("transfer_finish", [(version,)] * len(self.workers))
-
-
-def start_cuda_weight_transfer(
-    workers: Sequence[Any],
-    model: torch.nn.Module,
-    backend: CudaBackend,
-    *,
-    master_address: str = "127.0.0.1",
-    master_port: int = 29600,
-    ranks_per_worker: int = 1,
-    packed: bool = True,
-) -> tuple[TrainerWeightTransferEngine, RolloutWorkerSyncClient]:
-    """Trainer rank 0: rendezvous with rollout workers built with ``cuda_engine_kwargs(backend)``.
-
-    Returns the trainer engine and its client. Per push::
-
-        client.version = new_version
-        engine.send_weights()   # start -> update (NCCL broadcast / IPC handles) -> finish
-
-    ``model`` is the trainer's module (its ``named_parameters`` are the HF names; FSDP DTensors are
-    gathered by ``ModuleSource``). With several trainer ranks call this on every rank with the matching
-    ``rank`` (only rank 0 talks to the workers); this helper covers the single-sender case.
-    """
-    from vllm.distributed.weight_transfer import ModuleSource, WeightTransferTrainerFactory
-
-    client = RolloutWorkerSyncClient(workers, ranks_per_worker)
-    if backend == "nccl":
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
-
-        init_info: Any = NCCLTrainerInitInfo(
-            rank=0, master_address=master_address, master_port=master_port,
-            world_size=1 + len(workers) * ranks_per_worker, packed=packed,
-        )
-    elif backend == "ipc":
-        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
-
-        init_info = IPCTrainerInitInfo(rank=0, packed=packed)
-    else:
-        raise ValueError(f"unknown CUDA weight-transfer backend {backend!r}; use 'nccl' or 'ipc'")
-    engine = WeightTransferTrainerFactory.trainer_init(init_info, client=client, source=ModuleSource(model))
-    return engine, client

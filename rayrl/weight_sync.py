@@ -120,3 +120,67 @@ def push_to_workers(workers: Sequence[Any], version: int, buckets: Sequence[Mapp
     end = time.perf_counter()
     return PushStats(version=version, seconds=end - start, put_seconds=put_done - start,
                      bytes=bucket_nbytes(buckets), num_buckets=len(buckets), worker_stats=list(worker_stats))
+
+
+class WeightPusher:
+    """Pushes the trainer group's weights to the rollout workers as one policy version, over the
+    configured transport (see :mod:`rayrl.cuda_transfer` for the GPU ones):
+
+    - ``object_store``: rank 0 ``ray.put``s numpy buckets once; every worker fetches them.
+    - ``ipc``: every trainer rank packs CUDA buffers on its GPU and shares IPC handles; each worker
+      opens the one on its own GPU; the trainers free the buffers once all workers have loaded.
+    - ``nccl``: trainer rank 0 broadcasts packed buckets to every worker (a group formed in
+      :meth:`connect`); the other trainer ranks only join the ZeRO-3 gather.
+
+    ``push`` returns ``(seconds, bytes per worker)``.
+    """
+
+    def __init__(self, transport: str, trainer_actors: Sequence[Any], workers: Sequence[Any], *,
+                 bucket_bytes: int, wire_dtype: str | None = None) -> None:
+        if transport not in ("object_store", "ipc", "nccl"):
+            raise ValueError(f"unknown weight transport {transport!r}")
+        self.transport = transport
+        self.trainers = list(trainer_actors)
+        self.workers = list(workers)
+        self.bucket_bytes = bucket_bytes
+        self.wire_dtype = wire_dtype
+        self._connected = transport != "nccl"
+
+    def connect(self) -> None:
+        """Form the NCCL group (trainer rank 0 = rank 0, worker i = rank 1 + i); the first push does
+        it if the caller has not. No-op for the other transports."""
+        if self._connected:
+            return
+        import ray
+
+        host, port = ray.get(self.trainers[0].weight_broadcast_address.remote())
+        world = 1 + len(self.workers)
+        ray.get([self.trainers[0].init_weight_broadcast.remote(host, port, world)]
+                + [w.init_weight_broadcast.remote(host, port, 1 + i, world) for i, w in enumerate(self.workers)])
+        self._connected = True
+
+    def push(self, version: int) -> tuple[float, int]:
+        import ray
+
+        start = time.perf_counter()
+        self.connect()
+        if self.transport == "object_store":
+            per_rank = ray.get([t.export_weight_buckets.remote(self.bucket_bytes) for t in self.trainers])
+            stats = ray.get([w.update_weights.remote(version, per_rank[0]) for w in self.workers])
+            nbytes = stats[0].bytes
+        elif self.transport == "ipc":
+            from rayrl.cuda_transfer import merge_handles
+
+            per_rank = ray.get([t.share_weights_ipc.remote(self.bucket_bytes, self.wire_dtype) for t in self.trainers])
+            handles = merge_handles([[b["handles"] for b in rank] for rank in per_rank])
+            shared = [{"handles": h, "layout": b["layout"]} for h, b in zip(handles, per_rank[0])]
+            try:
+                ray.get([w.update_weights_ipc.remote(version, shared) for w in self.workers])
+            finally:
+                ray.get([t.release_shared_weights.remote() for t in self.trainers])
+            nbytes = sum(b["layout"].nbytes for b in shared)
+        else:
+            sent = ray.get([t.broadcast_weights.remote(self.bucket_bytes, self.wire_dtype) for t in self.trainers]
+                           + [w.update_weights_nccl.remote(version) for w in self.workers])
+            nbytes = sent[0]
+        return time.perf_counter() - start, nbytes

@@ -42,8 +42,9 @@ def test_grpo_runs_in_both_layouts(ray_cluster, tmp_path, tiny_model_dir, placem
     from rayrl.rl import run_grpo
 
     extra = {"kl_coef": 0.05} if placement == "split" else {}
+    passk = {"samples": 4} if placement == "split" else {}
     result = run_grpo(grpo_config(tmp_path / placement, tiny_model_dir, placement=placement,
-                                  grpo={"prompts_per_step": 4, **extra}, rollout={"num_workers": 2}))
+                                  grpo={"prompts_per_step": 4, **extra}, rollout={"num_workers": 2}, eval=passk))
     steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
     assert [r["policy_version"] for r in steps] == [1, 2]
     assert all(REQUIRED <= set(r) for r in steps)
@@ -52,7 +53,10 @@ def test_grpo_runs_in_both_layouts(ray_cluster, tmp_path, tiny_model_dir, placem
     # sampler (vLLM) and trainer (DeepSpeed) agree on the sampled tokens' log-probs after every sync
     assert all(r["logprob_gap/sampler_trainer"] < 1e-3 for r in steps)
     assert (result.final_model / "model.safetensors").exists()
-    assert [r["step"] for r in read_metrics(result.output_dir) if "eval/accuracy" in r] == [0, 2]
+    evals = [r for r in read_metrics(result.output_dir) if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    if passk:  # pass@k of 4 sampled completions per eval prompt, next to greedy accuracy
+        assert all(0 <= r["eval/pass@1"] <= r["eval/pass@4"] <= 1 for r in evals)
 
 
 def test_post_sync_engine_logprobs_match_trainer(ray_cluster, tiny_model_dir, tokenizer):

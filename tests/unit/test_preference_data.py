@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from rayrl.data.loading import DataError
 from rayrl.data.preference import collate_pairs, load_kto_examples, load_preference_pairs
