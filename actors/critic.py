@@ -12,14 +12,11 @@ With ``critic.peft`` (LoRA / DoRA) the backbone is frozen under the adapter and 
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from rayrl.actors.engine import TrainerSpec, TrainingEngine, init_process_group, node_ip, rendezvous_address
-from rayrl.actors.models import export_model, param_groups
+from rayrl.actors.engine import TrainerRank, TrainerSpec
 from rayrl.config import PeftConfig
 from rayrl.data.batch import TokenBatch
 from rayrl.data.rollout import ValueBatch
@@ -66,49 +63,24 @@ def apply_value_peft(model: torch.nn.Module, peft: PeftConfig) -> torch.nn.Modul
 
 def export_critic(critic, tokenizer, output_dir: Path) -> Path:
     """The trained critic in HF format (``AutoModelForTokenClassification``, num_labels=1) under
-    ``output_dir/final_critic``; with PEFT as the policy's export (merged and/or ``adapter/``).
-    Written to a temp directory and renamed, like the policy's ``final/``."""
-    final = Path(output_dir) / FINAL_CRITIC_DIR
-    tmp = Path(output_dir) / f".{FINAL_CRITIC_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    critic.export_hf(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+    ``output_dir/final_critic``; with PEFT as the policy's export (merged and/or ``adapter/``)."""
+    from rayrl.outputs import export_final_model
+
+    return export_final_model(critic, tokenizer, output_dir, FINAL_CRITIC_DIR)
 
 
-class Critic:
+class Critic(TrainerRank):
     """One rank. Call order (TrainerGroup does it): ``address()`` on rank 0, then ``setup(...)`` on all."""
 
     def __init__(self, spec: TrainerSpec, rank: int, value_clip: float | None = 0.2):
-        self.spec = spec
-        self.rank = rank
+        super().__init__(spec, rank)
         self.value_clip = value_clip
-        self.train_engine: TrainingEngine | None = None
-        torch.set_num_threads(max(1, spec.num_threads))
 
-    def address(self) -> tuple[str, int]:
-        return rendezvous_address()
-
-    def node_ip(self) -> str:
-        return node_ip()
-
-    def setup(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int,
-              separate_reference: bool = False) -> dict:
+    def build_model(self) -> torch.nn.Module:
         spec = self.spec
-        init_process_group(self.rank, spec.world_size, master_addr, master_port, local_rank, local_world_size)
-        torch.manual_seed(spec.seed)
         model = load_value_model(spec.model_path, attn_implementation=spec.attn_implementation,
                                  gradient_checkpointing=spec.gradient_checkpointing)
-        if spec.peft is not None:
-            model = apply_value_peft(model, spec.peft)
-        groups = param_groups(model, weight_decay=spec.weight_decay, lr=spec.lr,
-                              lora_plus_ratio=spec.peft.lora_plus_ratio if spec.peft else None)
-        self.train_engine = TrainingEngine(spec, model, groups)
-        return {"rank": self.rank, "parameters": sum(p.numel() for p in model.parameters()),
-                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        return apply_value_peft(model, spec.peft) if spec.peft is not None else model
 
     def trainable_parameter_names(self) -> list[str]:
         return [n for n, p in self.train_engine.module.named_parameters() if p.requires_grad]
@@ -148,19 +120,3 @@ class Critic:
             return loss, {k: float(v) * share for k, v in stats.items()}
 
         return self.train_engine.optimizer_step(micro_batches, loss_fn)
-
-    # ---- persistence ------------------------------------------------------------------------
-    def save_checkpoint(self, directory: str) -> float:
-        return self.train_engine.save_checkpoint(directory)
-
-    def load_checkpoint(self, directory: str) -> None:
-        self.train_engine.load_checkpoint(directory)
-
-    def export_hf(self, directory: str) -> None:
-        state = self.train_engine.full_state_dict(self.rank)
-        if self.rank == 0:
-            export_model(self.train_engine.module, state, directory, self.spec.peft)
-        self.train_engine.barrier()
-
-    def shutdown(self) -> None:
-        TrainingEngine.shutdown()

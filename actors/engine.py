@@ -239,3 +239,61 @@ class TrainingEngine:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class TrainerRank:
+    """One rank of a trainable role (PolicyTrainer, RewardModelTrainer, Critic): the rendezvous, the
+    DeepSpeed engine around the role's model, checkpoints and the Hugging Face export. A role supplies
+    :meth:`build_model` and its own typed train/eval methods. Call order (TrainerGroup does it):
+    ``address()`` on rank 0, then ``setup(...)`` on all ranks."""
+
+    def __init__(self, spec: TrainerSpec, rank: int):
+        self.spec = spec
+        self.rank = rank
+        self.train_engine: TrainingEngine | None = None
+        torch.set_num_threads(max(1, spec.num_threads))
+
+    def address(self) -> tuple[str, int]:
+        return rendezvous_address()
+
+    def node_ip(self) -> str:
+        return node_ip()
+
+    def build_model(self) -> torch.nn.Module:
+        """The role's model (PEFT applied), on CPU; the engine moves and wraps it."""
+        raise NotImplementedError
+
+    def setup(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int,
+              separate_reference: bool = False) -> dict:
+        from rayrl.actors.models import param_groups
+
+        spec = self.spec
+        init_process_group(self.rank, spec.world_size, master_addr, master_port, local_rank, local_world_size)
+        torch.manual_seed(spec.seed)
+        model = self.build_model()
+        groups = param_groups(model, weight_decay=spec.weight_decay, lr=spec.lr,
+                              lora_plus_ratio=spec.peft.lora_plus_ratio if spec.peft else None)
+        self.train_engine = TrainingEngine(spec, model, groups)
+        return {"rank": self.rank, "parameters": sum(p.numel() for p in model.parameters()),
+                "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+    def param_group_lrs(self) -> list[dict]:
+        return self.train_engine.param_group_lrs()
+
+    def save_checkpoint(self, directory: str) -> float:
+        return self.train_engine.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        self.train_engine.load_checkpoint(directory)
+
+    def export_hf(self, directory: str) -> None:
+        """Write the full model (and/or the adapter) in Hugging Face format from rank 0."""
+        from rayrl.actors.models import export_model
+
+        state = self.train_engine.full_state_dict(self.rank)
+        if self.rank == 0:
+            export_model(self.train_engine.module, state, directory, self.spec.peft)
+        self.train_engine.barrier()
+
+    def shutdown(self) -> None:
+        TrainingEngine.shutdown()

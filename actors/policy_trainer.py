@@ -12,8 +12,8 @@ from typing import Iterator
 
 import torch
 
-from rayrl.actors.engine import TrainerSpec, TrainingEngine, init_process_group, node_ip, rendezvous_address
-from rayrl.actors.models import export_model, load_model, merged_named_weights, param_groups, virtual_token_count
+from rayrl.actors.engine import TrainerRank, TrainerSpec, rendezvous_address
+from rayrl.actors.models import load_model, merged_named_weights, virtual_token_count
 from rayrl.data.batch import TokenBatch
 from rayrl.data.preference import KTOBatch, PreferenceBatch
 from rayrl.data.rollout import RolloutBatch
@@ -37,44 +37,33 @@ class PolicyGradientObjective:
 __all__ = ["PolicyTrainer", "PolicyGradientObjective", "TrainerSpec"]
 
 
-class PolicyTrainer:
-    """One rank. Call order: ``address()`` on rank 0, then ``setup(...)`` on all ranks."""
+class PolicyTrainer(TrainerRank):
+    """One rank of the policy (SFT, DPO family, GRPO/PPO): a causal LM on DeepSpeed."""
 
     def __init__(self, spec: TrainerSpec, rank: int):
-        self.spec = spec
-        self.rank = rank
-        self.train_engine: TrainingEngine | None = None
+        super().__init__(spec, rank)
         self.reference: torch.nn.Module | None = None
         self._shared_buffers: list[torch.Tensor] = []  # packed CUDA buffers lent to rollout engines (IPC)
         self._shared_layouts: list = []
         self._broadcast = None  # NCCL communicator to the rollout engines (rank 0, split layouts)
-        torch.set_num_threads(max(1, spec.num_threads))
 
     # ---- set-up -----------------------------------------------------------------------------
-    def address(self) -> tuple[str, int]:
-        return rendezvous_address()
-
-    def node_ip(self) -> str:
-        return node_ip()
+    def build_model(self) -> torch.nn.Module:
+        spec = self.spec
+        return load_model(spec.model_path, "causal_lm", attn_implementation=spec.attn_implementation,
+                          pad_token_id=None, peft=spec.peft, gradient_checkpointing=spec.gradient_checkpointing)
 
     def setup(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int,
               separate_reference: bool = False) -> dict:
         """Build the engine. ``separate_reference`` loads a frozen copy of the starting weights for
         reference log-probs (not needed with PEFT: the adapter-disabled base is the reference)."""
+        info = super().setup(master_addr, master_port, local_rank, local_world_size)
         spec = self.spec
-        init_process_group(self.rank, spec.world_size, master_addr, master_port, local_rank, local_world_size)
-        torch.manual_seed(spec.seed)
-        model = load_model(spec.model_path, "causal_lm", attn_implementation=spec.attn_implementation,
-                           pad_token_id=None, peft=spec.peft, gradient_checkpointing=spec.gradient_checkpointing)
-        groups = param_groups(model, weight_decay=spec.weight_decay, lr=spec.lr,
-                              lora_plus_ratio=spec.peft.lora_plus_ratio if spec.peft else None)
-        self.train_engine = TrainingEngine(spec, model, groups)
         if separate_reference and spec.peft is None:
             self.reference = load_model(spec.model_path, "causal_lm", attn_implementation=spec.attn_implementation,
                                         pad_token_id=None, peft=None, gradient_checkpointing=False)
             self.reference.to(self.train_engine.device).eval().requires_grad_(False)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return {"rank": self.rank, "parameters": sum(p.numel() for p in model.parameters()), "trainable": trainable}
+        return info
 
     # ---- forward passes ---------------------------------------------------------------------
     def _token_logprobs(self, batch: TokenBatch, model=None) -> torch.Tensor:
@@ -332,23 +321,3 @@ class PolicyTrainer:
             cut = next((i for i, tok in enumerate(row) if tok in stop_ids or tok == pad_id), len(row))
             completions.append(row[:cut])
         return completions
-
-    def param_group_lrs(self) -> list[dict]:
-        return self.train_engine.param_group_lrs()
-
-    # ---- persistence ------------------------------------------------------------------------
-    def save_checkpoint(self, directory: str) -> float:
-        return self.train_engine.save_checkpoint(directory)
-
-    def load_checkpoint(self, directory: str) -> None:
-        self.train_engine.load_checkpoint(directory)
-
-    def export_hf(self, directory: str) -> None:
-        """Write the full model (and/or the adapter) in Hugging Face format from rank 0."""
-        state = self.train_engine.full_state_dict(self.rank)
-        if self.rank == 0:
-            export_model(self.train_engine.module, state, directory, self.spec.peft)
-        self.train_engine.barrier()
-
-    def shutdown(self) -> None:
-        TrainingEngine.shutdown()

@@ -9,38 +9,22 @@ from __future__ import annotations
 
 import torch
 
-from rayrl.actors.engine import TrainerSpec, TrainingEngine, init_process_group, node_ip, rendezvous_address
-from rayrl.actors.models import export_model, load_model, param_groups
+from rayrl.actors.engine import TrainerRank, TrainerSpec
+from rayrl.actors.models import load_model
 from rayrl.data.batch import TokenBatch
 from rayrl.data.preference import PreferenceBatch
 
 
-class RewardModelTrainer:
+class RewardModelTrainer(TrainerRank):
     def __init__(self, spec: TrainerSpec, rank: int, pad_token_id: int = 0):
-        self.spec = spec
-        self.rank = rank
+        super().__init__(spec, rank)
         self.pad_token_id = pad_token_id
-        self.train_engine: TrainingEngine | None = None
-        torch.set_num_threads(max(1, spec.num_threads))
 
-    def address(self) -> tuple[str, int]:
-        return rendezvous_address()
-
-    def node_ip(self) -> str:
-        return node_ip()
-
-    def setup(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int,
-              separate_reference: bool = False) -> dict:
+    def build_model(self) -> torch.nn.Module:
         spec = self.spec
-        init_process_group(self.rank, spec.world_size, master_addr, master_port, local_rank, local_world_size)
-        torch.manual_seed(spec.seed)
-        model = load_model(spec.model_path, "reward", attn_implementation=spec.attn_implementation,
-                           pad_token_id=self.pad_token_id, peft=spec.peft,
-                           gradient_checkpointing=spec.gradient_checkpointing)
-        groups = param_groups(model, weight_decay=spec.weight_decay, lr=spec.lr,
-                              lora_plus_ratio=spec.peft.lora_plus_ratio if spec.peft else None)
-        self.train_engine = TrainingEngine(spec, model, groups)
-        return {"rank": self.rank, "parameters": sum(p.numel() for p in model.parameters())}
+        return load_model(spec.model_path, "reward", attn_implementation=spec.attn_implementation,
+                          pad_token_id=self.pad_token_id, peft=spec.peft,
+                          gradient_checkpointing=spec.gradient_checkpointing)
 
     def _rewards(self, tokens: TokenBatch) -> torch.Tensor:
         device = self.train_engine.device
@@ -82,18 +66,3 @@ class RewardModelTrainer:
     def scores(self, tokens: TokenBatch) -> list[float]:
         self.train_engine.engine.eval()
         return self._rewards(tokens).cpu().tolist()
-
-    def save_checkpoint(self, directory: str) -> float:
-        return self.train_engine.save_checkpoint(directory)
-
-    def load_checkpoint(self, directory: str) -> None:
-        self.train_engine.load_checkpoint(directory)
-
-    def export_hf(self, directory: str) -> None:
-        state = self.train_engine.full_state_dict(self.rank)
-        if self.rank == 0:
-            export_model(self.train_engine.module, state, directory, self.spec.peft)
-        self.train_engine.barrier()
-
-    def shutdown(self) -> None:
-        TrainingEngine.shutdown()

@@ -123,7 +123,7 @@ class TrainerConfig(_Strict):
     """CPUs reserved per rank (fractions let a whole layout share a small machine)."""
     num_gpus: float = Field(default=0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)
-    """Custom Ray resources per rank (e.g. {"rollout_gpu": 1}), to pin it to the node group that
+    """Custom Ray resources per rank (e.g. {"train_gpu": 1}), to pin it to the node group that
     declares them (KubeRay ``rayStartParams.resources``, ``ray start --resources``). Needs ray.address."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     deepspeed: dict[str, Any] = Field(default_factory=dict)
@@ -209,7 +209,7 @@ class _CommonBase(_Strict):
         if peft is not None and self.trainer.zero_stage == 3:
             raise ValueError("model.peft with trainer.zero_stage=3 is not supported; use stage 0-2 "
                              "(the adapter's optimizer state is small)")
-        for section in ("trainer", "rollout"):
+        for section in ("trainer", "rollout", "critic"):
             resources = getattr(getattr(self, section, None), "resources", None) or {}
             reserved = sorted(set(resources) & {"CPU", "GPU", "memory", "object_store_memory"})
             if reserved:
@@ -555,21 +555,14 @@ class RewardModelSection(_Strict):
     num_gpus: float = Field(default=0.0, ge=0)
 
 
-class CriticConfig(_Strict):
+class CriticConfig(TrainerConfig):
     """The value model: the causal LM backbone with a one-scalar-per-token head, its own DeepSpeed
-    engine and optimizer. Micro-batch size and schedule follow ``train``."""
+    engine and optimizer (ranks, CPUs/GPUs, resources, ZeRO stage as ``trainer``). Micro-batch size
+    and schedule follow ``train``."""
 
     init: Literal["policy", "reward_model"] = "policy"
     """Start from the policy's checkpoint (fresh head) or the reward model's (its head included)."""
     lr: float = Field(default=1e-4, gt=0)
-    world_size: int = Field(default=1, gt=0)
-    num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
-    resources: dict[str, float] = Field(default_factory=dict)
-    """Custom Ray resources per rank (e.g. {"rollout_gpu": 1}), to pin it to the node group that
-    declares them (KubeRay ``rayStartParams.resources``, ``ray start --resources``). Needs ray.address."""
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    deepspeed: dict[str, Any] = Field(default_factory=dict)
     value_clip: float | None = Field(default=0.2, gt=0)
     """Clip the new values to old +/- this (reward units); null: the plain squared error."""
     peft: PeftConfig | None = None

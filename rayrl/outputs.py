@@ -19,13 +19,14 @@ def prepare_output_dir(config: BaseModel) -> Path:
     return output_dir
 
 
-def export_final_model(trainers, tokenizer, output_dir: Path) -> Path:
-    """Weights (safetensors) + config + tokenizer, loadable by ``from_pretrained`` and by vLLM.
+def export_final_model(trainers, tokenizer, output_dir: Path, name: str = FINAL_MODEL_DIR) -> Path:
+    """Weights (safetensors) + config + tokenizer in ``output_dir/name``, loadable by
+    ``from_pretrained`` (and, for a policy, by vLLM).
 
-    Written to a temp directory and renamed, so ``final/`` is never half-written.
+    Written to a temp directory and renamed, so the directory is never half-written.
     """
-    final = output_dir / FINAL_MODEL_DIR
-    tmp = output_dir / f".{FINAL_MODEL_DIR}.tmp"
+    final = Path(output_dir) / name
+    tmp = Path(output_dir) / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     trainers.export_hf(str(tmp))
     tokenizer.save_pretrained(str(tmp))

@@ -248,90 +248,21 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                                      seed=config.seed)
 
     with ray_session(config.ray):
-        import ray
-
         check_cluster_resources(config.ray, rl_roles(config, bool(specs), ppo, bool(kl_coef)))
 
-        # Roles. Colocated: rollout worker i shares trainer rank i's bundle (and sleeps while it trains).
-        colocated = config.placement == "colocated"
-        shared = ({"CPU": config.rollout.num_cpus, "GPU": config.rollout.num_gpus, **config.rollout.resources}
-                  if colocated else None)
-        trainers = TrainerGroup(_spec(config, setup.model_path, optimizer_steps), num_cpus=config.trainer.num_cpus,
-                                num_gpus=config.trainer.num_gpus, shared_bundle=shared,
-                                resources=config.trainer.resources)
-        critic = reward_models = verifiers = reference = None
-        try:
-            rollout = RolloutPool(_rollout_workers(config, setup.model_path, trainers if colocated else None))
-            if specs:
-                verifiers = VerifierPool([ray.remote(Verifier).options(num_cpus=config.verifier.num_cpus).remote(
-                    specs, base_dir=os.getcwd()) for _ in range(config.verifier.num_workers)])
-            if ppo:
-                reward_models = RewardModelPool([ray.remote(RewardModel).options(
-                    num_cpus=config.reward_model.num_cpus, num_gpus=config.reward_model.num_gpus).remote(
-                    resolve_model_path(config.reward_model.path), pad_token_id=pad_id, num_threads=max(1, int(config.reward_model.num_cpus)),
-                    batch_size=config.train.micro_batch_size) for _ in range(config.reward_model.num_workers)])
-                critic_path = (resolve_model_path(config.reward_model.path) if config.critic.init == "reward_model"
-                               else setup.model_path)
-                critic = TrainerGroup(_critic_spec(config, critic_path, optimizer_steps),
-                                      num_cpus=config.critic.num_cpus, num_gpus=config.critic.num_gpus, role=Critic,
-                                      role_kwargs={"value_clip": config.critic.value_clip})
-            if kl_coef and config.model.peft is None:
-                reference = ray.remote(ReferenceModel).options(
-                    num_cpus=config.reference.num_cpus, num_gpus=config.reference.num_gpus).remote(
-                    setup.model_path, num_threads=max(1, int(config.reference.num_cpus)))
-        except BaseException:
-            trainers.shutdown()
-            if critic is not None:
-                critic.shutdown()
-            raise
+        roles = start_roles(config, setup.model_path, specs, optimizer_steps, pad_id, reference=bool(kl_coef))
+        trainers, rollout, critic, colocated = roles.trainers, roles.rollout, roles.critic, roles.colocated
         tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
                           total_steps=total_steps, start_step=setup.start_step,
                           progress=config.tracking.progress, description=config.algorithm)
 
-        def score(rows: list[PromptRow], completions: list[Completion]) -> ScoreResult:
-            """Verifier rewards (GRPO) or reward-model scores plus any verifier rewards (PPO)."""
-            parts = None
-            if verifiers is not None:
-                parts = verifiers.score([p.prompt for p in rows], [c.text for c in completions],
-                                        [p.fields for p in rows])
-            if reward_models is None:
-                return parts
-            rm = reward_models.score([p.prompt_ids + c.token_ids for p, c in zip(rows, completions)])
-            n = len(rm)
-            if parts is None:
-                return ScoreResult(total=rm, per_function={"reward_model": rm}, failures={"reward_model": 0},
-                                   timeouts={"reward_model": 0}, failed={"reward_model": [False] * n})
-            return ScoreResult(total=[a + b for a, b in zip(rm, parts.total)],
-                               per_function={"reward_model": rm, **parts.per_function},
-                               failures={"reward_model": 0, **parts.failures},
-                               timeouts={"reward_model": 0, **parts.timeouts},
-                               failed={"reward_model": [False] * n, **parts.failed}, errors=parts.errors)
-
         pusher = WeightPusher(config.resolved_weight_transport, trainers.actors, rollout.workers,
                               bucket_bytes=SYNC_BUCKET_BYTES, wire_dtype=config.rollout.dtype)
-
-        def sync(version: int) -> tuple[float, int]:
-            return pusher.push(version)
+        sync = pusher.push
+        score = roles.score
 
         def evaluate() -> dict[str, float]:
-            """Greedy accuracy/reward, plus pass@k of eval.samples sampled completions per prompt
-            (correct: the first verifier's reward is positive)."""
-            completions = rollout.generate([p.prompt_ids for p in eval_prompts], greedy)
-            scores = score(eval_prompts, completions)
-            out = {"eval/reward": sum(scores.total) / len(eval_prompts)}
-            verified = [name for name in scores.per_function if name != "reward_model"]
-            if verified:
-                out["eval/accuracy"] = sum(scores.per_function[verified[0]]) / len(eval_prompts)
-            if ppo:
-                out["eval/reward_model"] = sum(scores.per_function["reward_model"]) / len(eval_prompts)
-            n = config.eval.samples
-            if n and verified:
-                sampled = rollout.generate([p.prompt_ids for p in eval_prompts], eval_sampling)
-                rows = [p for p in eval_prompts for _ in range(n)]
-                values = score(rows, sampled).per_function[verified[0]]
-                correct = [[v > 0 for v in values[i * n:(i + 1) * n]] for i in range(len(eval_prompts))]
-                out.update(pass_at_k_metrics(correct, config.eval.pass_k or sorted({1, n})))
-            return out
+            return _evaluate(config, roles, eval_prompts, greedy, eval_sampling)
 
         def save(directory) -> None:
             trainers.save_checkpoint(str(directory))
@@ -340,12 +271,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
 
         try:
             # Which node each role's actors landed on: output_dir/placement.json and one console line.
-            placed = record_placement(setup.output_dir, config.placement, {
-                "trainer": trainers.actors, "rollout": rollout.workers,
-                "verifier": verifiers.verifiers if verifiers is not None else [],
-                "reference": [reference] if reference is not None else [],
-                "reward_model": reward_models.workers if reward_models is not None else [],
-                "critic": critic.actors if critic is not None else []})
+            placed = record_placement(setup.output_dir, config.placement, roles.actors_by_role())
             if placed is not None:
                 tracker.write(describe_placement(placed))
             if setup.resume_from:
@@ -375,15 +301,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 tokens, sampler_logps = completion_tokens(
                     [c.prompt_ids for c in rollout_data.completions], [c.token_ids for c in rollout_data.completions],
                     [c.logprobs for c in rollout_data.completions], pad_id)
-                old_logps = _chunked(lambda b: trainers.rank0("token_logprobs", b), tokens, config.train.micro_batch_size)
-                ref_logps = None
-                if kl_coef:
-                    if reference is not None:
-                        ref_logps = _chunked(lambda b: ray.get(reference.token_logprobs.remote(b)), tokens,
-                                             config.train.micro_batch_size)
-                    else:  # PEFT: the adapter-disabled policy is the reference
-                        ref_logps = _chunked(lambda b: trainers.rank0("token_logprobs", b, reference=True), tokens,
-                                             config.train.micro_batch_size)
+                old_logps, ref_logps = _logprobs(roles, tokens, config.train.micro_batch_size, reference=bool(kl_coef))
                 times["time/reference"] = time.perf_counter() - t
                 mask = tokens.loss_mask[:, 1:]
 
@@ -395,20 +313,10 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                     values = _chunked(lambda b: critic.rank0("values", b), tokens, config.train.micro_batch_size)
                     times["time/values"] = time.perf_counter() - t
                     current_kl = kl_controller.value if kl_controller is not None else kl_coef
-                    advantages, returns, token_rewards = ppo_advantages(
-                        rewards, old_logps, ref_logps, values, mask, PPOAdvantageSettings(
-                            kl_coef=current_kl, kl_kind=config.ppo.kl_kind, kl_in=config.ppo.kl_in,
-                            gamma=config.ppo.gamma, lam=config.ppo.lam, whiten=config.ppo.whiten_advantages))
+                    advantages, returns, ppo_metrics = _gae_advantages(config, rewards, old_logps, ref_logps, values,
+                                                                       mask, current_kl)
                     if kl_loss:
                         objective = replace(objective, kl_coef=current_kl)
-                    m = mask.float()
-                    ppo_metrics = {"kl_coef": current_kl,
-                                   "returns/mean": float((returns * m).sum() / m.sum().clamp_min(1)),
-                                   "values/mean": float((values * m).sum() / m.sum().clamp_min(1)),
-                                   "token_rewards/sum_mean": float((token_rewards * m).sum(-1).mean()),
-                                   "critic/explained_variance": explained_variance(values, returns, mask)}
-                    if ref_logps is not None:
-                        ppo_metrics["kl/rollout"] = _sequence_kl(old_logps, ref_logps, m)
                 else:
                     advantages = compute_advantages(rewards, group, config)
 
@@ -431,21 +339,11 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 times["time/step"] = time.perf_counter() - step_start
 
                 # 7. Metrics, eval, checkpoint.
-                lengths = torch.tensor([len(c.token_ids) for c in rollout_data.completions], dtype=torch.float32)
-                gap = ((sampler_logps - old_logps).abs() * mask).sum() / mask.sum().clamp_min(1)
-                num_tokens = tokens.num_tokens
-                metrics = {
-                    **train_metrics, **ppo_metrics, **rollout_data.scores.metrics(), **sampling_stats, **times,
-                    "reward/mean": float(rewards.mean()),
-                    "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                    "completion/length_mean": float(lengths.mean()), "completion/length_max": float(lengths.max()),
-                    "completion/truncated_frac": float(overlong.float().mean()),
-                    "logprob_gap/sampler_trainer": float(gap), "policy_version": step + 1,
-                    "sync/bytes": sync_bytes, "sync/gb_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9,
-                    "tokens_per_s": num_tokens / times["time/step"],
-                }
-                # the oldest policy version that sampled this step (the current one, step, after every sync)
-                metrics["policy_version/sampled_min"] = min(c.policy_version for c in rollout_data.completions)
+                metrics = {**train_metrics, **ppo_metrics, **sampling_stats, **times,
+                           **_rollout_metrics(rollout_data, sampler_logps, old_logps, mask, overlong),
+                           "policy_version": step + 1, "sync/bytes": sync_bytes,
+                           "sync/gb_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9,
+                           "tokens_per_s": tokens.num_tokens / times["time/step"]}
                 tracker.log(step + 1, metrics)
                 if sample_table_due(config.tracking.sample_table_every, step + 1):
                     tracker.log_samples(step + 1, sample_rows(
@@ -469,18 +367,174 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 export_critic(critic, tokenizer, setup.output_dir)
         finally:
             tracker.close()
-            trainers.shutdown()
-            if critic is not None:
-                critic.shutdown()
-            if reward_models is not None:
-                reward_models.shutdown()
-            for worker in rollout.workers:
-                ray.kill(worker)
+            roles.shutdown()
     return StageResult(setup.output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)
 
 
 run_grpo = run_rl
 run_ppo = run_rl
+
+
+@dataclass
+class RLRoles:
+    """Every actor of one RL run. Colocated: rollout worker i shares trainer rank i's bundle (and
+    sleeps while it trains)."""
+
+    trainers: TrainerGroup
+    rollout: RolloutPool
+    colocated: bool
+    verifiers: VerifierPool | None = None
+    reward_models: RewardModelPool | None = None
+    critic: TrainerGroup | None = None
+    reference: Any = None  # a ReferenceModel actor (none with PEFT: the adapter-disabled policy is it)
+
+    def score(self, rows: list[PromptRow], completions: list[Completion]) -> ScoreResult:
+        """Verifier rewards (GRPO) or reward-model scores plus any verifier rewards (PPO)."""
+        parts = None
+        if self.verifiers is not None:
+            parts = self.verifiers.score([p.prompt for p in rows], [c.text for c in completions],
+                                         [p.fields for p in rows])
+        if self.reward_models is None:
+            return parts
+        rm = self.reward_models.score([p.prompt_ids + c.token_ids for p, c in zip(rows, completions)])
+        n = len(rm)
+        if parts is None:
+            return ScoreResult(total=rm, per_function={"reward_model": rm}, failures={"reward_model": 0},
+                               timeouts={"reward_model": 0}, failed={"reward_model": [False] * n})
+        return ScoreResult(total=[a + b for a, b in zip(rm, parts.total)],
+                           per_function={"reward_model": rm, **parts.per_function},
+                           failures={"reward_model": 0, **parts.failures},
+                           timeouts={"reward_model": 0, **parts.timeouts},
+                           failed={"reward_model": [False] * n, **parts.failed}, errors=parts.errors)
+
+    def actors_by_role(self) -> dict[str, list]:
+        return {"trainer": self.trainers.actors, "rollout": self.rollout.workers,
+                "verifier": self.verifiers.verifiers if self.verifiers is not None else [],
+                "reference": [self.reference] if self.reference is not None else [],
+                "reward_model": self.reward_models.workers if self.reward_models is not None else [],
+                "critic": self.critic.actors if self.critic is not None else []}
+
+    def shutdown(self) -> None:
+        """Release the process groups, then end every actor (also on an existing, shared cluster)."""
+        import ray
+
+        self.trainers.shutdown()
+        if self.critic is not None:
+            self.critic.shutdown()
+        if self.reward_models is not None:
+            self.reward_models.shutdown()
+        for name, actors in self.actors_by_role().items():
+            if name not in ("trainer", "critic", "reward_model"):
+                for actor in actors:
+                    ray.kill(actor)
+
+
+def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[RewardSpec], optimizer_steps: int,
+                pad_id: int, *, reference: bool) -> RLRoles:
+    """Create every role's actors; if one fails to start, those already started are ended."""
+    import ray
+
+    colocated = config.placement == "colocated"
+    shared = ({"CPU": config.rollout.num_cpus, "GPU": config.rollout.num_gpus, **config.rollout.resources}
+              if colocated else None)
+    trainers = TrainerGroup(_spec(config, model_path, optimizer_steps), num_cpus=config.trainer.num_cpus,
+                            num_gpus=config.trainer.num_gpus, shared_bundle=shared, resources=config.trainer.resources)
+    roles = RLRoles(trainers, RolloutPool([]), colocated)
+    try:
+        roles.rollout = RolloutPool(_rollout_workers(config, model_path, trainers if colocated else None))
+        if specs:
+            roles.verifiers = VerifierPool([ray.remote(Verifier).options(num_cpus=config.verifier.num_cpus).remote(
+                specs, base_dir=os.getcwd()) for _ in range(config.verifier.num_workers)])
+        if isinstance(config, PPOConfig):
+            rm_path = resolve_model_path(config.reward_model.path)
+            roles.reward_models = RewardModelPool([ray.remote(RewardModel).options(
+                num_cpus=config.reward_model.num_cpus, num_gpus=config.reward_model.num_gpus).remote(
+                rm_path, pad_token_id=pad_id, num_threads=max(1, int(config.reward_model.num_cpus)),
+                batch_size=config.train.micro_batch_size) for _ in range(config.reward_model.num_workers)])
+            critic_path = rm_path if config.critic.init == "reward_model" else model_path
+            roles.critic = TrainerGroup(_critic_spec(config, critic_path, optimizer_steps),
+                                        num_cpus=config.critic.num_cpus, num_gpus=config.critic.num_gpus, role=Critic,
+                                        resources=config.critic.resources,
+                                        role_kwargs={"value_clip": config.critic.value_clip})
+        if reference and config.model.peft is None:
+            roles.reference = ray.remote(ReferenceModel).options(
+                num_cpus=config.reference.num_cpus, num_gpus=config.reference.num_gpus).remote(
+                model_path, num_threads=max(1, int(config.reference.num_cpus)))
+    except BaseException:
+        roles.shutdown()
+        raise
+    return roles
+
+
+def _logprobs(roles: RLRoles, tokens, micro_batch_size: int, *, reference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The trainer's token log-probs before any update (the ratio's denominator) and, for a KL term,
+    the reference's (the ReferenceModel actor, or with PEFT the adapter-disabled policy)."""
+    import ray
+
+    trainers = roles.trainers
+    old = _chunked(lambda b: trainers.rank0("token_logprobs", b), tokens, micro_batch_size)
+    if not reference:
+        return old, None
+    if roles.reference is not None:
+        ref = _chunked(lambda b: ray.get(roles.reference.token_logprobs.remote(b)), tokens, micro_batch_size)
+    else:
+        ref = _chunked(lambda b: trainers.rank0("token_logprobs", b, reference=True), tokens, micro_batch_size)
+    return old, ref
+
+
+def _gae_advantages(config: PPOConfig, rewards: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
+                    values: torch.Tensor, mask: torch.Tensor, kl_coef: float):
+    """PPO's per-token advantages and returns (GAE over the critic's values), with their metrics."""
+    advantages, returns, token_rewards = ppo_advantages(
+        rewards, old_logps, ref_logps, values, mask, PPOAdvantageSettings(
+            kl_coef=kl_coef, kl_kind=config.ppo.kl_kind, kl_in=config.ppo.kl_in,
+            gamma=config.ppo.gamma, lam=config.ppo.lam, whiten=config.ppo.whiten_advantages))
+    m = mask.float()
+    metrics = {"kl_coef": kl_coef,
+               "returns/mean": float((returns * m).sum() / m.sum().clamp_min(1)),
+               "values/mean": float((values * m).sum() / m.sum().clamp_min(1)),
+               "token_rewards/sum_mean": float((token_rewards * m).sum(-1).mean()),
+               "critic/explained_variance": explained_variance(values, returns, mask)}
+    if ref_logps is not None:
+        metrics["kl/rollout"] = _sequence_kl(old_logps, ref_logps, m)
+    return advantages, returns, metrics
+
+
+def _rollout_metrics(rollout_data: Rollout, sampler_logps: torch.Tensor, old_logps: torch.Tensor,
+                     mask: torch.Tensor, overlong: torch.Tensor) -> dict[str, float]:
+    """Rewards, lengths, truncation, the sampler/trainer log-prob gap and the oldest sampling version."""
+    rewards = rollout_data.rewards
+    lengths = torch.tensor([len(c.token_ids) for c in rollout_data.completions], dtype=torch.float32)
+    gap = ((sampler_logps - old_logps).abs() * mask).sum() / mask.sum().clamp_min(1)
+    return {**rollout_data.scores.metrics(),
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "completion/length_mean": float(lengths.mean()), "completion/length_max": float(lengths.max()),
+            "completion/truncated_frac": float(overlong.float().mean()),
+            "logprob_gap/sampler_trainer": float(gap),
+            # the oldest policy version that sampled this step (the previous step's, after every sync)
+            "policy_version/sampled_min": min(c.policy_version for c in rollout_data.completions)}
+
+
+def _evaluate(config: GRPOConfig | PPOConfig, roles: RLRoles, eval_prompts: list[PromptRow],
+              greedy: SamplingSettings, sampled: SamplingSettings) -> dict[str, float]:
+    """Greedy accuracy/reward, plus pass@k of eval.samples sampled completions per prompt (correct:
+    the first verifier's reward is positive)."""
+    prompt_ids = [p.prompt_ids for p in eval_prompts]
+    scores = roles.score(eval_prompts, roles.rollout.generate(prompt_ids, greedy))
+    out = {"eval/reward": sum(scores.total) / len(eval_prompts)}
+    verified = [name for name in scores.per_function if name != "reward_model"]
+    if verified:
+        out["eval/accuracy"] = sum(scores.per_function[verified[0]]) / len(eval_prompts)
+    if roles.reward_models is not None:
+        out["eval/reward_model"] = sum(scores.per_function["reward_model"]) / len(eval_prompts)
+    n = config.eval.samples
+    if n and verified:
+        rows = [p for p in eval_prompts for _ in range(n)]
+        values = roles.score(rows, roles.rollout.generate(prompt_ids, sampled)).per_function[verified[0]]
+        correct = [[v > 0 for v in values[i * n:(i + 1) * n]] for i in range(len(eval_prompts))]
+        out.update(pass_at_k_metrics(correct, config.eval.pass_k or sorted({1, n})))
+    return out
 
 
 def rl_roles(config: GRPOConfig | PPOConfig, verifiers: bool, ppo: bool, kl: bool) -> dict[str, tuple[float, float]]:

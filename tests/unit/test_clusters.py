@@ -7,7 +7,6 @@ import shlex
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from rayrl.cli import build_parser
