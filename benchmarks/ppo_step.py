@@ -8,8 +8,9 @@ the same sequences per step (prompts_per_step x group_size) and the same new tok
   rloo   the same roles as grpo, leave-one-out advantages (same cost; run with --with-rloo)
 
 Phases are the per-step seconds the RL loop logs in metrics.jsonl (time/generate, time/reward,
-time/reference, time/values, time/train, time/train_critic, time/sync, time/step); "train policy" is
-time/train minus the critic's share. Medians over the steps after a warm-up. Peak memory: a sampler
+time/reference, time/values, time/train, time/train_critic, time/sync, time/step). "train" is the
+whole update phase; PPO's critic steps run alongside the policy's, and "of which critic" is their wall
+time inside it (overlapped, not added). Medians over the steps after a warm-up. Peak memory: a sampler
 thread polls the RSS of every Ray worker process of this driver (grouped by actor class from the
 ``ray::Class.method`` process title, children folded into their actor) every 0.2 s; per role the
 peak, and the peak of the sum over all roles (RSS double-counts shared pages such as the torch
@@ -34,7 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PROMPTS, GROUP, NEW_TOKENS, MICRO = 16, 4, 6, 32
 WARMUP = 3
 RAY_SYSTEM = {"DashboardAgent", "RuntimeEnvAgent"}  # Ray's own per-node processes, not roles: not summed
-PHASES = ("generate", "reward", "reference", "values", "train policy", "train critic", "sync", "step")
+PHASES = ("generate", "reward", "reference", "values", "train", "of which critic", "sync", "step")
 
 
 class RSSSampler(threading.Thread):
@@ -133,9 +134,8 @@ def run(kind: str, model: str, reward_model: str, steps: int, kl: float) -> dict
         return statistics.median(r.get(key, 0.0) for r in rows)
 
     phases = {"generate": med("time/generate"), "reward": med("time/reward"), "reference": med("time/reference"),
-              "values": med("time/values"), "train critic": med("time/train_critic"), "sync": med("time/sync"),
-              "step": med("time/step")}
-    phases["train policy"] = statistics.median(r["time/train"] - r.get("time/train_critic", 0.0) for r in rows)
+              "values": med("time/values"), "train": med("time/train"), "of which critic": med("time/train_critic"),
+              "sync": med("time/sync"), "step": med("time/step")}
     tokens = statistics.median(r["tokens_per_s"] * r["time/step"] for r in rows)
     logged = {"trainer": max(r.get("memory/trainer_peak_rss_mb", 0.0) for r in rows),
               "critic": max(r.get("memory/critic_peak_rss_mb", 0.0) for r in rows)}

@@ -678,7 +678,7 @@ def _train(config: GRPOConfig | PPOConfig, trainers: TrainerGroup, objective: Po
            values: torch.Tensor | None = None, returns: torch.Tensor | None = None) -> dict[str, float]:
     """mini_batches x epochs optimizer steps; each splits its sequences over ranks and micro-batches.
     ``advantages`` are (N,) per sequence or (N, T-1) per token. With a critic (PPO), each mini-batch
-    also takes one critic step of the clipped value loss towards ``returns``."""
+    also takes one critic step of the clipped value loss towards ``returns``, alongside the policy's."""
     settings = config.settings
     total = tokens.input_ids.shape[0]
     per_step = config.sequences_per_optimizer_step
@@ -686,7 +686,7 @@ def _train(config: GRPOConfig | PPOConfig, trainers: TrainerGroup, objective: Po
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     sums: dict[str, float] = {}
     count = 0
-    critic_s = 0.0  # the critic's share of time/train (PPO), summed over its optimizer steps
+    critic_s = 0.0  # the critic's optimizer steps (PPO), wall time; they overlap the policy's
     for _ in range(settings.epochs):
         order = torch.randperm(total, generator=generator)
         for start in range(0, total, per_step):
@@ -698,17 +698,23 @@ def _train(config: GRPOConfig | PPOConfig, trainers: TrainerGroup, objective: Po
                                             None if ref_logps is None else ref_logps[rows], overlong[rows])
                                for rows in rank_rows])
                         for rank_rows in _split(index, world, micro)]
-            metrics = trainers.train_policy_gradient_step(
+            policy_step = trainers.start(
+                "train_policy_gradient_step", per_rank,
                 # max(1, .): a step whose every completion is filtered out trains on nothing (loss 0), not NaN
-                per_rank, global_num_tokens=max(1, int(mask.sum())), global_num_seqs=max(1, int((mask.sum(-1) > 0).sum())),
+                global_num_tokens=max(1, int(mask.sum())), global_num_seqs=max(1, int((mask.sum(-1) > 0).sum())),
                 objective=objective)
             if critic is not None:
+                # The critic's step needs nothing from the policy's (values and returns are fixed for the
+                # batch): both groups train at once.
                 value_batches = [[_trim_values(ValueBatch(_rows(tokens, rows), values[rows], returns[rows]))
                                   for rows in rank_rows]
                                  for rank_rows in _split(index, config.critic.world_size, micro)]
                 critic_start = time.perf_counter()
-                value_metrics = critic.train_value_step(
-                    value_batches, global_num_tokens=max(1, int(tokens.loss_mask[index][:, 1:].sum())))
+                critic_step = critic.start("train_value_step", value_batches,
+                                           global_num_tokens=max(1, int(tokens.loss_mask[index][:, 1:].sum())))
+            metrics = trainers.finish(policy_step)
+            if critic is not None:
+                value_metrics = critic.finish(critic_step)
                 critic_s += time.perf_counter() - critic_start
                 metrics.update({"critic/value_loss": value_metrics["loss"],
                                 "critic/vf_clip_frac": value_metrics.get("vf_clip_frac", 0.0),

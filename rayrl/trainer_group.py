@@ -69,11 +69,6 @@ class TrainerGroup:
             return None
         return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
 
-    def train_policy_gradient_step(self, batches: list[list], global_num_tokens: int, global_num_seqs: int,
-                                   objective) -> dict[str, float]:
-        return self._combine(self._all("train_policy_gradient_step", batches, global_num_tokens=global_num_tokens,
-                                       global_num_seqs=global_num_seqs, objective=objective))
-
     def export_weight_buckets(self, bucket_bytes: int) -> list:
         """Object refs of the full weights in numpy buckets (put by rank 0)."""
         return self._all("export_weight_buckets", [bucket_bytes] * len(self.actors))[0]
@@ -81,11 +76,19 @@ class TrainerGroup:
     def _all(self, method: str, *per_rank_args: list, **shared: Any) -> list:
         import ray
 
-        calls = []
-        for rank, actor in enumerate(self.actors):
-            args = [arg[rank] for arg in per_rank_args]
-            calls.append(getattr(actor, method).remote(*args, **shared))
-        return ray.get(calls)
+        return ray.get(self.start(method, *per_rank_args, **shared))
+
+    def start(self, method: str, *per_rank_args: list, **shared: Any) -> list:
+        """Call ``method`` on every rank (``per_rank_args[i][rank]``, plus ``shared`` keywords) without
+        waiting: the refs, for :meth:`finish`. Lets two groups (policy and critic) work at once."""
+        return [getattr(actor, method).remote(*[arg[rank] for arg in per_rank_args], **shared)
+                for rank, actor in enumerate(self.actors)]
+
+    def finish(self, refs: list) -> dict[str, float]:
+        """Wait for a :meth:`start`-ed training step; the ranks' metrics combined."""
+        import ray
+
+        return self._combine(ray.get(refs))
 
     @staticmethod
     def _combine(results: list[dict]) -> dict[str, float]:
@@ -108,10 +111,6 @@ class TrainerGroup:
     def train_reward_step(self, batches: list[list], global_num_pairs: int, center_coef: float) -> dict[str, float]:
         return self._combine(self._all("train_reward_step", batches, global_num_pairs=global_num_pairs,
                                        center_coef=center_coef))
-
-    def train_value_step(self, batches: list[list], global_num_tokens: int) -> dict[str, float]:
-        """One critic (PPO value model) optimizer step; ``batches[rank]`` are that rank's ValueBatches."""
-        return self._combine(self._all("train_value_step", batches, global_num_tokens=global_num_tokens))
 
     def rank0(self, method: str, *args, **kwargs):
         """Call a method on every rank with the same arguments; return rank 0's result."""
