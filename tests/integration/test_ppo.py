@@ -166,3 +166,36 @@ def test_ppo_runs_in_both_layouts(ray_cluster, tmp_path, tiny_model_dir, tiny_re
     # the critic is exported next to the policy, as a plain one-scalar token classifier
     critic = AutoModelForTokenClassification.from_pretrained(result.output_dir / "final_critic")
     assert critic.config.num_labels == 1 and critic.score.weight.shape[0] == 1
+
+
+def test_resumed_ppo_equals_uninterrupted(ray_cluster, tmp_path, tiny_model_dir, tiny_reward_model):
+    """4 steps in one go vs 2 steps, then resume to 4 (the policy, a LoRA critic and the adaptive KL
+    coefficient come back from the checkpoint; the engine gets the checkpoint's weights): the resumed
+    steps' losses, rewards and KL coefficient equal the uninterrupted run's."""
+    from rayrl.rl import run_ppo
+
+    sections = dict(ppo={"prompts_per_step": 4, "mini_batches": 2, "kl_coef": 0.05, "adaptive_kl": True,
+                         "kl_target": 0.01, "kl_horizon": 100},
+                    critic={"lr": 1e-3, "num_cpus": 0.25, "peft": {"method": "lora", "r": 4, "alpha": 8}},
+                    trainer={"world_size": 1, "num_cpus": 0.25}, eval={"at_start": False, "every_steps": 0},
+                    checkpoint={"every_steps": 1, "keep_last": 5})
+    straight = tmp_path / "straight"
+    run_ppo(ppo_config(straight, tiny_model_dir, tiny_reward_model, train={"max_steps": 4, "micro_batch_size": 2,
+                                                                           "lr": 1e-3}, **sections))
+    resumed = tmp_path / "resumed"
+    run_ppo(ppo_config(resumed, tiny_model_dir, tiny_reward_model, train={"max_steps": 2, "micro_batch_size": 2,
+                                                                          "lr": 1e-3}, **sections))
+    # max_steps=2 ended with the final export, not a checkpoint: resume from step 1's, as after a crash
+    run_ppo(ppo_config(resumed, tiny_model_dir, tiny_reward_model, train={"max_steps": 4, "micro_batch_size": 2,
+                                                                          "lr": 1e-3},
+                       **{**sections, "checkpoint": {"every_steps": 1, "keep_last": 5, "resume": True}}))
+
+    def steps(out):
+        return {r["step"]: r for r in read_metrics(out) if "loss" in r}
+
+    a, b = steps(straight), steps(resumed)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (2, 3, 4):
+        for key in ("loss", "reward/mean", "kl_coef", "critic/value_loss", "returns/mean"):
+            assert math.isclose(a[step][key], b[step][key], rel_tol=1e-4, abs_tol=1e-6), (step, key, a[step][key],
+                                                                                         b[step][key])
