@@ -282,7 +282,7 @@ class PolicyTrainer(TrainerRank):
             if self.rank == 0:
                 weights = self._engine_weights(state)
                 layouts = plan_buckets(weights.items(), bucket_bytes, getattr(torch, wire_dtype) if wire_dtype else None)
-                for _, layout in broadcast_buckets(self._broadcast, layouts, weights, self.train_engine.device):
+                for _, layout in broadcast_buckets(self._broadcast, layouts, weights):
                     sent += layout.nbytes
         self.train_engine.barrier()
         return sent

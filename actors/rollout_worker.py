@@ -369,7 +369,7 @@ class RolloutWorker:
         else:
             from rayrl.cuda_transfer import broadcast_buckets
 
-            received = list(broadcast_buckets(self._broadcast, None, None, torch.device("cuda", torch.cuda.current_device())))
+            received = list(broadcast_buckets(self._broadcast, None, None))
             self._load_hf(pairs for pairs, _ in received)
             ntensors = sum(len(pairs) for pairs, _ in received)
         return self._pushed(version, start, start, 0, 0, ntensors)

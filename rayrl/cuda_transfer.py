@@ -183,12 +183,15 @@ def nccl_communicator(host: str, port: int, rank: int, world_size: int, device: 
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
     from vllm.distributed.utils import StatelessProcessGroup
 
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.index is None:  # PyNcclCommunicator compares tensor.device to its own: "cuda" != "cuda:0"
+        device = torch.device("cuda", torch.cuda.current_device())
     group = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
     return PyNcclCommunicator(group, device=device)
 
 
 def broadcast_buckets(comm: Any, layouts: Sequence[BucketLayout] | None,
-                      tensors: Mapping[str, torch.Tensor] | None, device: torch.device) -> Iterable[tuple[list, BucketLayout]]:
+                      tensors: Mapping[str, torch.Tensor] | None) -> Iterable[tuple[list, BucketLayout]]:
     """The NCCL transport, for both sides. Rank 0 passes its ``layouts`` and ``tensors``; receivers
     pass ``None`` for both and get the layouts over the group first. Yields ``(pairs, layout)`` per
     bucket. Receivers get a fresh buffer per bucket: vLLM's layerwise reload keeps references to the
@@ -196,6 +199,7 @@ def broadcast_buckets(comm: Any, layouts: Sequence[BucketLayout] | None,
     layouts = comm.group.broadcast_obj(list(layouts) if layouts is not None else None, src=0)
     if not layouts:
         return
+    device = comm.device  # the communicator's own (indexed) device
     sending = comm.rank == 0
     send_buffer = torch.empty(max(x.nbytes for x in layouts), dtype=torch.uint8, device=device) if sending else None
     for layout in layouts:
@@ -204,5 +208,6 @@ def broadcast_buckets(comm: Any, layouts: Sequence[BucketLayout] | None,
         else:
             buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
         comm.broadcast(buffer, src=0)
-        torch.cuda.current_stream(device).synchronize()
+        if buffer.is_cuda:
+            torch.cuda.current_stream(device).synchronize()
         yield unpack_bucket(buffer, layout), layout

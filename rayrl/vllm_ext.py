@@ -99,7 +99,7 @@ class WeightSyncExtension:
         from rayrl.cuda_transfer import broadcast_buckets
 
         count = 0
-        for pairs, _ in broadcast_buckets(self._rayrl_nccl, None, None, self.device):
+        for pairs, _ in broadcast_buckets(self._rayrl_nccl, None, None):
             count += self.rayrl_load_weights(pairs)
         return count
 

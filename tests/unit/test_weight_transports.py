@@ -123,3 +123,56 @@ def test_pass_k_must_fit_eval_samples():
     assert _grpo(eval={"samples": 4, "pass_k": [1, 4]}).eval.pass_k == [1, 4]
     with pytest.raises(ConfigError, match="eval.pass_k"):
         _grpo(eval={"samples": 4, "pass_k": [8]})
+
+
+class _Wire:
+    """What an NCCL group carries, for two stand-in members run one after the other."""
+
+    def __init__(self):
+        self.objects: list = []
+        self.buffers: list = []
+
+
+class _FakeGroup:
+    def __init__(self, wire: _Wire, rank: int):
+        self.wire, self.rank = wire, rank
+        self.received = 0
+
+    def broadcast_obj(self, obj, src):
+        if self.rank == src:
+            self.wire.objects.append(obj)
+            return obj
+        self.received += 1
+        return self.wire.objects[self.received - 1]
+
+
+class _FakeComm:
+    """PyNcclCommunicator's surface used by broadcast_buckets (rank, device, group, broadcast)."""
+
+    def __init__(self, wire: _Wire, rank: int):
+        self.rank, self.device, self.wire = rank, torch.device("cpu"), wire
+        self.group = _FakeGroup(wire, rank)
+        self.count = 0
+
+    def broadcast(self, tensor, src):
+        if self.rank == src:
+            self.wire.buffers.append(tensor.clone())
+        else:
+            tensor.copy_(self.wire.buffers[self.count])
+            self.count += 1
+
+
+def test_broadcast_buckets_sends_layouts_then_each_bucket_into_fresh_buffers():
+    from rayrl.cuda_transfer import broadcast_buckets
+
+    named = [(f"p{i}", torch.full((64,), float(i))) for i in range(5)]
+    layouts = plan_buckets(named, bucket_bytes=2 * 256)
+    wire = _Wire()
+    sent = [layout for _, layout in broadcast_buckets(_FakeComm(wire, 0), layouts, dict(named))]
+    assert sent == layouts and len(wire.buffers) == 3
+    received = list(broadcast_buckets(_FakeComm(wire, 1), None, None))
+    assert [layout for _, layout in received] == layouts  # the layouts came over the group
+    # every bucket kept its own buffer: earlier views stay valid after later buckets arrive
+    # (vLLM's layerwise reload holds them until a layer is complete)
+    got = {name: view for pairs, _ in received for name, view in pairs}
+    assert all(torch.equal(got[name], tensor) for name, tensor in named)
