@@ -14,6 +14,7 @@ What it runs (no Ray, no vLLM needed: the roles are plain classes, driven here d
 NCCL broadcast (split layouts) needs two GPUs (NCCL refuses two ranks on one device): not run here.
 
 Run:  python benchmarks/gpu_check.py [--out DIR] [--steps 10] [--batch 8] [--seq 1024]
+      python benchmarks/gpu_check.py --cpu-smoke   # part 1 only, tiny model, gloo: keeps the script honest in CI
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--pushes", type=int, default=3)
+    parser.add_argument("--cpu-smoke", action="store_true", help="trainer step only, tiny model, on CPU")
     args = parser.parse_args()
     import_rayrl()
     import torch
@@ -122,22 +125,32 @@ def main() -> None:
     from rayrl.data.batch import TokenBatch
     from weight_sync import QWEN_05B, build_model
 
-    report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    on_gpu = not args.cpu_smoke
+    if not on_gpu:
+        args.batch, args.seq, args.steps = 2, 32, 2
+    report: dict = {"device": torch.cuda.get_device_name(0) if on_gpu else "cpu (smoke)", "torch": torch.__version__}
     print(json.dumps(report), flush=True)
     cache = Path(tempfile.mkdtemp(prefix="rayrl-gpu-"))
     t = time.perf_counter()
-    model_path = build_model("qwen0.5b", "bfloat16", cache)
-    report["model"] = {"shape": "Qwen2.5-0.5B (random weights)", "build_s": round(time.perf_counter() - t, 1)}
+    model_path = build_model("qwen0.5b" if on_gpu else "tiny", "bfloat16", cache)
+    vocab = QWEN_05B["vocab_size"] if on_gpu else 64
+    report["model"] = {"shape": "Qwen2.5-0.5B (random weights)" if on_gpu else "tiny",
+                       "build_s": round(time.perf_counter() - t, 1)}
 
-    # The receiver loads its (initial) copy while the trainer sets up.
-    ctx = mp.get_context("spawn")
-    requests, responses = ctx.Queue(), ctx.Queue()
-    child = ctx.Process(target=receiver, args=(str(model_path), requests, responses), daemon=True)
-    child.start()
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    if on_gpu:  # the receiver loads its (initial) copy while the trainer sets up
+        ctx = mp.get_context("spawn")
+        requests, responses = ctx.Queue(), ctx.Queue()
+        child = ctx.Process(target=receiver, args=(str(model_path), requests, responses), daemon=True)
+        child.start()
 
     # 1. Trainer step.
     spec = TrainerSpec(model_path=str(model_path), world_size=1, micro_batch_size=args.batch, grad_accum_steps=1,
-                       total_steps=args.steps + 2, lr=1e-4, dtype="bfloat16", zero_stage=0, num_threads=8,
+                       total_steps=args.steps + 2, lr=1e-4, dtype="bfloat16", zero_stage=0,
+                       num_threads=8 if on_gpu else 1,
                        warmup_steps=0, lr_schedule="constant")
     trainer = PolicyTrainer(spec, rank=0)
     t = time.perf_counter()
@@ -145,27 +158,32 @@ def main() -> None:
     report["trainer_setup_s"] = round(time.perf_counter() - t, 1)
     params = info["parameters"]
     torch.manual_seed(0)
-    ids = torch.randint(0, QWEN_05B["vocab_size"], (args.batch, args.seq))
+    ids = torch.randint(0, vocab, (args.batch, args.seq))
     positions = torch.arange(args.seq).expand(args.batch, -1).contiguous()
     batch = TokenBatch(input_ids=ids, loss_mask=torch.ones_like(ids, dtype=torch.bool), position_ids=positions,
                        segment_ids=torch.ones_like(ids))
     losses = []
     for _ in range(2):  # warm-up
         losses.append(trainer.train_sft_step([batch], batch.num_loss_tokens)["loss"])
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     for _ in range(args.steps):
         losses.append(trainer.train_sft_step([batch], batch.num_loss_tokens)["loss"])
-    torch.cuda.synchronize()
+    sync()
     step_s = (time.perf_counter() - t) / args.steps
     tokens = args.batch * args.seq
     report["trainer_step"] = {
         "parameters": params, "batch": args.batch, "seq": args.seq, "step_s": round(step_s, 4),
         "tokens_per_s": round(tokens / step_s), "model_tflops": round(6 * params * tokens / step_s / 1e12, 1),
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_gpu else None,
         "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)]}
     print(json.dumps({"trainer_step": report["trainer_step"]}), flush=True)
+    if not on_gpu:
+        trainer.shutdown()
+        shutil.rmtree(cache, ignore_errors=True)
+        return
 
     # 2. CUDA IPC push into the receiver process.
     expect(responses, "ready")
@@ -230,6 +248,7 @@ def main() -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 if __name__ == "__main__":
