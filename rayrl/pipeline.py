@@ -11,9 +11,18 @@ A pipeline file:
         config: examples/dpo.yaml
 
 Stage i writes into ``output_dir/<name>``; from the second stage on, ``model.path`` is set to the
-previous stage's ``final/``. Every stage config is validated before the first stage starts. A stage
-that completed (its ``final/`` and a completion marker exist) is not rerun: rerunning the pipeline
-resumes at the first unfinished stage.
+previous stage's ``final/``, or to a named earlier stage's with ``model_from: NAME``. An override value
+may name any earlier stage's final model as ``{stage:NAME}``. RLHF (base -> SFT -> RM -> PPO), where
+the policy starts from SFT and the reward model is the rm stage's::
+
+      - name: ppo
+        config: examples/ppo.yaml
+        model_from: sft
+        overrides: ["reward_model.path={stage:rm}"]
+
+Every stage config is validated before the first stage starts. A stage that completed (its
+``final/`` and a completion marker exist) is not rerun: rerunning the pipeline resumes at the first
+unfinished stage.
 
 Run:  rayrl pipeline PIPELINE.yaml [key=value ...]   (overrides apply to every stage)
 """
@@ -21,6 +30,7 @@ Run:  rayrl pipeline PIPELINE.yaml [key=value ...]   (overrides apply to every s
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +64,9 @@ def plan_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[
     names: set[str] = set()
     for index, stage in enumerate(stages):
         where = f"{path}: stages[{index}]"
-        if not isinstance(stage, dict) or not {"name", "config"} <= set(stage) or set(stage) - {"name", "config", "overrides"}:
-            raise ConfigError(f"{where}: each stage needs 'name' and 'config' (and optional 'overrides')")
+        if not isinstance(stage, dict) or not {"name", "config"} <= set(stage) or set(stage) - STAGE_KEYS:
+            raise ConfigError(f"{where}: each stage needs 'name' and 'config' (and optional 'overrides', "
+                              "'model_from')")
         name = str(stage["name"])
         if name in names:
             raise ConfigError(f"{where}: duplicate stage name '{name}'")
@@ -64,11 +75,15 @@ def plan_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[
         if not config_path.is_file():
             config_path = Path(stage["config"])  # relative to the working directory
         stage_data, stage_lines = load_yaml(config_path)
-        stage_overrides = [*map(str, stage.get("overrides") or []), *(overrides or [])]
-        stage_data = apply_overrides(stage_data, stage_overrides)
+        finals = {p.name: str(p.output_dir / "final") for p in planned}
+        stage_overrides = [_expand_stage_refs(str(o), finals, where) for o in stage.get("overrides") or []]
+        stage_data = apply_overrides(stage_data, [*stage_overrides, *(overrides or [])])
         stage_data["output_dir"] = str(output_dir / name)
-        if planned:  # the previous stage's final model, whatever the stage config said
-            stage_data.setdefault("model", {})["path"] = str(planned[-1].output_dir / "final")
+        source = stage.get("model_from")
+        if source is not None and str(source) not in finals:
+            raise ConfigError(f"{where}: model_from '{source}' is not an earlier stage (earlier: {sorted(finals) or 'none'})")
+        if planned:  # the named (or previous) stage's final model, whatever the stage config said
+            stage_data.setdefault("model", {})["path"] = finals[str(source)] if source is not None else finals[planned[-1].name]
         where_keys = {key: f"{config_path}:{line}" for key, line in stage_lines.items()}
         try:
             config = build_config(stage_data, where_keys)
@@ -76,6 +91,22 @@ def plan_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[
             raise ConfigError(f"pipeline stage '{name}': {exc}") from None
         planned.append(PlannedStage(name, config, output_dir / name))
     return planned
+
+
+STAGE_KEYS = {"name", "config", "overrides", "model_from"}
+_STAGE_REF = re.compile(r"\{stage:([^}]*)\}")
+
+
+def _expand_stage_refs(override: str, finals: dict[str, str], where: str) -> str:
+    """``{stage:NAME}`` in an override -> that earlier stage's final model directory."""
+    def final_of(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in finals:
+            raise ConfigError(f"{where}: override '{override}' names stage '{name}', which is not an earlier "
+                              f"stage (earlier: {sorted(finals) or 'none'})")
+        return finals[name]
+
+    return _STAGE_REF.sub(final_of, override)
 
 
 def stage_done(stage: PlannedStage) -> bool:

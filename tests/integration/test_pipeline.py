@@ -57,3 +57,30 @@ def test_pipeline_validates_every_stage_before_running(tmp_path):
     with pytest.raises(ConfigError, match=r"(?s)pipeline stage 'dpo'.*unknown key 'dpo.betta'.*did you mean 'dpo.beta'"):
         plan_pipeline(path)
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_rlhf_pipeline_wires_named_stages(tmp_path):
+    """base -> SFT -> RM -> PPO: PPO's policy comes from the sft stage (model_from), its reward model
+    from the rm stage ({stage:rm}); references to stages that do not come earlier are refused."""
+    import yaml
+
+    out = tmp_path / "out"
+    stages = [{"name": "sft", "config": "examples/sft.yaml"}, {"name": "rm", "config": "examples/rm.yaml"},
+              {"name": "ppo", "config": "examples/ppo.yaml", "model_from": "sft",
+               "overrides": ["reward_model.path={stage:rm}"]}]
+    path = tmp_path / "rlhf.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(out), "stages": stages}))
+    sft, rm, ppo = plan_pipeline(path)
+    assert rm.config.model.path == str(out / "sft" / "final")
+    assert ppo.config.model.path == str(out / "sft" / "final")
+    assert ppo.config.reward_model.path == str(out / "rm" / "final")
+
+    stages[2]["model_from"] = "ppo"
+    path.write_text(yaml.safe_dump({"output_dir": str(out), "stages": stages}))
+    with pytest.raises(ConfigError, match=r"stages\[2\]: model_from 'ppo' is not an earlier stage"):
+        plan_pipeline(path)
+    stages[2]["model_from"] = "sft"
+    stages[2]["overrides"] = ["reward_model.path={stage:reward}"]
+    path.write_text(yaml.safe_dump({"output_dir": str(out), "stages": stages}))
+    with pytest.raises(ConfigError, match=r"names stage 'reward', which is not an earlier stage"):
+        plan_pipeline(path)
