@@ -238,21 +238,23 @@ class PolicyTrainer(TrainerRank):
         return refs
 
     # ---- GPU weight transports (rayrl.cuda_transfer) ------------------------------------------
-    def _engine_weights(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return dict(merged_named_weights(self.train_engine.module, state, self.spec.peft,
-                                         device=self.train_engine.device))
+    def _engine_weights(self, state: dict[str, torch.Tensor], bucket_bytes: int, wire_dtype: str | None):
+        """The weights as the engine loads them (LoRA merged, on this GPU) and their bucket layouts."""
+        from rayrl.cuda_transfer import plan_buckets
+
+        weights = dict(merged_named_weights(self.train_engine.module, state, self.spec.peft,
+                                            device=self.train_engine.device))
+        return weights, plan_buckets(weights.items(), bucket_bytes, getattr(torch, wire_dtype) if wire_dtype else None)
 
     def share_weights_ipc(self, bucket_bytes: int, wire_dtype: str | None = None) -> list[dict]:
         """Pack the full weights into CUDA buffers on this rank's GPU and return one IPC handle dict
         per bucket (every rank: each rollout engine opens the buffer on its own GPU). The buffers
         stay alive until :meth:`release_shared_weights`."""
-        from rayrl.cuda_transfer import pack_bucket, plan_buckets, share_ipc
+        from rayrl.cuda_transfer import pack_bucket, share_ipc
 
         self.release_shared_weights()
-        dtype = getattr(torch, wire_dtype) if wire_dtype else None
         with self.train_engine.gathered_state() as state:
-            weights = self._engine_weights(state)
-            self._shared_layouts = plan_buckets(weights.items(), bucket_bytes, dtype)
+            weights, self._shared_layouts = self._engine_weights(state, bucket_bytes, wire_dtype)
             self._shared_buffers = [pack_bucket(weights, layout, device=self.train_engine.device)
                                     for layout in self._shared_layouts]
         return [{"handles": share_ipc(buf), "layout": layout}
@@ -275,13 +277,12 @@ class PolicyTrainer(TrainerRank):
     def broadcast_weights(self, bucket_bytes: int, wire_dtype: str | None = None) -> int:
         """Broadcast the full weights to the rollout engines (all ranks call: ZeRO-3 gathers);
         returns the bytes sent (rank 0) or 0."""
-        from rayrl.cuda_transfer import broadcast_buckets, plan_buckets
+        from rayrl.cuda_transfer import broadcast_buckets
 
         sent = 0
         with self.train_engine.gathered_state() as state:
             if self.rank == 0:
-                weights = self._engine_weights(state)
-                layouts = plan_buckets(weights.items(), bucket_bytes, getattr(torch, wire_dtype) if wire_dtype else None)
+                weights, layouts = self._engine_weights(state, bucket_bytes, wire_dtype)
                 for _, layout in broadcast_buckets(self._broadcast, layouts, weights):
                     sent += layout.nbytes
         self.train_engine.barrier()

@@ -258,8 +258,6 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
 
         pusher = WeightPusher(config.resolved_weight_transport, trainers.actors, rollout.workers,
                               bucket_bytes=SYNC_BUCKET_BYTES, wire_dtype=config.rollout.dtype)
-        sync = pusher.push
-        score = roles.score
 
         def evaluate() -> dict[str, float]:
             return _evaluate(config, roles, eval_prompts, greedy, eval_sampling)
@@ -281,7 +279,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 if kl_controller is not None:
                     kl_controller.value = CheckpointManager.load_state(setup.resume_from).get(
                         "kl_coef", kl_controller.value)
-                sync(setup.start_step)
+                pusher.push(setup.start_step)
                 tracker.write(f"resumed from {setup.resume_from} (step {setup.start_step})")
             if eval_prompts and config.eval.at_start and setup.start_step == 0:
                 tracker.log(0, evaluate())
@@ -292,7 +290,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 step_start = time.perf_counter()
 
                 # 1-2. Generate and score, topping up zero-variance groups (DAPO) if asked.
-                rollout_data, sampling_stats = _sample(config, step, prompt_order, train_prompts, rollout, score,
+                rollout_data, sampling_stats = _sample(config, step, prompt_order, train_prompts, rollout, roles.score,
                                                        sampling, times)
                 rewards = rollout_data.rewards
 
@@ -334,7 +332,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 # 6. Sync the new weights into the engines.
                 if colocated:
                     rollout.wake_up()
-                sync_s, sync_bytes = sync(step + 1)
+                sync_s, sync_bytes = pusher.push(step + 1)
                 times["time/sync"] = sync_s
                 times["time/step"] = time.perf_counter() - step_start
 

@@ -84,8 +84,9 @@ class WeightSyncExtension:
 
         flat = open_ipc(handles, self.device.index)
         count = self.rayrl_load_weights(unpack_bucket(flat, layout))
-        torch.cuda.synchronize(self.device)  # the trainer frees the buffer once we return
-        del flat
+        # The reload may keep views of the buffer until a layer is complete; the trainer keeps the
+        # buffer alive until the whole push (finish included) has returned.
+        torch.cuda.synchronize(self.device)
         return count
 
     def rayrl_init_nccl(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
