@@ -33,6 +33,9 @@ class PolicyGradientObjective:
     norm_constant: float | None = None
     tis_cap: float | None = None
     overlong_filter: bool = False
+    # The sampling temperature: the rollout engine samples from softmax(logits / T) and reports
+    # those log-probs, so ratios, KL and entropy must be taken at the same T.
+    temperature: float = 1.0
 
 __all__ = ["PolicyTrainer", "PolicyGradientObjective", "TrainerSpec"]
 
@@ -66,15 +69,16 @@ class PolicyTrainer(TrainerRank):
         return info
 
     # ---- forward passes ---------------------------------------------------------------------
-    def _token_logprobs(self, batch: TokenBatch, model=None) -> torch.Tensor:
-        """(B, T-1) log-probs of each next token (the policy, or ``model`` if given)."""
-        return self._logps_from_logits(self._logits(batch, model), batch)
+    def _token_logprobs(self, batch: TokenBatch, model=None, temperature: float = 1.0) -> torch.Tensor:
+        """(B, T-1) log-probs of each next token (the policy, or ``model`` if given) under
+        ``softmax(logits / temperature)``."""
+        return self._logps_from_logits(self._logits(batch, model), batch, temperature)
 
-    def _logps_from_logits(self, logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    def _logps_from_logits(self, logits: torch.Tensor, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
         from rayrl.algorithms import token_logprobs
 
         input_ids = batch.input_ids.to(logits.device)
-        return token_logprobs(logits[:, :-1], input_ids[:, 1:])
+        return token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature=temperature)
 
     def _logits(self, batch: TokenBatch, model=None) -> torch.Tensor:
         """(B, T, V) logits of the policy (or ``model``), virtual prompt-tuning tokens cut off."""
@@ -191,7 +195,7 @@ class PolicyTrainer(TrainerRank):
         def loss_fn(batch: RolloutBatch):
             device = self.train_engine.device
             logits = self._logits(batch.tokens)
-            logps = self._logps_from_logits(logits, batch.tokens)
+            logps = self._logps_from_logits(logits, batch.tokens, objective.temperature)
             mask = batch.tokens.loss_mask[:, 1:].to(device)
             old = batch.old_logps.to(device)
             if objective.overlong_filter:
@@ -206,21 +210,24 @@ class PolicyTrainer(TrainerRank):
                 global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
                 norm_constant=objective.norm_constant)
             with torch.no_grad():
-                entropy = entropy_from_logits(logits[:, :-1].detach())
+                entropy = entropy_from_logits(logits[:, :-1].detach(), temperature=objective.temperature)
                 stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp_min(1)
-            share = batch.num_examples / global_num_seqs
+            # Stats are token means over this micro-batch: weighted by its share of the step's loss
+            # tokens they sum (over micro-batches and ranks) to the step's token means.
+            share = float(mask.sum()) / global_num_tokens
             return loss, {k: float(v) * share for k, v in stats.items()}
 
         return self.train_engine.optimizer_step(micro_batches, loss_fn)
 
     @torch.no_grad()
-    def token_logprobs(self, batch: TokenBatch, reference: bool = False) -> torch.Tensor:
-        """(B, T-1) log-probs of each next token under the current (or, with PEFT, reference) weights."""
+    def token_logprobs(self, batch: TokenBatch, reference: bool = False, temperature: float = 1.0) -> torch.Tensor:
+        """(B, T-1) log-probs of each next token under the current (or, with PEFT, reference) weights,
+        at ``temperature`` (pass the sampling temperature for sampled tokens)."""
         self.train_engine.engine.eval()
         if reference:
             with self._reference_weights() as model:
-                return self._token_logprobs(batch, model).cpu()
-        return self._token_logprobs(batch).cpu()
+                return self._token_logprobs(batch, model, temperature).cpu()
+        return self._token_logprobs(batch, temperature=temperature).cpu()
 
     def export_weight_buckets(self, bucket_bytes: int) -> list:
         """The policy's full weights (LoRA merged in) as object-store refs of numpy buckets, from

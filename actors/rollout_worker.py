@@ -73,7 +73,9 @@ class SamplingSettings:
     ``stop_token_ids`` add to the model's EOS ids (its ``generation_config.eos_token_id``, e.g. ``<eos>``
     and ``<|end|>`` for the tiny model), which always stop. ``seed``: with a seed the samples are
     reproducible (vLLM: per request, independent of batching; HF: for the same batch); the controller
-    should vary it per step, or the same prompts get the same samples.
+    should vary it per step, or the same prompts get the same samples. ``seed_offset``: the index of
+    this call's first prompt in the caller's whole batch, so that (vLLM) prompt k of the batch gets the
+    same samples however the batch is split over workers.
     """
 
     n: int = 1
@@ -84,6 +86,7 @@ class SamplingSettings:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
+    seed_offset: int = 0
     logprobs_mode: LogprobsMode = "processed"
 
     def __post_init__(self) -> None:
@@ -451,7 +454,7 @@ class RolloutWorker:
             # Per-request seeds, independent of how the engine batches. vLLM gives child j of an
             # n-sample request seed + j, so the request seeds are hashed from (seed, prompt index):
             # plain seed + i would make prompt i's sample j+1 equal to prompt i+1's... under seed + 1.
-            seed = None if sampling.seed is None else _request_seed(sampling.seed, i)
+            seed = None if sampling.seed is None else _request_seed(sampling.seed, sampling.seed_offset + i)
             params.append(SamplingParams(
                 n=reps, temperature=sampling.temperature, top_p=sampling.top_p,
                 top_k=sampling.top_k if sampling.top_k > 0 else 0, max_tokens=sampling.max_new_tokens,
@@ -532,7 +535,7 @@ class RolloutWorker:
         rng = torch.random.fork_rng(devices=[]) if sampling.seed is not None else contextlib.nullcontext()
         with rng:
             if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
+                torch.manual_seed(_request_seed(sampling.seed, sampling.seed_offset))
             for start in range(0, len(prompts), self.hf_batch_size):
                 chunk = prompts[start:start + self.hf_batch_size]
                 completions += self._generate_hf_chunk(chunk, start, sampling, config, stop_ids, raw)

@@ -195,12 +195,22 @@ class _CommonBase(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 
+    @property
+    def schedule_steps(self) -> int | None:
+        """Optimizer steps the LR schedule spans (None: set by the data, ``train.epochs``)."""
+        return self.train.max_steps
+
+    @property
+    def schedule_steps_source(self) -> str:
+        return "train.max_steps"
+
     @model_validator(mode="after")
     def _consistent_common(self) -> _CommonBase:
-        if self.train.max_steps is not None and self.train.warmup_steps > self.train.max_steps:
+        schedule_steps = self.schedule_steps
+        if schedule_steps is not None and self.train.warmup_steps > schedule_steps:
             raise ValueError(
-                f"train.warmup_steps ({self.train.warmup_steps}) exceeds train.max_steps "
-                f"({self.train.max_steps})"
+                f"train.warmup_steps ({self.train.warmup_steps}) exceeds the {schedule_steps} optimizer steps "
+                f"of the run ({self.schedule_steps_source})"
             )
         peft = self.model.peft
         if peft is not None and peft.method == "qlora" and self.trainer.num_gpus == 0:
@@ -358,8 +368,11 @@ class RolloutConfig(_Strict):
     group_size: int = Field(default=8, gt=1)
     """Completions sampled per prompt (GRPO's G)."""
     temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature; the trainer's and reference's log-probs (ratios, KL, entropy) are taken at
+    the same temperature, as the engine's are."""
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)
+    """top_p < 1 or top_k > 0 truncate sampling; the trainer does not, so keep them off for RL (or set tis_cap)."""
     max_new_tokens: int = Field(default=16, gt=0)
     stop: list[str] = Field(default_factory=list)
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -397,24 +410,39 @@ class _PolicyGradientSettings(_Strict):
     """Passes over each rollout batch."""
     overlong_filter: bool = False
     """DAPO: completions cut at max_new_tokens get no loss."""
+    overlong_buffer: int = Field(default=0, ge=0)
+    """DAPO's soft overlong punishment: a completion longer than rollout.max_new_tokens - this many tokens
+    gets a penalty falling linearly to -overlong_penalty_factor at max_new_tokens (logged as the reward
+    ``overlong_penalty``); 0: off."""
+    overlong_penalty_factor: float = Field(default=1.0, gt=0)
     tis_cap: float | None = Field(default=None, gt=0)
     """Truncated importance sampling (sampler/trainer log-prob mismatch), weights capped here; null: off."""
 
 
 class GRPOSettings(_PolicyGradientSettings):
-    advantage: Literal["group", "rloo", "reinforce_pp"] = "group"
-    """group: GRPO's group-normalised reward; rloo: leave-one-out baseline; reinforce_pp: globally
-    whitened (REINFORCE++)."""
+    advantage: Literal["group", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "group"
+    """group: GRPO's group-normalised reward; rloo: leave-one-out baseline; reinforce_pp: REINFORCE++,
+    token returns whitened over the whole batch; reinforce_pp_baseline: the same after subtracting each
+    group's mean score."""
     scale: Literal["group", "batch", "none"] = "group"
     """For advantage=group: divide by the group's std (GRPO), the batch's, or not at all (Dr. GRPO)."""
     ratio_level: Literal["token", "sequence"] = "token"
-    """token: GRPO; sequence: GSPO (use eps_low 3e-4, eps_high 4e-4 and seq_mean_token_mean)."""
+    """token: GRPO; sequence: GSPO, whose defaults then become the paper's: eps_low 3e-4, eps_high 4e-4,
+    loss_aggregation seq_mean_token_mean (each still overridable)."""
     kl_coef: float = Field(default=0.0, ge=0)
     """KL(pi || ref) as a loss term (k3); 0 turns the reference model off."""
     kl_kind: Literal["k1", "k2", "k3"] = "k3"
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal and sample more prompts to refill the batch."""
     max_sampling_rounds: int = Field(default=3, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gspo_defaults(cls, data: Any) -> Any:
+        # A sequence ratio is a per-token geometric mean: GRPO's 0.2 clip range would never bind.
+        if isinstance(data, dict) and data.get("ratio_level") == "sequence":
+            data = {"eps_low": 3e-4, "eps_high": 4e-4, "loss_aggregation": "seq_mean_token_mean", **data}
+        return data
 
 
 class PPOSettings(_PolicyGradientSettings):
@@ -424,9 +452,17 @@ class PPOSettings(_PolicyGradientSettings):
     kl_coef: float = Field(default=0.05, ge=0)
     """The KL(pi || ref) coefficient (the initial one with adaptive_kl); 0 turns the reference model off."""
     kl_kind: Literal["k1", "k2", "k3"] = "k1"
+    """The KL estimator; default k1 (log pi - log ref) in the reward, k3 as a loss term."""
     kl_in: Literal["reward", "loss"] = "reward"
     """reward: -kl_coef x KL_t folded into the per-token rewards (Ziegler et al. 2019, InstructGPT);
     loss: a KL term in the policy loss (as GRPO), rewards are the scores alone."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kl_kind_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kl_in") == "loss":
+            data = {"kl_kind": "k3", **data}
+        return data
     adaptive_kl: bool = False
     """Adapt kl_coef towards kl_target (Ziegler et al. 2019's proportional controller)."""
     kl_target: float = Field(default=6.0, gt=0)
@@ -467,6 +503,15 @@ class _RLBase(_CommonBase):
     def settings(self) -> _PolicyGradientSettings:
         raise NotImplementedError
 
+    @property
+    def schedule_steps(self) -> int:
+        # train.max_steps counts rollout steps; each takes mini_batches x epochs optimizer steps.
+        return self.train.max_steps * self.settings.mini_batches * self.settings.epochs
+
+    @property
+    def schedule_steps_source(self) -> str:
+        return f"train.max_steps x {self.algorithm}.mini_batches x {self.algorithm}.epochs"
+
     @model_validator(mode="after")
     def _consistent_rl(self) -> _RLBase:
         settings = self.settings
@@ -481,6 +526,11 @@ class _RLBase(_CommonBase):
                 f"each optimizer step's {per_step} sequences ({section}.prompts_per_step x rollout.group_size / "
                 f"{section}.mini_batches) must be a multiple of train.micro_batch_size x trainer.world_size "
                 f"({self.train.micro_batch_size} x {self.trainer.world_size})")
+        if settings.overlong_buffer > self.rollout.max_new_tokens:
+            raise ValueError(f"{section}.overlong_buffer ({settings.overlong_buffer}) exceeds rollout.max_new_tokens "
+                             f"({self.rollout.max_new_tokens})")
+        if self.eval.generation_data is not None:
+            raise ValueError("eval.generation_data is the SFT stage's; RL stages evaluate on the prompts of data.eval")
         if self.eval.every_steps and self.data.eval is None:
             raise ValueError("eval.every_steps is set but data.eval is null: nothing to evaluate on")
         names = [r.name or r.fn for r in self.rewards]
@@ -489,6 +539,16 @@ class _RLBase(_CommonBase):
         bad_k = [k for k in self.eval.pass_k if not 1 <= k <= self.eval.samples]
         if bad_k:
             raise ValueError(f"eval.pass_k {bad_k}: each k must be between 1 and eval.samples ({self.eval.samples})")
+        if self.placement == "colocated" and self.rollout.num_workers > self.trainer.world_size:
+            raise ValueError(f"placement: colocated puts each rollout worker beside a trainer rank: rollout.num_workers "
+                             f"({self.rollout.num_workers}) must be <= trainer.world_size ({self.trainer.world_size})")
+        peft = self.model.peft
+        if peft is not None and peft.method in ("prefix", "prompt"):
+            raise ValueError(f"model.peft.method={peft.method!r}: RL stages sync merged weights into the rollout "
+                             "engine after every step, and prefix/prompt tuning has none to merge; use lora or dora")
+        if settings.kl_coef and self.kl_in_loss and settings.kl_kind == "k1":
+            raise ValueError(f"{section}.kl_kind=k1 as a loss term has zero expected gradient (E[grad log pi] = 0 "
+                             f"under the samples); use k3 (or k2) with {section}.kl_coef > 0")
         transport = self.rollout.weight_transport
         on_gpus = self.trainer.num_gpus > 0 and self.rollout.num_gpus > 0
         if transport in ("ipc", "nccl") and not on_gpus:
@@ -501,6 +561,16 @@ class _RLBase(_CommonBase):
             raise ValueError("rollout.weight_transport: nccl cannot join two ranks on one GPU (placement: "
                              "colocated); use ipc")
         return self
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        """eval.max_new_tokens if set, else the rollouts' limit (eval answers as long as training's)."""
+        return self.eval.max_new_tokens if "max_new_tokens" in self.eval.model_fields_set else self.rollout.max_new_tokens
+
+    @property
+    def kl_in_loss(self) -> bool:
+        """Whether the KL to the reference is a loss term (GRPO; PPO with kl_in: loss)."""
+        return getattr(self.settings, "kl_in", "loss") == "loss"
 
     @property
     def resolved_weight_transport(self) -> str:

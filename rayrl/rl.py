@@ -23,6 +23,9 @@ Run:  rayrl train examples/grpo.yaml [key=value ...]   (PPO: examples/ppo.yaml)
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
 import random
 import time
@@ -38,7 +41,7 @@ from rayrl.actors.reference_model import ReferenceModel
 from rayrl.actors.reward_model import RewardModel, RewardModelPool
 from rayrl.actors.rollout_worker import Completion, RolloutWorker, SamplingSettings
 from rayrl.actors.verifier import Verifier
-from rayrl.algorithms import group_advantages, masked_whiten, rloo_advantages
+from rayrl.algorithms import group_advantages, overlong_penalty, reinforce_pp_advantages, rloo_advantages
 from rayrl.algorithms.ppo import AdaptiveKLController, gae_advantages, kl_penalized_rewards
 from rayrl.checkpoint import CheckpointManager
 from rayrl.cluster import check_cluster_resources, describe_placement, ray_session, record_placement, trainer_roles
@@ -55,6 +58,8 @@ from rayrl.trainer_group import TrainerGroup
 from rayrl.weight_sync import WeightPusher
 
 SYNC_BUCKET_BYTES = 64 << 20
+
+_log = logging.getLogger(__name__)
 
 
 class RolloutPool:
@@ -76,8 +81,7 @@ class RolloutPool:
             while chunks and idle:
                 start, prompts = chunks.pop(0)
                 worker = idle.pop()
-                seeded = replace(sampling, seed=None if sampling.seed is None else sampling.seed + start)
-                pending[worker.generate.remote(prompts, seeded)] = (start, worker)
+                pending[worker.generate.remote(prompts, replace(sampling, seed_offset=start))] = (start, worker)
             done, _ = ray.wait(list(pending), num_returns=1)
             start, worker = pending.pop(done[0])
             idle.append(worker)
@@ -141,12 +145,22 @@ def reward_specs(config: GRPOConfig | PPOConfig) -> list[RewardSpec]:
                        fallback=r.fallback) for r in config.rewards]
 
 
-def compute_advantages(rewards: torch.Tensor, group_size: int, config: GRPOConfig) -> torch.Tensor:
-    """(N,) sequence advantages; REINFORCE++'s are the rewards whitened over the whole batch."""
-    if config.grpo.advantage == "rloo":
+def compute_advantages(rewards: torch.Tensor, group_size: int, config: GRPOConfig,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """(N,) sequence advantages (group, rloo), or (N, T-1) token advantages for REINFORCE++: each
+    completion's score at its last token, returns over tokens (gamma 1: the score at every token),
+    whitened over all tokens of the batch (Hu 2025; the KL stays a loss term here). The "baseline"
+    variant subtracts each group's mean score first."""
+    advantage = config.grpo.advantage
+    if advantage == "rloo":
         return rloo_advantages(rewards, group_size)
-    if config.grpo.advantage == "reinforce_pp":
-        return masked_whiten(rewards, torch.ones_like(rewards, dtype=torch.bool))
+    if advantage in ("reinforce_pp", "reinforce_pp_baseline"):
+        scores = group_advantages(rewards, group_size, scale="none") if advantage == "reinforce_pp_baseline" else rewards
+        token_rewards = torch.zeros(mask.shape, dtype=torch.float32)
+        last = mask.long().cumsum(-1).argmax(-1)  # each row's last completion token
+        token_rewards[torch.arange(len(rewards)), last] = scores.float()
+        advantages, _ = reinforce_pp_advantages(token_rewards, mask)
+        return advantages
     return group_advantages(rewards, group_size, scale=config.grpo.scale)
 
 
@@ -230,44 +244,55 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
     optimizer_steps = total_steps * settings.mini_batches * settings.epochs
     # KL to the reference: GRPO's is a loss term; PPO's is folded into the rewards or a loss term.
     kl_coef = settings.kl_coef
-    kl_loss = not ppo or config.ppo.kl_in == "loss"
+    kl_loss = config.kl_in_loss
     kl_controller = (AdaptiveKLController(config.ppo.kl_coef, config.ppo.kl_target, config.ppo.kl_horizon)
                      if ppo and config.ppo.adaptive_kl else None)
     objective = PolicyGradientObjective(
         ratio_level=settings.ratio_level, eps_low=settings.eps_low, eps_high=settings.eps_high,
         kl_coef=kl_coef if kl_loss else 0.0, kl_kind=settings.kl_kind, aggregation=settings.loss_aggregation,
         norm_constant=float(config.rollout.max_new_tokens), tis_cap=settings.tis_cap,
-        overlong_filter=settings.overlong_filter)
+        overlong_filter=settings.overlong_filter, temperature=config.rollout.temperature)
     sampling = SamplingSettings(n=group, temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                                 top_k=config.rollout.top_k, max_new_tokens=config.rollout.max_new_tokens,
                                 stop=list(config.rollout.stop))
-    greedy = SamplingSettings(n=1, temperature=0.0, max_new_tokens=config.rollout.max_new_tokens,
+    greedy = SamplingSettings(n=1, temperature=0.0, max_new_tokens=config.eval_max_new_tokens,
                               stop=list(config.rollout.stop))
     eval_sampling = SamplingSettings(n=max(1, config.eval.samples), temperature=config.eval.temperature,
-                                     max_new_tokens=config.rollout.max_new_tokens, stop=list(config.rollout.stop),
+                                     max_new_tokens=config.eval_max_new_tokens, stop=list(config.rollout.stop),
                                      seed=config.seed)
+
+    if config.rollout.top_p < 1 or config.rollout.top_k > 0:
+        _log.warning("rollout.top_p / rollout.top_k truncate the sampling distribution: the engine's log-probs are of "
+                     "the truncated one, the trainer's of the full softmax at rollout.temperature, so ratios are off "
+                     "policy (logprob_gap/sampler_trainer shows by how much; %s.tis_cap corrects for it)", config.algorithm)
 
     with ray_session(config.ray):
         check_cluster_resources(config.ray, rl_roles(config, bool(specs), ppo, bool(kl_coef)))
 
-        roles = start_roles(config, setup.model_path, specs, optimizer_steps, pad_id, reference=bool(kl_coef))
-        trainers, rollout, critic, colocated = roles.trainers, roles.rollout, roles.critic, roles.colocated
-        tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
-                          total_steps=total_steps, start_step=setup.start_step,
-                          progress=config.tracking.progress, description=config.algorithm)
+        # Cleanup runs last-in first-out and each step runs even if an earlier one raised: the
+        # actors are ended on any failure, also on a shared cluster.
+        with contextlib.ExitStack() as cleanup:
+            roles = start_roles(config, setup.model_path, specs, optimizer_steps, pad_id, reference=bool(kl_coef))
+            trainers, rollout, critic, colocated = roles.trainers, roles.rollout, roles.critic, roles.colocated
+            cleanup.callback(roles.shutdown)
+            tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
+                              total_steps=total_steps, start_step=setup.start_step,
+                              progress=config.tracking.progress, description=config.algorithm)
+            cleanup.callback(tracker.close)
 
-        pusher = WeightPusher(config.resolved_weight_transport, trainers.actors, rollout.workers,
-                              bucket_bytes=SYNC_BUCKET_BYTES, wire_dtype=config.rollout.dtype)
+            pusher = WeightPusher(config.resolved_weight_transport, trainers.actors, rollout.workers,
+                                  bucket_bytes=SYNC_BUCKET_BYTES, wire_dtype=config.rollout.dtype)
 
-        def evaluate() -> dict[str, float]:
-            return _evaluate(config, roles, eval_prompts, greedy, eval_sampling)
+            score = with_overlong_penalty(roles.score, config)
 
-        def save(directory) -> None:
-            trainers.save_checkpoint(str(directory))
-            if critic is not None:
-                critic.save_checkpoint(str(directory / "critic"))
+            def evaluate() -> dict[str, float]:
+                return _evaluate(config, roles, eval_prompts, greedy, eval_sampling)
 
-        try:
+            def save(directory) -> None:
+                trainers.save_checkpoint(str(directory))
+                if critic is not None:
+                    critic.save_checkpoint(str(directory / "critic"))
+
             # Which node each role's actors landed on: output_dir/placement.json and one console line.
             placed = record_placement(setup.output_dir, config.placement, roles.actors_by_role())
             if placed is not None:
@@ -290,7 +315,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 step_start = time.perf_counter()
 
                 # 1-2. Generate and score, topping up zero-variance groups (DAPO) if asked.
-                rollout_data, sampling_stats = _sample(config, step, prompt_order, train_prompts, rollout, roles.score,
+                rollout_data, sampling_stats = _sample(config, step, prompt_order, train_prompts, rollout, score,
                                                        sampling, times)
                 rewards = rollout_data.rewards
 
@@ -299,7 +324,8 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 tokens, sampler_logps = completion_tokens(
                     [c.prompt_ids for c in rollout_data.completions], [c.token_ids for c in rollout_data.completions],
                     [c.logprobs for c in rollout_data.completions], pad_id)
-                old_logps, ref_logps = _logprobs(roles, tokens, config.train.micro_batch_size, reference=bool(kl_coef))
+                old_logps, ref_logps = _logprobs(roles, tokens, config.train.micro_batch_size, reference=bool(kl_coef),
+                                                temperature=config.rollout.temperature)
                 times["time/reference"] = time.perf_counter() - t
                 mask = tokens.loss_mask[:, 1:]
 
@@ -316,7 +342,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                     if kl_loss:
                         objective = replace(objective, kl_coef=current_kl)
                 else:
-                    advantages = compute_advantages(rewards, group, config)
+                    advantages = compute_advantages(rewards, group, config, mask)
 
                 # 5. Train: mini_batches x epochs optimizer steps (the engine sleeps if colocated).
                 t = time.perf_counter()
@@ -363,9 +389,6 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
             final_model = export_final_model(trainers, tokenizer, setup.output_dir)
             if critic is not None:  # PPO: the value model too, as output_dir/final_critic
                 export_critic(critic, tokenizer, setup.output_dir)
-        finally:
-            tracker.close()
-            roles.shutdown()
     return StageResult(setup.output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)
 
 
@@ -413,18 +436,23 @@ class RLRoles:
                 "critic": self.critic.actors if self.critic is not None else []}
 
     def shutdown(self) -> None:
-        """Release the process groups, then end every actor (also on an existing, shared cluster)."""
+        """Release the process groups, then end every actor (also on an existing, shared cluster).
+        Best effort: a role that fails to stop (e.g. a dead rank) is reported and the rest still end."""
         import ray
 
-        self.trainers.shutdown()
+        steps = [self.trainers.shutdown]
         if self.critic is not None:
-            self.critic.shutdown()
+            steps.append(self.critic.shutdown)
         if self.reward_models is not None:
-            self.reward_models.shutdown()
+            steps.append(self.reward_models.shutdown)
         for name, actors in self.actors_by_role().items():
             if name not in ("trainer", "critic", "reward_model"):
-                for actor in actors:
-                    ray.kill(actor)
+                steps.extend(lambda actor=actor: ray.kill(actor) for actor in actors)
+        for step in steps:
+            try:
+                step()
+            except Exception as error:  # noqa: BLE001 - keep ending the other roles
+                _log.warning("shutting down an RL role failed: %r", error)
 
 
 def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[RewardSpec], optimizer_steps: int,
@@ -464,19 +492,23 @@ def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[Rew
     return roles
 
 
-def _logprobs(roles: RLRoles, tokens, micro_batch_size: int, *, reference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _logprobs(roles: RLRoles, tokens, micro_batch_size: int, *, reference: bool,
+              temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The trainer's token log-probs before any update (the ratio's denominator) and, for a KL term,
-    the reference's (the ReferenceModel actor, or with PEFT the adapter-disabled policy)."""
+    the reference's (the ReferenceModel actor, or with PEFT the adapter-disabled policy), both at the
+    sampling temperature, as the engine's are."""
     import ray
 
     trainers = roles.trainers
-    old = _chunked(lambda b: trainers.rank0("token_logprobs", b), tokens, micro_batch_size)
+    old = _chunked(lambda b: trainers.rank0("token_logprobs", b, temperature=temperature), tokens, micro_batch_size)
     if not reference:
         return old, None
     if roles.reference is not None:
-        ref = _chunked(lambda b: ray.get(roles.reference.token_logprobs.remote(b)), tokens, micro_batch_size)
+        ref = _chunked(lambda b: ray.get(roles.reference.token_logprobs.remote(b, temperature=temperature)),
+                       tokens, micro_batch_size)
     else:
-        ref = _chunked(lambda b: trainers.rank0("token_logprobs", b, reference=True), tokens, micro_batch_size)
+        ref = _chunked(lambda b: trainers.rank0("token_logprobs", b, reference=True, temperature=temperature),
+                       tokens, micro_batch_size)
     return old, ref
 
 
@@ -498,13 +530,44 @@ def _gae_advantages(config: PPOConfig, rewards: torch.Tensor, old_logps: torch.T
     return advantages, returns, metrics
 
 
+def with_overlong_penalty(score, config: GRPOConfig | PPOConfig):
+    """``score`` plus DAPO's soft overlong punishment as one more reward (``overlong_penalty``), so that
+    it counts in the advantages and in dynamic sampling's zero-variance test; ``score`` if it is off."""
+    settings = config.settings
+    if not settings.overlong_buffer:
+        return score
+
+    def penalised(rows: list[PromptRow], completions: list[Completion]) -> ScoreResult:
+        result = score(rows, completions)
+        lengths = torch.tensor([len(c.token_ids) for c in completions])
+        penalty = (settings.overlong_penalty_factor * overlong_penalty(
+            lengths, config.rollout.max_new_tokens, settings.overlong_buffer)).tolist()
+        name = "overlong_penalty"
+        return replace(result, total=[a + b for a, b in zip(result.total, penalty)],
+                       per_function={**result.per_function, name: penalty}, failures={**result.failures, name: 0},
+                       timeouts={**result.timeouts, name: 0}, failed={**result.failed, name: [False] * len(penalty)})
+
+    return penalised
+
+
+def accuracy(scores: ScoreResult) -> float | None:
+    """The share of completions the first verifier reward calls correct (reward > 0); None without one."""
+    verified = [name for name in scores.per_function if name != "reward_model"]
+    if not verified:
+        return None
+    values = scores.per_function[verified[0]]
+    return sum(v > 0 for v in values) / max(1, len(values))
+
+
 def _rollout_metrics(rollout_data: Rollout, sampler_logps: torch.Tensor, old_logps: torch.Tensor,
                      mask: torch.Tensor, overlong: torch.Tensor) -> dict[str, float]:
     """Rewards, lengths, truncation, the sampler/trainer log-prob gap and the oldest sampling version."""
     rewards = rollout_data.rewards
     lengths = torch.tensor([len(c.token_ids) for c in rollout_data.completions], dtype=torch.float32)
     gap = ((sampler_logps - old_logps).abs() * mask).sum() / mask.sum().clamp_min(1)
+    correct = accuracy(rollout_data.scores)
     return {**rollout_data.scores.metrics(),
+            **({"accuracy": correct} if correct is not None else {}),
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "completion/length_mean": float(lengths.mean()), "completion/length_max": float(lengths.max()),
@@ -517,13 +580,13 @@ def _rollout_metrics(rollout_data: Rollout, sampler_logps: torch.Tensor, old_log
 def _evaluate(config: GRPOConfig | PPOConfig, roles: RLRoles, eval_prompts: list[PromptRow],
               greedy: SamplingSettings, sampled: SamplingSettings) -> dict[str, float]:
     """Greedy accuracy/reward, plus pass@k of eval.samples sampled completions per prompt (correct:
-    the first verifier's reward is positive)."""
+    the first verifier's reward is positive, as for ``accuracy``)."""
     prompt_ids = [p.prompt_ids for p in eval_prompts]
     scores = roles.score(eval_prompts, roles.rollout.generate(prompt_ids, greedy))
     out = {"eval/reward": sum(scores.total) / len(eval_prompts)}
     verified = [name for name in scores.per_function if name != "reward_model"]
     if verified:
-        out["eval/accuracy"] = sum(scores.per_function[verified[0]]) / len(eval_prompts)
+        out["eval/accuracy"] = accuracy(scores)
     if roles.reward_models is not None:
         out["eval/reward_model"] = sum(scores.per_function["reward_model"]) / len(eval_prompts)
     n = config.eval.samples
@@ -539,7 +602,9 @@ def rl_roles(config: GRPOConfig | PPOConfig, verifiers: bool, ppo: bool, kl: boo
     """CPUs and GPUs each role asks for (colocated rollout workers add to the trainer's bundles)."""
     roles = trainer_roles(config)
     rollout = config.rollout
-    roles["rollout"] = (rollout.num_workers * rollout.num_cpus, rollout.num_workers * rollout.num_gpus)
+    # Colocated, every trainer rank's bundle reserves one worker's share, used or not.
+    slots = config.trainer.world_size if config.placement == "colocated" else rollout.num_workers
+    roles["rollout"] = (slots * rollout.num_cpus, slots * rollout.num_gpus)
     if verifiers:
         roles["verifier"] = (config.verifier.num_workers * config.verifier.num_cpus, 0.0)
     if ppo:
@@ -568,8 +633,6 @@ def _critic_spec(config: PPOConfig, model_path: str, optimizer_steps: int) -> Tr
 def _rollout_workers(config: GRPOConfig | PPOConfig, model_path: str, colocate_with: TrainerGroup | None) -> list:
     import ray
 
-    if colocate_with is not None and config.rollout.num_workers > config.trainer.world_size:
-        raise ValueError("placement=colocated needs rollout.num_workers <= trainer.world_size")
     workers = []
     for i in range(config.rollout.num_workers):
         options: dict[str, Any] = {"num_cpus": config.rollout.num_cpus, "num_gpus": config.rollout.num_gpus,
@@ -579,7 +642,9 @@ def _rollout_workers(config: GRPOConfig | PPOConfig, model_path: str, colocate_w
             options["scheduling_strategy"] = strategy
         workers.append(ray.remote(RolloutWorker).options(**options).remote(
             model_path, backend=config.rollout.backend, dtype=config.rollout.dtype, seed=config.seed + i,
-            kv_cache_gib=config.rollout.kv_cache_gib, num_threads=max(1, int(config.rollout.num_cpus))))
+            kv_cache_gib=config.rollout.kv_cache_gib, num_threads=max(1, int(config.rollout.num_cpus)),
+            # Colocated on GPUs the engine gives its weights and KV cache back while the trainer trains.
+            enable_sleep_mode=colocate_with is not None and config.rollout.num_gpus > 0))
     return workers
 
 
@@ -593,6 +658,7 @@ def _sample(config: GRPOConfig | PPOConfig, step: int, prompt_order: StepBatcher
     wanted = settings.prompts_per_step
     prompts = prompt_order.step_rows(step)
     rng = random.Random(config.seed * 7_919 + step)
+    drawn = {id(p) for p in prompts}  # refills draw prompts not yet in this step
     kept: list[tuple[PromptRow, list[Completion], ScoreResult]] = []
     spare: list[tuple[PromptRow, list[Completion], ScoreResult]] = []
     first_zero_frac = 0.0
@@ -600,7 +666,7 @@ def _sample(config: GRPOConfig | PPOConfig, step: int, prompt_order: StepBatcher
     times["time/generate"] = times["time/reward"] = 0.0
     for round_index in range(settings.max_sampling_rounds if settings.dynamic_sampling else 1):
         t = time.perf_counter()
-        round_sampling = replace(sampling, seed=(config.seed * 1_000_003 + step) * 101 + round_index)
+        round_sampling = replace(sampling, seed=sampling_seed(config.seed, step, round_index))
         completions = rollout.generate([p.prompt_ids for p in prompts], round_sampling)
         times["time/generate"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -617,7 +683,14 @@ def _sample(config: GRPOConfig | PPOConfig, step: int, prompt_order: StepBatcher
             (spare if (settings.dynamic_sampling and zero[g]) else kept).append(entry)
         if len(kept) >= wanted:
             break
-        prompts = rng.sample(all_prompts, wanted - len(kept))
+        # Oversample by the share of groups kept so far (DAPO samples a full batch per round).
+        sampled = len(kept) + len(spare)
+        needed = wanted - len(kept)
+        fresh = [p for p in all_prompts if id(p) not in drawn]
+        prompts = rng.sample(fresh, min(len(fresh), math.ceil(needed * sampled / max(len(kept), sampled / 4))))
+        if not prompts:
+            break
+        drawn.update(id(p) for p in prompts)
     filled = kept[:wanted]
     unfilled = wanted - len(filled)
     filled += spare[:unfilled]  # out of rounds: keep zero-variance groups (advantage 0) to fill the step
@@ -631,6 +704,14 @@ def _sample(config: GRPOConfig | PPOConfig, step: int, prompt_order: StepBatcher
     if settings.dynamic_sampling:
         stats["groups/unfilled"] = float(max(0, wanted - len(kept)))
     return Rollout(rows, completions, scores), stats
+
+
+def sampling_seed(seed: int, step: int, round_index: int) -> int:
+    """The sampling seed of one rollout round: a hash, so no two (step, round) pairs share per-prompt
+    seeds (seeds that differ by small integers did: the engine adds the prompt index)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step, round_index]).generate_state(1, np.uint32)[0] >> 1)
 
 
 def _slice_scores(scores: ScoreResult, start: int, stop: int) -> ScoreResult:

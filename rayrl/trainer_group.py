@@ -35,18 +35,28 @@ class TrainerGroup:
             if key not in ("CPU", "GPU"):
                 bundle[key] = bundle.get(key, 0.0) + value
         self.placement_group = None
-        options: list[dict[str, Any]] = [{} for _ in range(spec.world_size)]
-        if bundle:
-            self.placement_group = placement_group([bundle] * spec.world_size, strategy="PACK")
-            ray.get(self.placement_group.ready(), timeout=300)
-            options = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(
-                self.placement_group, placement_group_bundle_index=i)} for i in range(spec.world_size)]
-        remote_cls = ray.remote(role)
-        self.actors = [
-            remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, **options[rank]).remote(
-                spec, rank, **(role_kwargs or {}))
-            for rank in range(spec.world_size)
-        ]
+        self.actors = []
+        try:
+            options: list[dict[str, Any]] = [{} for _ in range(spec.world_size)]
+            if bundle:
+                self.placement_group = placement_group([bundle] * spec.world_size, strategy="PACK")
+                ray.get(self.placement_group.ready(), timeout=300)
+                options = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    self.placement_group, placement_group_bundle_index=i)} for i in range(spec.world_size)]
+            remote_cls = ray.remote(role)
+            self.actors = [
+                remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, **options[rank]).remote(
+                    spec, rank, **(role_kwargs or {}))
+                for rank in range(spec.world_size)
+            ]
+            self._setup(separate_reference)
+        except BaseException:
+            self._release()  # a rank that failed to start (or a bundle never placed) leaks nothing
+            raise
+
+    def _setup(self, separate_reference: bool) -> None:
+        import ray
+
         master_addr, master_port = ray.get(self.actors[0].address.remote())
         ips = ray.get([actor.node_ip.remote() for actor in self.actors])
         per_node = Counter(ips)
@@ -136,13 +146,16 @@ class TrainerGroup:
         self._all("export_hf", [directory] * len(self.actors))
 
     def shutdown(self) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
         try:
             self._all("shutdown")
         finally:
-            for actor in self.actors:
-                ray.kill(actor)
-            if self.placement_group is not None:
-                remove_placement_group(self.placement_group)
+            self._release()
+
+    def _release(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor)
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)

@@ -18,6 +18,7 @@ from .aggregation import (
 from .grpo import (
     group_advantages,
     overlong_mask,
+    overlong_penalty,
     policy_gradient_loss,
     reinforce_pp_advantages,
     rloo_advantages,
@@ -76,6 +77,7 @@ __all__ = [
     "policy_gradient_loss",
     "truncated_is_weights",
     "overlong_mask",
+    "overlong_penalty",
     "rloo_advantages",
     "reinforce_pp_advantages",
 ]

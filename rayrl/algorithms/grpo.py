@@ -23,6 +23,7 @@ __all__ = [
     "policy_gradient_loss",
     "truncated_is_weights",
     "overlong_mask",
+    "overlong_penalty",
     "rloo_advantages",
     "reinforce_pp_advantages",
 ]
@@ -49,18 +50,24 @@ def group_advantages(
     - ``none``: no scaling (Dr. GRPO, Liu et al. 2025: std scaling up-weights too-easy/too-hard
       prompts).
 
-    A group of equal rewards gets advantage 0. ``eps`` 1e-6 as verl (TRL uses 1e-4).
-    Returns (N,); broadcast to tokens by ``policy_gradient_loss``.
+    A group of equal rewards gets advantage exactly 0 (in float32, ``0.7 - mean([0.7] * 7)`` is not 0,
+    and dividing that by ``0 + eps`` would push the whole group one way). ``eps`` 1e-6 as verl (TRL
+    uses 1e-4). Returns (N,) in the rewards' dtype; broadcast to tokens by ``policy_gradient_loss``.
     """
-    g = _groups(rewards, group_size)
+    g = _groups(rewards, group_size).double()
     centered = g - g.mean(-1, keepdim=True)
     if scale == "group":
         centered = centered / (g.std(-1, keepdim=True) + eps)
     elif scale == "batch":
-        centered = centered / (rewards.std() + eps)
+        centered = centered / (rewards.double().std() + eps)
     elif scale != "none":
         raise ValueError(f"unknown scale {scale!r}")
-    return centered.reshape(-1)
+    return _zero_equal_groups(g, centered).reshape(-1).to(rewards.dtype)
+
+
+def _zero_equal_groups(groups: Tensor, advantages: Tensor) -> Tensor:
+    equal = (groups == groups[:, :1]).all(-1, keepdim=True)
+    return torch.where(equal, torch.zeros_like(advantages), advantages)
 
 
 def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
@@ -70,9 +77,9 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     k samples: each sample's baseline is the mean of the *other* samples, so it is unbiased.
     Returns (N,).
     """
-    g = _groups(rewards, group_size)
+    g = _groups(rewards, group_size).double()
     k = group_size
-    return ((k * g - g.sum(-1, keepdim=True)) / (k - 1)).reshape(-1)
+    return _zero_equal_groups(g, (k * g - g.sum(-1, keepdim=True)) / (k - 1)).reshape(-1).to(rewards.dtype)
 
 
 def reinforce_pp_advantages(
@@ -120,6 +127,18 @@ def overlong_mask(is_truncated: Tensor, mask: Tensor) -> Tensor:
     dropped rows no longer count as sequences either (see ``aggregate_loss``).
     """
     return torch.where(is_truncated.bool().unsqueeze(-1), torch.zeros_like(mask), mask)
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), a reward added to the score.
+
+    0 up to ``max_len - buffer`` tokens, then falling linearly to -1 at ``max_len``:
+    ``((max_len - buffer) - |y|) / buffer``; -1 beyond ``max_len``. Returns (N,) float32.
+    """
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"buffer must be in (0, max_len={max_len}], got {buffer}")
+    over = lengths.float() - (max_len - buffer)
+    return torch.where(lengths > max_len, torch.full_like(over, -1.0), -(over.clamp(min=0) / buffer))
 
 
 def policy_gradient_loss(

@@ -54,6 +54,9 @@ def _policy_stats(
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean(clipped.float(), mask),
+            # which side: ratio under 1 - eps_low (A < 0) or over 1 + eps_high (A > 0; DAPO's clip-higher)
+            "clip_frac/low": masked_mean((clipped & (ratio < 1)).float(), mask),
+            "clip_frac/high": masked_mean((clipped & (ratio > 1)).float(), mask),
             # KL(pi_old || pi) from samples of pi_old, k3 estimator (low variance, >= 0).
             "approx_kl": masked_mean(kl_estimate(old_logp, logp, kind="k3"), mask),
             "ratio_mean": masked_mean(ratio, mask),

@@ -118,11 +118,14 @@ class ScoreResult:
     errors: dict[str, list[str]] = field(default_factory=dict)
 
     def metrics(self, prefix: str = "reward") -> dict[str, float]:
-        """Flat scalars for logging: per-function mean, failure and timeout rates, total mean."""
+        """Flat scalars for logging: per-function mean and std, failure and timeout rates, total mean."""
         out: dict[str, float] = {}
         n = len(self.total)
         for name, values in self.per_function.items():
-            out[f"{prefix}/{name}/mean"] = sum(values) / n if n else 0.0
+            mean = sum(values) / n if n else 0.0
+            out[f"{prefix}/{name}/mean"] = mean
+            # sample std, as reward/std (torch.std)
+            out[f"{prefix}/{name}/std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
             out[f"{prefix}/{name}/failure_rate"] = self.failures.get(name, 0) / n if n else 0.0
             out[f"{prefix}/{name}/timeout_rate"] = self.timeouts.get(name, 0) / n if n else 0.0
         out[f"{prefix}/total/mean"] = sum(self.total) / n if n else 0.0

@@ -31,7 +31,8 @@ def grpo_config(output_dir, model_path, **sections):
     return build_config(data)
 
 
-REQUIRED = {"loss", "grad_norm", "lr", "reward/mean", "reward/std", "reward/correct/mean", "clip_frac", "entropy",
+REQUIRED = {"loss", "grad_norm", "lr", "reward/mean", "reward/std", "reward/correct/mean", "reward/correct/std",
+            "accuracy", "clip_frac", "clip_frac/low", "clip_frac/high", "entropy",
             "completion/length_mean", "completion/truncated_frac", "groups/zero_variance_frac",
             "logprob_gap/sampler_trainer", "policy_version", "time/generate", "time/reward", "time/reference",
             "time/train", "time/sync", "tokens_per_s"}
@@ -43,13 +44,18 @@ def test_grpo_runs_in_both_layouts(ray_cluster, tmp_path, tiny_model_dir, placem
 
     extra = {"kl_coef": 0.05} if placement == "split" else {}
     passk = {"samples": 4} if placement == "split" else {}
+    # Split samples at T=0.7: the trainer's and reference's log-probs must be taken at the same T.
+    temperature = 0.7 if placement == "split" else 1.0
     result = run_grpo(grpo_config(tmp_path / placement, tiny_model_dir, placement=placement,
-                                  grpo={"prompts_per_step": 4, **extra}, rollout={"num_workers": 2}, eval=passk))
+                                  grpo={"prompts_per_step": 4, **extra}, eval=passk,
+                                  rollout={"num_workers": 2, "temperature": temperature}))
     steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
     assert [r["policy_version"] for r in steps] == [1, 2]
     assert all(REQUIRED <= set(r) for r in steps)
     if extra:
         assert all("kl" in r for r in steps)
+        # step 1 trains the reference's own weights: zero KL, if both sides use the sampling temperature
+        assert steps[0]["kl"] < 1e-6
     # sampler (vLLM) and trainer (DeepSpeed) agree on the sampled tokens' log-probs after every sync
     assert all(r["logprob_gap/sampler_trainer"] < 1e-3 for r in steps)
     assert (result.final_model / "model.safetensors").exists()
@@ -153,7 +159,7 @@ def test_reward_rises_on_an_easy_task(ray_cluster, tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("variant", [
-    {"grpo": {"eps_high": 0.28, "dynamic_sampling": True, "overlong_filter": True}},  # DAPO
+    {"grpo": {"eps_high": 0.28, "dynamic_sampling": True, "overlong_filter": True, "overlong_buffer": 2}},  # DAPO
     {"grpo": {"ratio_level": "sequence", "eps_low": 3e-4, "eps_high": 4e-4, "loss_aggregation": "seq_mean_token_mean"}},  # GSPO
     {"grpo": {"scale": "none", "loss_aggregation": "seq_mean_token_sum_norm", "mini_batches": 2, "tis_cap": 2.0}},  # Dr. GRPO
     {"grpo": {"advantage": "rloo", "epochs": 2}},
@@ -170,7 +176,7 @@ def test_grpo_variants_run(ray_cluster, tmp_path, tiny_model_dir, variant):
     steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     if variant["grpo"].get("dynamic_sampling"):
-        assert all("groups/unfilled" in r for r in steps)
+        assert all("groups/unfilled" in r and "reward/overlong_penalty/mean" in r for r in steps)
 
 
 def test_roles_that_do_not_fit_the_cluster_fail_before_work(ray_cluster, tmp_path, tiny_model_dir):

@@ -34,6 +34,18 @@ def test_rloo_advantages_sum_to_zero_per_group():
     check_zero_sum_per_group(rloo_advantages)
 
 
+@pytest.mark.parametrize("value,size", [(0.7, 7), (0.3, 8), (0.1, 8)])
+@pytest.mark.parametrize("adv_fn", [group_advantages, rloo_advantages,
+                                    lambda r, g: group_advantages(r, g, scale="none")])
+def test_float32_groups_of_equal_partial_credit_get_exactly_zero(value, size, adv_fn):
+    """In float32, 0.7 - mean([0.7] * 7) is not 0; divided by a zero std + eps it was 0.056."""
+    rewards = torch.cat([torch.full((size,), value), torch.arange(size, dtype=torch.float32)])
+    adv = adv_fn(rewards, size)
+    assert adv.dtype == torch.float32
+    assert (adv[:size] == 0).all()
+    assert adv[size:].abs().sum() > 0
+
+
 def test_batch_mean_baseline_fails_the_same_check():
     wrong = lambda r, g: (r - r.mean()) / (r.std() + 1e-6)  # noqa: E731  batch mean, not group mean
     with pytest.raises(AssertionError):
@@ -184,3 +196,13 @@ def test_gradcheck_policy_gradient_loss(ratio_level):
         tis_weights=tis, mode="seq_mean_token_sum_norm", norm_constant=6,
     )[0]
     assert torch.autograd.gradcheck(fn, (logp,))
+
+
+def test_overlong_penalty_hand_values():
+    """DAPO eq. 13 with L_max 20, L_cache 4: free up to 16 tokens, then -1/4 per token, -1 past 20."""
+    from rayrl.algorithms import overlong_penalty
+
+    lengths = torch.tensor([3, 16, 17, 18, 20, 21])
+    assert overlong_penalty(lengths, 20, 4).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    with pytest.raises(ValueError, match="buffer must be in"):
+        overlong_penalty(lengths, 20, 0)

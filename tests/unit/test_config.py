@@ -97,3 +97,36 @@ def test_peft_contradictions():
     with pytest.raises(ConfigError, match="label_smoothing applies to loss_type"):
         build_config({"algorithm": "dpo", "dpo": {"loss_type": "ipo", "label_smoothing": 0.1}})
 
+
+
+def test_rl_settings_that_would_train_wrongly_are_errors():
+    with pytest.raises(ConfigError, match="grpo.kl_kind=k1 as a loss term has zero expected gradient"):
+        build_config({"algorithm": "grpo", "grpo": {"kl_coef": 0.1, "kl_kind": "k1"}})
+    build_config({"algorithm": "grpo", "grpo": {"kl_coef": 0.0, "kl_kind": "k1"}})  # no KL term: nothing to check
+    ppo = {"algorithm": "ppo", "reward_model": {"path": "rm"}}
+    assert build_config({**ppo, "ppo": {"kl_in": "loss"}}).ppo.kl_kind == "k3"
+    assert build_config(ppo).ppo.kl_kind == "k1"  # in the reward, k1 is the per-token KL
+    with pytest.raises(ConfigError, match="ppo.kl_kind=k1 as a loss term"):
+        build_config({**ppo, "ppo": {"kl_in": "loss", "kl_kind": "k1"}})
+    with pytest.raises(ConfigError, match="prefix/prompt tuning has none to merge"):
+        build_config({"algorithm": "grpo", "model": {"peft": {"method": "prefix"}}})
+
+
+def test_gspo_takes_the_papers_defaults_unless_set():
+    gspo = build_config({"algorithm": "grpo", "grpo": {"ratio_level": "sequence"}}).grpo
+    assert (gspo.eps_low, gspo.eps_high, gspo.loss_aggregation) == (3e-4, 4e-4, "seq_mean_token_mean")
+    mine = build_config({"algorithm": "grpo", "grpo": {"ratio_level": "sequence", "eps_high": 1e-3}}).grpo
+    assert (mine.eps_low, mine.eps_high) == (3e-4, 1e-3)
+    grpo = build_config({"algorithm": "grpo"}).grpo
+    assert (grpo.eps_low, grpo.eps_high, grpo.loss_aggregation) == (0.2, 0.2, "token_mean")
+
+
+def test_rl_warmup_counts_optimizer_steps():
+    # 10 rollout steps x 2 mini-batches x 2 epochs = 40 optimizer steps of LR schedule
+    config = {"algorithm": "grpo", "train": {"max_steps": 10, "warmup_steps": 30},
+              "grpo": {"mini_batches": 2, "epochs": 2}}
+    assert build_config(config).schedule_steps == 40
+    config["train"]["warmup_steps"] = 41
+    with pytest.raises(ConfigError, match=r"exceeds the 40 optimizer steps of the run \(train.max_steps x "
+                                          r"grpo.mini_batches x grpo.epochs\)"):
+        build_config(config)

@@ -93,6 +93,7 @@ def test_weights_combine_and_fields_pass_through(rewards_file):
     assert result.failures == {"math": 0, "exact": 0, "echo": 0}
     assert result.timeouts == {"math": 0, "exact": 0, "echo": 0}
     assert result.metrics()["reward/math/mean"] == pytest.approx(2 / 3)
+    assert result.metrics()["reward/math/std"] == pytest.approx(3 ** -0.5)  # sample std of [1, 1, 0]
 
 
 def test_raising_function_falls_back_and_others_are_scored(rewards_file):

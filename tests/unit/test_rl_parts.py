@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from rayrl.config import build_config
@@ -7,13 +8,33 @@ from rayrl.rl import compute_advantages, merge_scores, zero_variance_groups, _sl
 
 def test_advantage_choices():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
-    group = compute_advantages(rewards, 4, build_config({"algorithm": "grpo"}))
+    mask = torch.ones(8, 3, dtype=torch.bool)
+
+    def advantages(**grpo):
+        return compute_advantages(rewards, 4, build_config({"algorithm": "grpo", "grpo": grpo}), mask)
+
+    group = advantages()
     assert torch.allclose(group.view(2, 4).sum(-1), torch.zeros(2), atol=1e-6)
     assert torch.all(group[4:] == 0)  # a group of equal rewards learns nothing
-    rloo = compute_advantages(rewards, 4, build_config({"algorithm": "grpo", "grpo": {"advantage": "rloo"}}))
-    assert torch.allclose(rloo[:4], torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
-    rpp = compute_advantages(rewards, 4, build_config({"algorithm": "grpo", "grpo": {"advantage": "reinforce_pp"}}))
-    assert abs(float(rpp.mean())) < 1e-6 and rpp[4] > 0  # whitened over the whole batch, not per group
+    assert torch.allclose(advantages(advantage="rloo")[:4], torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
+    rpp = advantages(advantage="reinforce_pp")
+    assert rpp.shape == (8, 3) and abs(float(rpp.mean())) < 1e-6
+    assert (rpp[4] > 0).all()  # whitened over the whole batch, not per group: the all-correct group is pushed up
+    baseline = advantages(advantage="reinforce_pp_baseline")
+    assert torch.all(baseline[4:] == 0) and (baseline[0] > 0).all() and (baseline[1] < 0).all()
+
+
+def test_reinforce_pp_whitens_over_tokens_not_sequences():
+    """Scores [1, 0, 0, 0] on completions of 1, 9, 1 and 1 tokens: 12 tokens, one of them scored 1, so
+    mean 1/12 and (unbiased) variance 1/12; the correct completion's token gets (11/12) / sqrt(1/12)."""
+    lengths = torch.tensor([1, 9, 1, 1])
+    mask = torch.arange(9)[None, :] < lengths[:, None]
+    adv = compute_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4,
+                             build_config({"algorithm": "grpo", "grpo": {"advantage": "reinforce_pp"}}), mask)
+    std = (1 / 12) ** 0.5
+    assert float(adv[0, 0]) == pytest.approx((11 / 12) / std, rel=1e-5)  # 3.175; per-sequence whitening gave 1.5
+    assert torch.allclose(adv[1:][mask[1:]], torch.full((11,), -(1 / 12) / std), rtol=1e-5)
+    assert torch.all(adv[~mask] == 0)
 
 
 def test_zero_variance_groups():
@@ -29,3 +50,89 @@ def test_scores_slice_and_merge_keep_failures():
     merged = merge_scores(parts)
     assert merged.total == scores.total and merged.failures == {"f": 2}
     assert merged.metrics()["reward/f/failure_rate"] == 0.5
+
+
+def _dynamic_sampling_setup(num_prompts):
+    """Prompt i: rewards all 0 (i % 3 == 0), all 1 (i % 3 == 1) or mixed (i % 3 == 2) within its group."""
+    from types import SimpleNamespace
+
+    from rayrl.actors.rollout_worker import Completion, SamplingSettings
+    from rayrl.data.rollout import PromptRow
+
+    group = 4
+    prompts = [PromptRow(f"p{i}", [i + 1], {"kind": i % 3}) for i in range(num_prompts)]
+
+    class Pool:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, ids, sampling):
+            self.calls.append(len(ids))
+            return [Completion(i, k, p, [5, 6], [-1.0, -1.0], "x", "stop", 0)
+                    for i, p in enumerate(ids) for k in range(sampling.n)]
+
+    def score(rows, completions):
+        total = [float(r.fields["kind"] == 1) if r.fields["kind"] != 2 else float(c.sample_index % 2)
+                 for r, c in zip(rows, completions)]
+        return ScoreResult(total=total, per_function={"f": total}, failures={"f": 0}, timeouts={"f": 0},
+                           failed={"f": [False] * len(total)})
+
+    config = SimpleNamespace(rollout=SimpleNamespace(group_size=group), seed=0,
+                             settings=SimpleNamespace(prompts_per_step=6, dynamic_sampling=True, max_sampling_rounds=5))
+    order = SimpleNamespace(step_rows=lambda step: prompts[:6])
+    return config, order, prompts, Pool(), score, SamplingSettings(n=group)
+
+
+def test_dynamic_sampling_refills_with_fresh_prompts():
+    from rayrl.rl import _sample
+
+    config, order, prompts, pool, score, sampling = _dynamic_sampling_setup(30)
+    rollout, stats = _sample(config, 0, order, prompts, pool, score, sampling, {})
+    names = [rollout.prompts[i * 4].prompt for i in range(6)]
+    assert len(set(names)) == 6 and all(int(n[1:]) % 3 == 2 for n in names)  # no duplicates, all informative
+    assert not zero_variance_groups(rollout.rewards, 4).any()
+    assert stats["groups/unfilled"] == 0 and stats["groups/zero_variance_frac"] == pytest.approx(4 / 6)
+    assert pool.calls[1] > 4  # the refill oversamples: only a third of the groups are kept
+
+
+def test_dynamic_sampling_on_a_small_dataset_stops_when_no_prompt_is_left():
+    from rayrl.rl import _sample
+
+    config, order, prompts, pool, score, sampling = _dynamic_sampling_setup(7)
+    rollout, stats = _sample(config, 0, order, prompts, pool, score, sampling, {})
+    assert pool.calls == [6, 1]  # one prompt left to draw, then nothing: no error
+    assert stats["groups/unfilled"] == 4  # p2, p5 kept; the step is topped up with zero-variance groups
+    assert len(rollout.completions) == 6 * 4
+
+
+def test_accuracy_counts_positive_first_verifier_rewards():
+    from rayrl.rl import accuracy
+
+    scores = ScoreResult(total=[1.5, 0.2, 0.0, -1.0], per_function={"correct": [1.0, 0.2, 0.0, -1.0], "fmt": [0.5] * 4},
+                         failures={}, timeouts={}, failed={})
+    assert accuracy(scores) == 0.5
+    rm_only = ScoreResult(total=[0.3], per_function={"reward_model": [0.3]}, failures={}, timeouts={}, failed={})
+    assert accuracy(rm_only) is None
+
+
+def test_overlong_penalty_is_one_more_reward():
+    from rayrl.actors.rollout_worker import Completion
+    from rayrl.rl import with_overlong_penalty
+
+    def score(rows, completions):
+        n = len(completions)
+        return ScoreResult(total=[1.0] * n, per_function={"correct": [1.0] * n}, failures={"correct": 0},
+                           timeouts={"correct": 0}, failed={"correct": [False] * n})
+
+    config = build_config({"algorithm": "grpo", "rollout": {"max_new_tokens": 8},
+                           "grpo": {"overlong_buffer": 4, "overlong_penalty_factor": 0.5}})
+    completions = [Completion(0, k, [1], [5] * length, [0.0] * length, "x", "stop", 0)
+                   for k, length in enumerate([2, 4, 6, 8])]
+    result = with_overlong_penalty(score, config)(["p"] * 4, completions)
+    assert result.per_function["overlong_penalty"] == [0.0, 0.0, -0.25, -0.5]
+    assert result.total == [1.0, 1.0, 0.75, 0.5]
+    assert list(result.per_function)[0] == "correct"  # accuracy still reads the verifier
+    off = build_config({"algorithm": "grpo"})
+    assert with_overlong_penalty(score, off) is score
+    with pytest.raises(Exception, match=r"grpo.overlong_buffer \(9\) exceeds rollout.max_new_tokens \(8\)"):
+        build_config({"algorithm": "grpo", "rollout": {"max_new_tokens": 8}, "grpo": {"overlong_buffer": 9}})
