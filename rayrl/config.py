@@ -345,6 +345,14 @@ class RewardFunctionConfig(_Strict):
     timeout_s: float | None = Field(default=10.0, gt=0)
     fallback: float = 0.0
     """The score given when the function raises, times out or returns a non-number (counted)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the function's factory (built-ins: math_answer {rel_tol}, exact_match
+    {case_sensitive}, python_tests {timeout_s, memory_mb, ...}; a user's ``file.py:make_fn``)."""
+
+    @property
+    def metric_name(self) -> str:
+        """``name``, or the function's name (``path/to/file.py:score`` -> ``score``)."""
+        return self.name or self.fn.rsplit(":", 1)[-1]
 
 
 class RLDataConfig(_Strict):
@@ -533,9 +541,11 @@ class _RLBase(_CommonBase):
             raise ValueError("eval.generation_data is the SFT stage's; RL stages evaluate on the prompts of data.eval")
         if self.eval.every_steps and self.data.eval is None:
             raise ValueError("eval.every_steps is set but data.eval is null: nothing to evaluate on")
-        names = [r.name or r.fn for r in self.rewards]
-        if len(set(names)) != len(names):
-            raise ValueError(f"rewards: names must be unique, got {names} (set rewards[i].name)")
+        names = [r.metric_name for r in self.rewards]
+        clashes = [i for i, name in enumerate(names) if names.count(name) > 1]
+        if clashes:
+            raise ValueError(f"rewards: names must be unique, got {names}; set rewards[i].name for "
+                             f"{', '.join(f'rewards[{i}]' for i in clashes)}")
         bad_k = [k for k in self.eval.pass_k if not 1 <= k <= self.eval.samples]
         if bad_k:
             raise ValueError(f"eval.pass_k {bad_k}: each k must be between 1 and eval.samples ({self.eval.samples})")

@@ -4,12 +4,40 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel
 
 FINAL_MODEL_DIR = "final"
+STAGE_DONE_MARKER = "stage_complete.json"  # written by a pipeline when the stage finished
+
+
+# What one run writes into its output_dir; a fresh run moves an earlier run's copies aside.
+RUN_RECORDS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "placement.json", "wandb_run_id", "checkpoints",
+               FINAL_MODEL_DIR, "final_critic", STAGE_DONE_MARKER)
+EARLIER_RUNS_DIR = "earlier_runs"
+
+
+def archive_earlier_run(output_dir: Path) -> Path | None:
+    """Move an earlier run's records out of the way of a fresh run into the same ``output_dir``
+    (into ``earlier_runs/<UTC time>/``), so that the two neither mix nor overwrite each other.
+    Returns where they went, or None if there was nothing to move."""
+    present = [name for name in RUN_RECORDS if (output_dir / name).exists() and name != "config.yaml"]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = output_dir / EARLIER_RUNS_DIR / stamp
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = output_dir / EARLIER_RUNS_DIR / f"{stamp}-{suffix}"
+    target.mkdir(parents=True)
+    for name in RUN_RECORDS:
+        if (output_dir / name).exists():
+            os.replace(output_dir / name, target / name)
+    return target
 
 
 def prepare_output_dir(config: BaseModel) -> Path:

@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from rayrl.config import ConfigError, apply_overrides, build_config, load_yaml
+from rayrl.outputs import STAGE_DONE_MARKER
 
-DONE_MARKER = "stage_complete.json"
+DONE_MARKER = STAGE_DONE_MARKER
 
 
 @dataclass(frozen=True)

@@ -141,8 +141,8 @@ class Rollout:
 
 
 def reward_specs(config: GRPOConfig | PPOConfig) -> list[RewardSpec]:
-    return [RewardSpec(name=r.name or r.fn.rsplit(":", 1)[-1], fn=r.fn, weight=r.weight, timeout_s=r.timeout_s,
-                       fallback=r.fallback) for r in config.rewards]
+    return [RewardSpec(name=r.metric_name, fn=r.fn, weight=r.weight, timeout_s=r.timeout_s, fallback=r.fallback,
+                       options=r.options or None) for r in config.rewards]
 
 
 def compute_advantages(rewards: torch.Tensor, group_size: int, config: GRPOConfig,
@@ -566,7 +566,11 @@ def _rollout_metrics(rollout_data: Rollout, sampler_logps: torch.Tensor, old_log
     lengths = torch.tensor([len(c.token_ids) for c in rollout_data.completions], dtype=torch.float32)
     gap = ((sampler_logps - old_logps).abs() * mask).sum() / mask.sum().clamp_min(1)
     correct = accuracy(rollout_data.scores)
-    return {**rollout_data.scores.metrics(),
+    # Failure and timeout rates come from _sample, over everything scored (dropped groups too): the
+    # kept groups' slices count no timeouts.
+    reward_stats = {k: v for k, v in rollout_data.scores.metrics().items()
+                    if not k.endswith(("failure_rate", "timeout_rate"))}
+    return {**reward_stats,
             **({"accuracy": correct} if correct is not None else {}),
             "reward/mean": float(rewards.mean()),
             "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,

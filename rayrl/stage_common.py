@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rayrl.checkpoint import CheckpointManager
-from rayrl.outputs import prepare_output_dir
+from rayrl.outputs import archive_earlier_run, prepare_output_dir
 from rayrl.tiny import resolve_model_path
 from rayrl.tracking import truncate_metrics
 
@@ -37,16 +37,20 @@ def prepare_stage(config) -> StageSetup:
     """Output dir, model path and tokenizer, and where to resume from (if asked and possible)."""
     from transformers import AutoTokenizer
 
-    output_dir = prepare_output_dir(config)
     model_path = resolve_model_path(config.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    checkpoints = CheckpointManager(output_dir / "checkpoints", config.checkpoint.keep_last)
+    checkpoints = CheckpointManager(Path(config.output_dir) / "checkpoints", config.checkpoint.keep_last)
     resume_from = checkpoints.latest() if config.checkpoint.resume else None
     start_step = CheckpointManager.load_state(resume_from)["step"] if resume_from else 0
     if resume_from:
-        truncate_metrics(output_dir, start_step)
+        truncate_metrics(config.output_dir, start_step)
+    else:  # a fresh run: an earlier run's metrics, checkpoints and final model move aside, kept
+        archived = archive_earlier_run(Path(config.output_dir))
+        if archived is not None:
+            print(f"{config.output_dir} held an earlier run: moved to {archived}")
+    output_dir = prepare_output_dir(config)
     return StageSetup(output_dir, model_path, tokenizer, checkpoints, resume_from, start_step)
 
 

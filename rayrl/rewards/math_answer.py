@@ -7,22 +7,25 @@ Extraction of the completion's final answer, in order:
 
 1. the content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced;
 2. else the text after the last ``####`` marker (GSM8K style), if it holds a number;
-3. else the LAST number in the completion. A "number" is an integer or decimal with an
+3. else the first number after the last "answer is"/"answer:";
+4. else the LAST number in the completion. A "number" is an integer or decimal with an
    optional sign and exponent, thousands groups (``9,386``), a fraction ``a/b`` or a LaTeX
    ``\\frac{a}{b}`` (also ``\\dfrac``/``\\tfrac``, ``\\frac12``).
 
 The reference ``answer`` is parsed as a number if it is one as a whole (after the clean-up
 below); a GSM8K-style rationale ending in ``#### 72`` or a MATH-style solution with a
-``\\boxed{}`` is reduced to that final answer first.
+``\\boxed{}`` is reduced to that final answer first, and a number with a unit (``2 apples``) is
+the number.
 
 Numeric comparison is exact on rationals (``fractions.Fraction``), so ``"9,386" == "9386" ==
-"9386.0"`` and ``"1/2" == "0.5" == "\\frac{1}{2}"``, with a tiny relative tolerance
-(``rel_tol``, default 1e-9) for float round-off. Clean-up before parsing removes ``$``, ``\\$``,
-``\\!``/``\\,`` spacing, ``\\text{...}`` units, ``%``, degree marks, a leading ``x =`` and a
-trailing period.
+"9386.0"`` and ``"1/2" == "0.5" == "\\frac{1}{2}"``, while 2000000001 != 2000000000 and
+0.3333 != 1/3; ``rel_tol`` (``make_math_answer``, config ``options``) accepts rounded values.
+Clean-up before parsing removes ``$``, ``\\$``, ``\\!``/``\\,`` spacing, ``\\text{...}`` units,
+``%``, degree marks, a leading ``x =`` and a trailing period.
 
 If the reference is not numeric, the comparison falls back to normalised strings (strip,
-lowercase, surrounding ``$`` removed, trailing period removed, whitespace collapsed) between
+lowercase, ``\\text{}`` unwrapped, surrounding ``$`` removed, trailing period removed, whitespace
+collapsed) between
 the reference and the boxed content, or (no box) the whole completion or the text after the
 last "answer is"/"answer:".
 """
@@ -50,7 +53,7 @@ _EXP = r"(?:[eE][-+]?\d+)?"
 _FRAC_LATEX = r"\\[dt]?frac\s*(?:\{[^{}]*\}|\d)\s*(?:\{[^{}]*\}|\d)"
 # One numeric token: LaTeX fraction, a/b, or a (grouped) decimal with exponent.
 _NUMBER_TOKEN = re.compile(
-    rf"(?<![\w.])({_SIGNED}\s*{_FRAC_LATEX}"
+    rf"(?<![\w.])((?:[-+]\s*)?{_FRAC_LATEX}"
     rf"|{_SIGNED}(?:{_UNSIGNED_DEC}){_EXP}\s*/\s*(?:{_UNSIGNED_DEC}){_EXP}"
     rf"|{_SIGNED}(?:{_UNSIGNED_DEC}){_EXP})"
 )
@@ -58,6 +61,8 @@ _FULL_DEC = re.compile(rf"^{_SIGNED}(?:{_UNSIGNED_DEC}){_EXP}$")
 _LATEX_FRAC_FULL = re.compile(r"^([-+]?)\\[dt]?frac\s*(\{[^{}]*\}|\d)\s*(\{[^{}]*\}|\d)$")
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|mathrm|mbox|mathbf)\s*\{[^{}]*\}")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*", re.IGNORECASE)
+_NUMBER_WITH_UNIT = re.compile(r"^\s*(\S+)\s+[A-Za-z][A-Za-z ]*$")
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox|mathbf)\s*\{([^{}]*)\}")
 
 
 def extract_boxed(text: str) -> str | None:
@@ -67,22 +72,32 @@ def extract_boxed(text: str) -> str | None:
     (no braces) yields ``"5"``.
     """
     starts = [m for m in re.finditer(r"\\(?:boxed|fbox)\s*", text)]
+    if not starts:
+        return None
+    closing = _matching_braces(text)
     for m in reversed(starts):
         i = m.end()
         if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                if text[j] == "{":
-                    depth += 1
-                elif text[j] == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1 : j]
+            if i in closing:
+                return text[i + 1 : closing[i]]
             continue  # unbalanced: try an earlier box
         bare = re.match(r"[^\s$]+", text[i:])
         if bare:
             return bare.group(0)
     return None
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """``{open index: close index}`` of the balanced braces, in one pass (scanning from every box
+    start made a run of ``\\boxed{`` quadratic)."""
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    for j, ch in enumerate(text):
+        if ch == "{":
+            stack.append(j)
+        elif ch == "}" and stack:
+            pairs[stack.pop()] = j
+    return pairs
 
 
 def _clean_numeric(s: str) -> str:
@@ -149,7 +164,7 @@ def parse_number(text: str) -> Fraction | None:
 
 
 def _number_tokens(text: str) -> list[str]:
-    text = text.replace("\u2212", "-")
+    text = text.replace("\u2212", "-").replace("\\$", "").replace("$", "")  # "-$5" is -5
     return [m.group(1) for m in _NUMBER_TOKEN.finditer(text)]
 
 
@@ -185,6 +200,12 @@ def extract_final_answer(completion: str) -> tuple[str | None, Fraction | None]:
         value = _last_number(tail.strip().splitlines()[0] if tail.strip() else "")
         if value is not None:
             return tail.strip(), value
+    parts = _ANSWER_IS.split(completion)
+    if len(parts) > 1:  # "The answer is 8. Check: 8 - 3 = 5" -> 8, not the last number
+        tokens = _number_tokens(parts[-1])
+        value = parse_number(tokens[0]) if tokens else None
+        if value is not None:
+            return tokens[0], value
     tokens = _number_tokens(completion)
     for token in reversed(tokens):
         value = parse_number(token)
@@ -202,12 +223,13 @@ def _reference_value(answer: str) -> Fraction | None:
     boxed = extract_boxed(answer)
     if boxed is not None:
         return _number_in_box(boxed)
-    return None
+    with_unit = _NUMBER_WITH_UNIT.match(answer)  # "2 apples", "15 km"
+    return parse_number(with_unit.group(1)) if with_unit else None
 
 
 def normalize_text_answer(text: str) -> str:
     """Strip, lowercase, remove surrounding ``$``/``\\(\\)`` and a trailing period, collapse spaces."""
-    s = str(text).strip().lower()
+    s = _TEXT_WRAPPER.sub(r"\1", str(text)).strip().lower()  # \text{A} is A
     changed = True
     while changed:
         changed = False
@@ -222,15 +244,15 @@ def normalize_text_answer(text: str) -> str:
 
 
 def _values_close(a: Fraction, b: Fraction, rel_tol: float) -> bool:
-    if a == b:
-        return True
+    if a == b or not rel_tol:
+        return a == b
     try:
         return math.isclose(float(a), float(b), rel_tol=rel_tol, abs_tol=0.0)
     except OverflowError:
         return False
 
 
-def math_answers_equal(completion: str, answer: Any, *, rel_tol: float = 1e-9) -> bool:
+def math_answers_equal(completion: str, answer: Any, *, rel_tol: float = 0.0) -> bool:
     """True if the completion's final answer matches ``answer`` (see module docstring)."""
     completion = "" if completion is None else str(completion)
     answer_s = str(answer)
@@ -253,8 +275,9 @@ def math_answers_equal(completion: str, answer: Any, *, rel_tol: float = 1e-9) -
     return any(normalize_text_answer(c) == target for c in candidates)
 
 
-def make_math_answer(*, rel_tol: float = 1e-9) -> Callable[..., float]:
-    """Factory for a ``math_answer`` reward with a custom relative tolerance."""
+def make_math_answer(*, rel_tol: float = 0.0) -> Callable[..., float]:
+    """Factory for a ``math_answer`` reward with a relative tolerance (default 0: exact; config
+    ``options: {rel_tol: 1e-4}`` accepts rounded decimals such as 0.3333 for 1/3)."""
 
     def math_answer(prompt: str, completion: str, answer: Any = None, **fields: Any) -> float:
         """1.0 if the completion's final answer equals the row's ``answer``, else 0.0."""

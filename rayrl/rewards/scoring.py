@@ -49,6 +49,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import numbers
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -358,6 +359,7 @@ class RewardScorer:
                 if killed:
                     proc.kill()
                 proc.join(5)
+                _kill_process_group(proc.pid)  # processes a reward function started (timed out or not)
                 reader.close()
             if killed or proc.exitcode not in (0, None):
                 # A killed child cannot clean up after a sandbox run it was in the middle of.
@@ -422,12 +424,25 @@ class _JobRunner:
             return "error", f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
+def _kill_process_group(pgid: int | None) -> None:
+    if pgid is None:
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left in the group
+
+
 def _raise_timeout(signum, frame):
     raise RewardTimeout()
 
 
 def _child_main(runner: _JobRunner, jobs: list[_Job], start: int, conn) -> None:
     """Body of the forked scoring child: run jobs[start:], one alarm each, stream results."""
+    try:
+        os.setsid()  # its own process group: whatever a reward function spawns ends with the child
+    except OSError:
+        pass
     try:
         signal.signal(signal.SIGALRM, _raise_timeout)
         use_alarm = True

@@ -130,3 +130,19 @@ def test_rl_warmup_counts_optimizer_steps():
     with pytest.raises(ConfigError, match=r"exceeds the 40 optimizer steps of the run \(train.max_steps x "
                                           r"grpo.mini_batches x grpo.epochs\)"):
         build_config(config)
+
+
+def test_reward_options_reach_the_function_and_default_names_clash_clearly():
+    from rayrl.rewards.scoring import RewardScorer
+    from rayrl.rl import reward_specs
+
+    config = build_config({"algorithm": "grpo", "rewards": [
+        {"fn": "exact_match", "name": "exact_nocase", "options": {"case_sensitive": False}},
+        {"fn": "math_answer", "options": {"rel_tol": 1e-3}}]})
+    result = RewardScorer(reward_specs(config)).score(["q"], ["0.3333"], [{"answer": "0.3333"}])
+    assert result.per_function == {"exact_nocase": [1.0], "math_answer": [1.0]}
+    result = RewardScorer(reward_specs(config)).score(["q"], ["YES"], [{"answer": "yes"}])
+    assert result.per_function["exact_nocase"] == [1.0]
+    with pytest.raises(ConfigError, match=r"names must be unique, got \['score', 'score'\]; set rewards\[i\].name "
+                                          r"for rewards\[0\], rewards\[1\]"):
+        build_config({"algorithm": "grpo", "rewards": [{"fn": "a.py:score"}, {"fn": "b.py:score"}]})

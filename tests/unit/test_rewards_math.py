@@ -51,13 +51,17 @@ def test_math_fractions_negatives_latex(completion, answer):
     "completion, answer",
     [
         ("9387", "9386"),
-        ("The answer is 9386 and then 1", "9386"),  # last number is 1
+        ("9386 at first, then 1", "9386"),  # no marker: the last number (1) is the answer
         ("no answer", "9386"),
         ("", "9386"),
         ("\\boxed{9386} ... actually \\boxed{9387}", "9386"),
         ("\\boxed{2x+1}", "1"),  # an expression is not the number 1
         ("0.5", "-0.5"),
         ("1/3", "0.333"),
+        ("1/3", "0.3333333333"),  # exact by default: no tolerance for rounded decimals
+        ("2000000001", "2000000000"),
+        ("\\boxed{1.0000000001}", "1"),
+        ("123456789012345678901234567891", "123456789012345678901234567890"),
         ("1e999999999", "1"),  # absurd exponent must not hang or match
     ],
 )
@@ -65,7 +69,37 @@ def test_math_negatives(completion, answer):
     assert math_answer("q", completion, answer=answer) == 0.0
 
 
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        ("The answer is 8. Check: 8 - 3 = 5", "8"),  # the marked answer, not the last number
+        ("Answer: 12 apples, since 4 x 3 = 12 and 12 - 0 = 12", "12"),
+        ("It loses -$5 a day", "-5"),
+        ("\\boxed{2}", "2 apples"),  # a reference with a unit is its number
+    ],
+)
+def test_math_marked_answers_signs_and_units(completion, answer):
+    assert math_answer("q", completion, answer=answer) == 1.0
+
+
+def test_math_tolerance_is_an_option():
+    from rayrl.rewards import make_math_answer
+
+    assert make_math_answer(rel_tol=1e-4)("q", "0.33333", answer="1/3") == 1.0
+    assert math_answer("q", "0.33333", answer="1/3") == 0.0
+
+
+def test_math_extraction_is_linear_on_adversarial_input():
+    import time
+
+    started = time.perf_counter()
+    for text in ["\\boxed{" * 20_000, "1" + " " * 100_000 + "x", "#### " + " " * 100_000]:
+        assert math_answer("q", text, answer="5") == 0.0
+    assert time.perf_counter() - started < 1.0  # was ~4 s per 32 KB (quadratic scans)
+
+
 def test_math_non_numeric_answers_use_normalised_strings():
+    assert math_answer("q", "\\boxed{\\text{A}}", answer="A") == 1.0
     assert math_answer("q", "The capital is \\boxed{Paris}", answer="paris") == 1.0
     assert math_answer("q", "  Paris. ", answer="paris") == 1.0
     assert math_answer("q", "The answer is Paris.", answer="Paris") == 1.0

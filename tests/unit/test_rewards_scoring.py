@@ -52,6 +52,16 @@ def dies(prompt, completion, answer, **fields):
 def bad_values(prompt, completion, answer, **fields):
     return {"none": None, "str": "1.0", "nan": math.nan, "inf": math.inf, "int": 1, "bool": True}[completion]
 
+def spawns(prompt, completion, answer, pid_file, wedge=False, **fields):
+    # Starts a long-lived process, records its pid, then hangs (wedged: past the alarm too).
+    import subprocess
+    proc = subprocess.Popen(["sleep", "1000"])
+    with open(pid_file, "a") as f:
+        f.write(f"{proc.pid}\\n")
+    if wedge:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(100)
+
 def batch_len(prompts, completions, **fields):
     return [float(len(c)) + float(a) for c, a in zip(completions, fields["answer"])]
 batch_len.batched = True
@@ -123,6 +133,33 @@ def test_hanging_function_times_out_with_fallback(rewards_file, fn):
     assert result.per_function["exact"] == [1.0, 0.0, 0.0, 1.0]
     # sleepy: the alarm fires at 0.5 s; wedged/swallow: the watchdog kills at 0.5 + 0.5 s.
     assert elapsed < 4.0
+
+
+@pytest.mark.parametrize("wedge", [False, True], ids=["alarm", "killed"])
+def test_processes_a_timed_out_function_started_are_ended(rewards_file, tmp_path, wedge):
+    import os
+
+    pid_file = tmp_path / "pids"
+    scorer = RewardScorer([spec("spawns", f"{rewards_file}:spawns", timeout_s=0.5)], grace_s=0.5)
+    result = scorer.score(["P"], ["x"], [{"answer": "a", "pid_file": str(pid_file), "wedge": wedge}])
+    assert result.timeouts["spawns"] == 1
+    pid = int(pid_file.read_text().split()[0])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.waitpid(pid, os.WNOHANG)  # not our child: raises; only the state in /proc matters
+        except ChildProcessError:
+            pass
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split()[2] == "Z":
+                    break  # a zombie waiting for init to reap it: ended
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        pytest.fail(f"the 'sleep' process {pid} a reward function started outlived the scoring call")
 
 
 def test_dying_child_is_a_failure_and_rest_is_scored(rewards_file):

@@ -136,3 +136,27 @@ def test_overlong_penalty_is_one_more_reward():
     assert with_overlong_penalty(score, off) is score
     with pytest.raises(Exception, match=r"grpo.overlong_buffer \(9\) exceeds rollout.max_new_tokens \(8\)"):
         build_config({"algorithm": "grpo", "rollout": {"max_new_tokens": 8}, "grpo": {"overlong_buffer": 9}})
+
+
+def test_timeouts_reach_the_step_metrics():
+    """Rates are over everything scored; the kept groups' metrics must not overwrite them with 0."""
+    from rayrl.data.rollout import completion_tokens
+    from rayrl.rl import _rollout_metrics, _sample
+
+    config, order, prompts, pool, _, sampling = _dynamic_sampling_setup(30)
+    config.settings.dynamic_sampling = False
+
+    def timed_out(rows, completions):
+        n = len(completions)
+        return ScoreResult(total=[0.0] * n, per_function={"f": [0.0] * n}, failures={"f": n}, timeouts={"f": n},
+                           failed={"f": [True] * n})
+
+    rollout, stats = _sample(config, 0, order, prompts, pool, timed_out, sampling, {})
+    assert stats["reward/f/timeout_rate"] == 1.0 and stats["reward/f/failure_rate"] == 1.0
+    tokens, sampler = completion_tokens([c.prompt_ids for c in rollout.completions],
+                                        [c.token_ids for c in rollout.completions],
+                                        [c.logprobs for c in rollout.completions], 0)
+    mask = tokens.loss_mask[:, 1:]
+    step = _rollout_metrics(rollout, sampler, sampler, mask, torch.zeros(len(rollout.completions), dtype=torch.bool))
+    assert {**step, **stats}["reward/f/timeout_rate"] == 1.0
+    assert not any(k.endswith("_rate") for k in step)
