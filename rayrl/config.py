@@ -361,6 +361,8 @@ class RLDataConfig(_Strict):
     reward functions take (e.g. ``answer``)."""
     eval: str | None = "rayrl:addition/prompts-eval"
     max_prompt_length: int = Field(default=256, gt=0)
+    drop_long_prompts: bool = False
+    """Skip prompts over max_prompt_length tokens (counted) instead of stopping with an error."""
     shuffle: bool = True
 
 

@@ -234,9 +234,11 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
         RewardScorer(specs, base_dir=os.getcwd()).load()
 
     # Data: prompts (plus fields for the reward functions); a deterministic prompt order per step.
-    train_prompts = load_prompts(config.data.train, tokenizer, config.data.max_prompt_length)
-    eval_prompts = (load_prompts(config.data.eval, tokenizer, config.data.max_prompt_length)[: config.eval.max_examples]
-                    if config.data.eval else [])
+    drop = config.data.drop_long_prompts
+    train_prompts = load_prompts(config.data.train, tokenizer, config.data.max_prompt_length, drop_long=drop)
+    eval_prompts = (load_prompts(config.data.eval, tokenizer, config.data.max_prompt_length,
+                                 drop_long=drop)[: config.eval.max_examples] if config.data.eval else [])
+    check_context_length(config, setup.model_path)
     prompt_order = StepBatcher(train_prompts, global_batch_size=prompts_per_step, micro_batch_size=prompts_per_step,
                                world_size=1, seed=config.seed, shuffle=config.data.shuffle,
                                collate=lambda rows: rows, unit="prompts")
@@ -528,6 +530,19 @@ def _gae_advantages(config: PPOConfig, rewards: torch.Tensor, old_logps: torch.T
     if ref_logps is not None:
         metrics["kl/rollout"] = _sequence_kl(old_logps, ref_logps, m)
     return advantages, returns, metrics
+
+
+def check_context_length(config: GRPOConfig | PPOConfig, model_path: str) -> None:
+    """The longest sequence (prompt + completion) must fit the model's positions, before any actor starts."""
+    from transformers import AutoConfig
+
+    from rayrl.config import ConfigError
+
+    limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    longest = config.data.max_prompt_length + max(config.rollout.max_new_tokens, config.eval_max_new_tokens)
+    if limit is not None and longest > limit:
+        raise ConfigError(f"data.max_prompt_length + rollout.max_new_tokens (or eval.max_new_tokens) = {longest} "
+                          f"tokens, over the model's max_position_embeddings ({limit}, {model_path})")
 
 
 def with_overlong_penalty(score, config: GRPOConfig | PPOConfig):

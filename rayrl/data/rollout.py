@@ -47,11 +47,15 @@ class ValueBatch:
         return self.tokens.input_ids.shape[0]
 
 
-def load_prompts(source: str, tokenizer, max_prompt_length: int) -> list[PromptRow]:
+def load_prompts(source: str, tokenizer, max_prompt_length: int, *, drop_long: bool = False) -> list[PromptRow]:
+    """Prompt rows (text or chat messages) with their token ids and extra fields. A prompt over
+    ``max_prompt_length`` tokens is an error naming its file and line, or with ``drop_long`` is
+    skipped (how many is printed; a dataset left empty is still an error)."""
     rows = read_rows(source)
     if not rows:
         raise DataError(f"dataset {source!r} has no rows")
     prompts = []
+    dropped = 0
     for row in rows:
         prompt = require_field(row, "prompt", (str, list))
         if isinstance(prompt, list):
@@ -61,10 +65,17 @@ def load_prompts(source: str, tokenizer, max_prompt_length: int) -> list[PromptR
         else:
             ids, text = tokenizer(prompt)["input_ids"], prompt
         if len(ids) > max_prompt_length:
+            if drop_long:
+                dropped += 1
+                continue
             raise DataError(f"{row.where}: prompt is {len(ids)} tokens, over data.max_prompt_length "
-                            f"({max_prompt_length})")
+                            f"({max_prompt_length}); raise it, or set data.drop_long_prompts: true to skip such rows")
         fields = {k: v for k, v in row.fields.items() if k not in ("prompt", "completion")}
         prompts.append(PromptRow(text, ids, fields))
+    if dropped:
+        print(f"{source}: skipped {dropped} of {len(rows)} prompts over data.max_prompt_length ({max_prompt_length} tokens)")
+    if not prompts:
+        raise DataError(f"dataset {source!r}: every prompt is over data.max_prompt_length ({max_prompt_length})")
     return prompts
 
 

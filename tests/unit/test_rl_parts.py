@@ -160,3 +160,31 @@ def test_timeouts_reach_the_step_metrics():
     step = _rollout_metrics(rollout, sampler, sampler, mask, torch.zeros(len(rollout.completions), dtype=torch.bool))
     assert {**step, **stats}["reward/f/timeout_rate"] == 1.0
     assert not any(k.endswith("_rate") for k in step)
+
+
+def test_long_prompts_are_an_error_naming_the_line_or_skipped(tmp_path, tokenizer):
+    import json
+
+    from rayrl.data.rollout import load_prompts
+    from rayrl.data.loading import DataError
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in ["1+0=", "1+2+3+4+5+6+7=", "0+1="]))
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: prompt is \d+ tokens, over data.max_prompt_length \(6\); "
+                                        r".*data.drop_long_prompts"):
+        load_prompts(str(data), tokenizer, 6)
+    kept = load_prompts(str(data), tokenizer, 6, drop_long=True)
+    assert [p.prompt for p in kept] == ["1+0=", "0+1="]
+    with pytest.raises(DataError, match="every prompt is over"):
+        load_prompts(str(data), tokenizer, 2, drop_long=True)
+
+
+def test_sequences_longer_than_the_models_positions_are_a_config_error(tiny_model_dir):
+    from rayrl.config import ConfigError
+    from rayrl.rl import check_context_length
+
+    ok = build_config({"algorithm": "grpo", "data": {"max_prompt_length": 500}, "rollout": {"max_new_tokens": 12}})
+    check_context_length(ok, tiny_model_dir)  # 512 positions
+    long = build_config({"algorithm": "grpo", "data": {"max_prompt_length": 500}, "rollout": {"max_new_tokens": 13}})
+    with pytest.raises(ConfigError, match=r"= 513 tokens, over the model's max_position_embeddings \(512"):
+        check_context_length(long, tiny_model_dir)
