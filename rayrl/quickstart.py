@@ -40,6 +40,8 @@ QUICKSTART_DPO = {
 
 # GRPO with the exact-answer verifier: rewards the carry the demos got wrong. Sampling at 0.7 keeps the
 # samples near what greedy decoding would say (at 1.0, GRPO after this DPO stage stalled near 0.88).
+# Log-probs at T=0.7 scale the policy gradient by 1/T: lr 7e-5 (1e-4 ended at 0.928 / 0.952 on seeds
+# 0 / 1, 7e-5 at 0.962 / 0.968).
 QUICKSTART_GRPO = {
     "algorithm": "grpo",
     "data": {"train": "rayrl:addition/prompts-train", "eval": "rayrl:addition/prompts-eval"},
@@ -47,7 +49,7 @@ QUICKSTART_GRPO = {
     "rollout": {"backend": "vllm", "num_cpus": 0.5, "group_size": 8, "temperature": 0.7, "max_new_tokens": 6,
                 "kv_cache_gib": 0.5},
     "grpo": {"prompts_per_step": 32},
-    "train": {"max_steps": 150, "micro_batch_size": 128, "lr": 1e-4},
+    "train": {"max_steps": 150, "micro_batch_size": 128, "lr": 7e-5},
     "eval": {"every_steps": 50, "max_examples": 500},
     "trainer": {"world_size": 1, "num_cpus": 1},
 }

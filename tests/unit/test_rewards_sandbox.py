@@ -5,6 +5,7 @@ really happens there, so a sandbox that silently stopped guarding would fail the
 """
 
 import glob
+import json
 import os
 import signal
 import socket
@@ -16,10 +17,13 @@ from pathlib import Path
 
 import pytest
 
+import rayrl.rewards.code_sandbox as code_sandbox
 from rayrl.rewards.code_sandbox import (
+    StdioCase,
     cleanup_stale_sandbox_dirs,
     extract_python_code,
     network_namespace_prefix,
+    normalize_tests,
     python_tests,
     run_python_sandboxed,
 )
@@ -59,7 +63,8 @@ def test_python_tests_reward_uses_last_fenced_block():
         python_tests("prompt", "x = 1")
     # A JSON-encoded list column is decoded, not run as an always-passing list expression.
     assert python_tests("prompt", completion, tests='["assert add(2, 2) == 4", "assert add(1, 1) == 3"]') == 0.5
-    assert run_python_sandboxed("x = 1", '["assert x == 2"]').passed == 1  # the raw hazard, for contrast
+    # Passed straight to the sandbox, the undecoded string is one bare list expression: no test.
+    assert run_python_sandboxed("x = 1", '["assert x == 2"]').passed == 0
 
 
 def test_exit_before_tests_is_not_a_pass():
@@ -236,3 +241,279 @@ def is_running(pid):
     except FileNotFoundError:
         return False
     return state != "Z"  # an unreaped zombie is not running
+
+
+# ---- stdin/stdout tests and bare expressions (review: wrong code used to score 1.0) ----
+WRONG_ADD = "def add(a, b):\n    return 0\n"
+SUM_PROGRAM = "a, b = map(int, input().split())\nprint(a + b)\n"
+SUM_TESTS = {"inputs": ["1 2\n", "3 4\n", "10 -10\n"], "outputs": ["3\n", "7", "0  \n\n"]}
+
+
+@pytest.mark.parametrize(
+    "tests",
+    [
+        SUM_TESTS,
+        json.dumps(SUM_TESTS),
+        str(SUM_TESTS),  # a Python-literal dump of the dict
+        [{"input": i, "output": o} for i, o in zip(SUM_TESTS["inputs"], SUM_TESTS["outputs"])],
+        json.dumps([{"input": i, "output": o} for i, o in zip(SUM_TESTS["inputs"], SUM_TESTS["outputs"])]),
+        {"input": SUM_TESTS["inputs"], "output": SUM_TESTS["outputs"]},  # code_contests
+    ],
+    ids=["dict", "json", "pyrepr", "list-of-dicts", "json-list-of-dicts", "code_contests"],
+)
+def test_stdin_stdout_tests_compare_output(tests):
+    assert python_tests("p", SUM_PROGRAM, tests=tests) == 1.0
+    # Wrong programs used to score 1.0: the tests ran as a harmless dict/list expression.
+    assert python_tests("p", WRONG_ADD, tests=tests) == 0.0
+    assert python_tests("p", "print(-1)", tests=tests) == 0.0
+    assert python_tests("p", "a, b = map(int, input().split())\nprint(a + b if a != 3 else 0)", tests=tests) == 2 / 3
+
+
+def test_stdin_stdout_program_styles_and_failures():
+    main_guard = "import sys\ndef main():\n    a, b = map(int, sys.stdin.readline().split())\n    print(a + b)\n" \
+                 "if __name__ == '__main__':\n    main()\n"
+    for program in (
+        main_guard,
+        SUM_PROGRAM + "import sys\nsys.exit(0)\n",
+        SUM_PROGRAM + "exit()\n",
+        "import sys, threading\ndef main():\n    a, b = map(int, input().split())\n    print(a + b)\n"
+        "threading.Thread(target=main).start()\n",
+    ):
+        result = run_python_sandboxed(program, SUM_TESTS)
+        assert (result.status, result.passed, result.total) == ("ok", 3, 3), (program, result)
+
+    wrong = run_python_sandboxed("a, b = map(int, input().split())\nprint(a * b)", SUM_TESTS)
+    assert (wrong.status, wrong.passed, wrong.error) == ("ok", 0, "case 0: wrong answer")
+    crash = run_python_sandboxed(SUM_PROGRAM + "raise SystemExit(1)", SUM_TESTS)
+    assert (crash.status, crash.passed) == ("error", 0)
+
+    # Each case gets the time limit; the first timeout ends the run.
+    start = time.monotonic()
+    hang = run_python_sandboxed("a, b = map(int, input().split())\nwhile a == 3: pass\nprint(a + b)", SUM_TESTS,
+                                timeout_s=1.0)
+    assert (hang.status, hang.passed, hang.total) == ("timeout", 1, 3)
+    assert hang.error == "case 1: timed out after 1s; not run after the timeout of case 1: 1 case(s)"
+    assert time.monotonic() - start < 1.0 + 3.0
+
+
+def test_bare_expression_tests_are_asserted():
+    assert python_tests("p", WRONG_ADD, tests=["add(1, 2) == 3"]) == 0.0
+    assert python_tests("p", ADD, tests=["add(1, 2) == 3", "add(1, 1) == 3"]) == 0.5
+    assert python_tests("p", ADD, tests="add(1, 2) == 3  # comment") == 1.0
+    # Literals and empty tests are no tests at all, so they fail.
+    for test in ("True", "[1]", "'assert add(1, 2) == 4'", "# nothing", ""):
+        result = run_python_sandboxed(ADD, [test])
+        assert result.passed == 0, (test, result)
+
+
+@pytest.mark.parametrize(
+    "tests",
+    [
+        '{"foo": 1}',
+        "[]",
+        '{"fn_name": "add", "inputs": [[1, 2]], "outputs": [3]}',
+        {"inputs": ["1 2"], "outputs": []},
+        {"inputs": "1 2", "outputs": "3"},
+        [1, 2],
+        ["assert True", {"input": "", "output": ""}],
+        [{"input": "1"}],
+        {},
+        [],
+    ],
+)
+def test_uninterpretable_tests_raise(tests):
+    with pytest.raises(ValueError):
+        normalize_tests(tests)
+    with pytest.raises(ValueError):
+        python_tests("p", ADD, tests=tests)
+
+
+def test_normalize_tests_forms():
+    assert normalize_tests("assert add(1, 2) == 3") == "assert add(1, 2) == 3"
+    assert normalize_tests('["assert a", "assert b"]') == ["assert a", "assert b"]
+    assert normalize_tests("[x for x in y] == []") == "[x for x in y] == []"  # code, not a literal
+    assert normalize_tests({"inputs": [["1", "2"]], "outputs": [3]}) == [StdioCase("1\n2", "3")]  # lines, numbers
+    assert normalize_tests('{"input": "1", "output": "2"}') == [StdioCase("1", "2")]
+
+
+# ---- /proc of other processes (review: path tricks read the parent's environ) ----
+PROC_PATHS = ["/proc/self/../{pid}/environ", "/proc//{pid}/environ", "/proc/./{pid}/environ",
+              "/proc/self/root/proc/{pid}/environ", "/proc/{pid}/cmdline"]
+PROC_READER = (
+    "import os\npid = os.getppid()\n"
+    "for path in {paths!r}:\n"
+    "    try:\n        print(path, open(path.format(pid=pid), 'rb').read())\n"
+    "    except OSError as e:\n        print(path, 'DENIED', type(e).__name__)\n"
+    "try:\n    os.chdir('/proc/%d' % pid)\n    print('chdir', open('environ', 'rb').read())\n"
+    "except OSError as e:\n    print('chdir DENIED')\n"
+)
+PROC_DRIVER = (
+    "import json, subprocess, sys\nfrom rayrl.rewards.code_sandbox import run_python_sandboxed\n"
+    "code = sys.argv[1]\n"
+    "control = subprocess.run([sys.executable, '-c', code], env={{}}, capture_output=True, text=True).stdout\n"
+    "result = run_python_sandboxed(code, None)\n"
+    "print(json.dumps([control, result.status, result.stdout_tail + result.stderr_tail]))\n"
+)
+
+
+def test_other_processes_proc_entries_are_unreadable():
+    # The secret must be in the sandbox parent's initial environment (what /proc/PID/environ
+    # shows), so a driver process started with it runs the sandbox.
+    code = PROC_READER.format(paths=PROC_PATHS)
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, WANDB_API_KEY="sk-proc-secret-5150")
+    out = subprocess.run([sys.executable, "-c", PROC_DRIVER.format(), code], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=60)
+    control, status, sandboxed = json.loads(out.stdout.strip().splitlines()[-1])
+    # Control: an ordinary child (empty env of its own) reads the parent's secret every way.
+    assert control.count("sk-proc-secret-5150") == 5  # the 4 environ paths and the chdir (not cmdline)
+    assert status == "ok"
+    assert "sk-proc-secret-5150" not in sandboxed
+    assert sandboxed.count("DENIED") == len(PROC_PATHS) + 1
+
+
+def test_own_proc_entries_stay_readable_but_not_memory():
+    result = run_python_sandboxed(
+        "print(open('/proc/self/status').read().split()[0])\nprint(len(open('/proc/meminfo').read()) > 0)\n",
+        "open('/proc/self/mem', 'rb')",
+    )
+    assert (result.status, result.passed) == ("ok", 0)
+    assert result.stdout_tail.split() == ["Name:", "True"]
+    assert "PermissionError" in result.error
+
+
+# ---- changes through a file descriptor (review: fchmod/fchown/utime(fd) outside) ----
+FD_CHANGES = {
+    "fchmod": ("os.fchmod(fd, 0o777)", lambda st: st.st_mode & 0o777 == 0o777),
+    "fchown": ("os.fchown(fd, 12345, 12345)", lambda st: st.st_uid == 12345),
+    "utime": ("os.utime(fd, (0, 0))", lambda st: st.st_mtime == 0),
+    "ftruncate": ("os.ftruncate(fd, 0)", lambda st: st.st_size == 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FD_CHANGES))
+def test_fd_based_changes_outside_fail(tmp_path, name):
+    if name == "fchown" and os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    call, changed = FD_CHANGES[name]
+    target = tmp_path / "target.txt"
+    flags = "os.O_RDWR" if name == "ftruncate" else "os.O_RDONLY"
+    code = f"import os\nfd = os.open({str(target)!r}, {flags})\n{call}\n"
+    # Control: unsandboxed, the same code changes the file.
+    target.write_text("data")
+    target.chmod(0o644)
+    assert run_unsandboxed(code, cwd=tmp_path).returncode == 0
+    assert changed(target.stat())
+
+    target.unlink()
+    target.write_text("data")
+    target.chmod(0o644)
+    result = run_python_sandboxed(code, "assert True")
+    assert (result.status, result.passed) == ("error", 0), result
+    assert "PermissionError" in result.error
+    assert not changed(target.stat())
+
+
+def test_fd_based_changes_inside_work_dir_still_work():
+    code = (
+        "import os\nf = open('mine.txt', 'w+')\nf.write('hello')\nf.flush()\n"
+        "os.fchmod(f.fileno(), 0o600)\nos.ftruncate(f.fileno(), 2)\nos.utime(f.fileno(), (0, 0))\n"
+    )
+    result = run_python_sandboxed(code, "import os\nst = os.stat('mine.txt')\n"
+                                        "assert (st.st_mode & 0o777, st.st_mtime, st.st_size) == (0o600, 0, 2)")
+    assert (result.status, result.passed) == ("ok", 1), result
+
+
+# ---- forging results on the result pipe (review: nonce read from the harness frame) ----
+FORGE_FROM_FRAME = (
+    "import os, sys\nn = sys._getframe(1).f_locals['nonce']\n"
+    "os.write(int(sys.argv[2]), f'{n} T 0 1\\n{n} D\\n'.encode())\nos._exit(0)\n"
+)
+FORGE_ANY_FRAME = (
+    "import os, re, sys\nf = sys._getframe(0)\nwhile f is not None:\n"
+    "    for v in list(f.f_locals.values()) + list(f.f_globals.values()):\n"
+    "        if isinstance(v, str) and re.fullmatch('[0-9a-f]{32}', v):\n"
+    "            for fd in range(3, 64):\n"
+    "                try:\n                    os.write(fd, f'{v} T 0 1\\n{v} D\\n'.encode())\n"
+    "                except OSError:\n                    pass\n"
+    "            os._exit(0)\n"
+    "    f = f.f_back\n"
+    "print('argv', sys.argv)\n"
+)
+# Catch the reporter hook's frame with a signal handler, then read the nonce from its code.
+FORGE_REPORTER_CODE = (
+    "import os, re, signal, sys, time\nfound = []\n"
+    "def handler(signum, frame):\n    while frame is not None and not found:\n"
+    "        if 'reporter' in repr(frame):\n            found.append(frame)\n        frame = frame.f_back\n"
+    "signal.signal(signal.SIGALRM, handler)\nsignal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)\n"
+    "t0 = time.monotonic()\nwhile not found and time.monotonic() - t0 < 3:\n"
+    "    sys.audit('rayrl.sandbox.report', 'X')\n"
+    "signal.setitimer(signal.ITIMER_REAL, 0)\nprint('caught', bool(found), flush=True)\n"
+    "consts = found[0].f_code.co_consts\n"
+    "n = next(c.strip() for c in consts if isinstance(c, str) and re.fullmatch('[0-9a-f]{32}', c.strip()))\n"
+    "for fd in range(3, 64):\n    try:\n        os.write(fd, f'{n} T 0 1\\n{n} D\\n'.encode())\n"
+    "    except OSError:\n        pass\nos._exit(0)\n"
+)
+
+
+@pytest.mark.parametrize("code", [FORGE_FROM_FRAME, FORGE_ANY_FRAME], ids=["reviewer", "any-frame"])
+def test_results_cannot_be_forged_from_frames(code):
+    result = run_python_sandboxed(code, "assert False")
+    assert result.passed == 0, result
+    if code is FORGE_ANY_FRAME:  # found no nonce anywhere; argv names no fd any more
+        assert "argv ['-c']" in result.stdout_tail
+
+
+def test_results_cannot_be_forged_from_the_reporter_code(monkeypatch):
+    result = run_python_sandboxed(FORGE_REPORTER_CODE, "assert False")
+    assert "caught True" in result.stdout_tail  # the attack did reach the reporter's frame...
+    assert result.passed == 0 and "PermissionError" in result.error  # ...but not its code
+    # Control: without the guard on code objects, the same attack forges a pass.
+    monkeypatch.setattr(code_sandbox, "_HARNESS",
+                        code_sandbox._HARNESS.replace('if attr == "f_code" and', 'if False and'))
+    assert run_python_sandboxed(FORGE_REPORTER_CODE, "assert False").passed == 1
+
+
+def test_introspection_that_could_reach_the_harness_is_refused():
+    for code in ("import gc\ngc.get_objects()", "import sys\nsys.settrace(lambda *a: None)",
+                 "import sys\nsys.setprofile(lambda *a: None)", "import gc, sys\ngc.get_referents(sys._getframe(1))"):
+        result = run_python_sandboxed(code, "assert True")
+        assert (result.status, result.passed) == ("error", 0), (code, result)
+        assert "PermissionError" in result.error
+    # Ordinary introspection users still work.
+    ok = run_python_sandboxed(
+        "import collections, logging, traceback, typing, inspect\nP = collections.namedtuple('P', 'x y')\n"
+        "T = typing.TypeVar('T')\nlogging.getLogger('x').warning('hi')\n"
+        "try:\n    1 / 0\nexcept ZeroDivisionError:\n    tb = traceback.format_exc()\n"
+        "here = inspect.currentframe().f_code.co_name\n",
+        ["assert P(1, 2).y == 2", "assert 'ZeroDivisionError' in tb and here == '<module>'"],
+    )
+    assert (ok.status, ok.passed) == ("ok", 2), ok
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        "import builtins\nbuiltins.any = lambda it: False\n",
+        "import builtins\nbuiltins.isinstance = lambda *a: False\n",
+        "import posixpath\nposixpath._joinrealpath = lambda path, rest, strict, seen: (os.getcwd() + '/x', True)\n",
+        "class S(str):\n    def startswith(self, *a):\n        return True\n"
+        "    def split(self, *a):\n        return os.getcwd().split('/')\n",
+    ],
+    ids=["builtins.any", "builtins.isinstance", "posixpath", "str-subclass"],
+)
+def test_monkeypatching_does_not_switch_the_write_guard_off(tmp_path, patch):
+    target = str(tmp_path / "pwned.txt")
+    opener = "S" if "class S" in patch else ""
+    code = f"import os\n{patch}open({opener}({target!r}), 'w').write('pwned')\n"
+    result = run_python_sandboxed(code, "assert True")
+    assert (result.status, result.passed) == ("error", 0), result
+    assert not os.path.exists(target)
+
+
+def test_monkeypatching_builtins_does_not_switch_the_reporter_guard_off():
+    patch = ("import builtins\n_real_repr = repr\nbuiltins.repr = lambda o: ''\nbuiltins.type = lambda o: None\n"
+             "repr = _real_repr\n")
+    result = run_python_sandboxed(patch + FORGE_REPORTER_CODE, "assert False")
+    assert "caught True" in result.stdout_tail
+    assert result.passed == 0 and "object.__getattr__" in result.violations, result
