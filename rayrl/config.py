@@ -558,6 +558,9 @@ class _RLBase(_CommonBase):
         if peft is not None and peft.method in ("prefix", "prompt"):
             raise ValueError(f"model.peft.method={peft.method!r}: RL stages sync merged weights into the rollout "
                              "engine after every step, and prefix/prompt tuning has none to merge; use lora or dora")
+        if peft is not None and peft.dropout > 0:
+            raise ValueError(f"model.peft.dropout={peft.dropout}: in RL the old log-probs are taken without dropout "
+                             "and the update with it, so even the first step would be off-policy; set it to 0")
         if settings.kl_coef and self.kl_in_loss and settings.kl_kind == "k1":
             raise ValueError(f"{section}.kl_kind=k1 as a loss term has zero expected gradient (E[grad log pi] = 0 "
                              f"under the samples); use k3 (or k2) with {section}.kl_coef > 0")

@@ -140,6 +140,18 @@ class Rollout:
         return torch.tensor(self.scores.total, dtype=torch.float32)
 
 
+def resolve_rewards(specs: list[RewardSpec]) -> None:
+    """Load every reward function here, so a bad one is a config error naming ``rewards[i]``."""
+    from rayrl.config import ConfigError
+    from rayrl.rewards.registry import RewardSpecError
+
+    for index, spec in enumerate(specs):
+        try:
+            RewardScorer([spec], base_dir=os.getcwd()).load()
+        except RewardSpecError as error:
+            raise ConfigError(f"rewards[{index}].fn: {error}") from error
+
+
 def reward_specs(config: GRPOConfig | PPOConfig) -> list[RewardSpec]:
     return [RewardSpec(name=r.metric_name, fn=r.fn, weight=r.weight, timeout_s=r.timeout_s, fallback=r.fallback,
                        options=r.options or None) for r in config.rewards]
@@ -222,23 +234,21 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
     started = time.perf_counter()
     ppo = isinstance(config, PPOConfig)
     settings = config.settings
+    # Reward functions resolve now, on the driver: a bad spec fails before anything starts or moves.
+    specs = reward_specs(config)
+    resolve_rewards(specs)
+    check_context_length(config, resolve_model_path(config.model.path))
     setup = prepare_stage(config)
     tokenizer = setup.tokenizer
     pad_id = tokenizer.pad_token_id
     group = config.rollout.group_size
     prompts_per_step = settings.prompts_per_step
 
-    # Reward functions resolve now, on the driver: a bad spec fails before any actor starts.
-    specs = reward_specs(config)
-    if specs:  # PPO may run on the reward model alone
-        RewardScorer(specs, base_dir=os.getcwd()).load()
-
     # Data: prompts (plus fields for the reward functions); a deterministic prompt order per step.
     drop = config.data.drop_long_prompts
     train_prompts = load_prompts(config.data.train, tokenizer, config.data.max_prompt_length, drop_long=drop)
     eval_prompts = (load_prompts(config.data.eval, tokenizer, config.data.max_prompt_length,
                                  drop_long=drop)[: config.eval.max_examples] if config.data.eval else [])
-    check_context_length(config, setup.model_path)
     prompt_order = StepBatcher(train_prompts, global_batch_size=prompts_per_step, micro_batch_size=prompts_per_step,
                                world_size=1, seed=config.seed, shuffle=config.data.shuffle,
                                collate=lambda rows: rows, unit="prompts")

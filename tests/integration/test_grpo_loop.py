@@ -134,12 +134,16 @@ def test_user_reward_file_and_failing_reward_function(ray_cluster, tmp_path, tin
 
 
 def test_bad_reward_spec_fails_before_work(tmp_path, tiny_model_dir):
-    from rayrl.rewards.registry import RewardSpecError
+    from rayrl.config import ConfigError
     from rayrl.rl import run_grpo
 
-    config = grpo_config(tmp_path / "bad", tiny_model_dir, rewards=[{"fn": str(tmp_path / "nope.py") + ":fn"}])
-    with pytest.raises(RewardSpecError, match="nope.py"):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.jsonl").write_text('{"step": 1}\n')  # an earlier run: left where it is
+    config = grpo_config(tmp_path / "bad", tiny_model_dir,
+                         rewards=[{"fn": "math_answer"}, {"fn": str(tmp_path / "nope.py") + ":fn"}])
+    with pytest.raises(ConfigError, match=r"rewards\[1\].fn: reward function .*nope.py.*file not found"):
         run_grpo(config)
+    assert (tmp_path / "bad" / "metrics.jsonl").exists() and not (tmp_path / "bad" / "earlier_runs").exists()
 
 
 def test_reward_rises_on_an_easy_task(ray_cluster, tmp_path, tiny_model_dir):

@@ -110,6 +110,8 @@ def test_rl_settings_that_would_train_wrongly_are_errors():
         build_config({**ppo, "ppo": {"kl_in": "loss", "kl_kind": "k1"}})
     with pytest.raises(ConfigError, match="prefix/prompt tuning has none to merge"):
         build_config({"algorithm": "grpo", "model": {"peft": {"method": "prefix"}}})
+    with pytest.raises(ConfigError, match=r"model.peft.dropout=0.05: .*off-policy"):
+        build_config({"algorithm": "grpo", "model": {"peft": {"method": "lora", "dropout": 0.05}}})
 
 
 def test_gspo_takes_the_papers_defaults_unless_set():
