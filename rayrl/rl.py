@@ -253,7 +253,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                                world_size=1, seed=config.seed, shuffle=config.data.shuffle,
                                collate=lambda rows: rows, unit="prompts")
     total_steps = config.train.max_steps
-    optimizer_steps = total_steps * settings.mini_batches * settings.epochs
+    optimizer_steps = config.schedule_steps  # the LR schedule spans every optimizer step
     # KL to the reference: GRPO's is a loss term; PPO's is folded into the rewards or a loss term.
     kl_coef = settings.kl_coef
     kl_loss = config.kl_in_loss
