@@ -219,7 +219,7 @@ class _CommonBase(_Strict):
         if peft is not None and self.trainer.zero_stage == 3:
             raise ValueError("model.peft with trainer.zero_stage=3 is not supported; use stage 0-2 "
                              "(the adapter's optimizer state is small)")
-        for section in ("trainer", "rollout", "critic"):
+        for section in ("trainer", "rollout", "critic", "verifier", "reference", "reward_model"):
             resources = getattr(getattr(self, section, None), "resources", None) or {}
             reserved = sorted(set(resources) & {"CPU", "GPU", "memory", "object_store_memory"})
             if reserved:
@@ -397,11 +397,15 @@ class RolloutConfig(_Strict):
 class VerifierConfig(_Strict):
     num_workers: int = Field(default=1, gt=0)
     num_cpus: float = Field(default=0.25, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per actor, to pin it to a node group (as ``trainer.resources``). Needs ray.address."""
 
 
 class ReferenceConfig(_Strict):
     num_cpus: float = Field(default=0.5, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per actor, to pin it to a node group (as ``trainer.resources``). Needs ray.address."""
 
 
 class _PolicyGradientSettings(_Strict):
@@ -638,6 +642,8 @@ class RewardModelSection(_Strict):
     """RewardModel actors; each step's batch is split evenly over them."""
     num_cpus: float = Field(default=0.5, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per actor, to pin it to a node group (as ``trainer.resources``). Needs ray.address."""
 
 
 class CriticConfig(TrainerConfig):

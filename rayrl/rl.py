@@ -481,12 +481,14 @@ def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[Rew
     try:
         roles.rollout = RolloutPool(_rollout_workers(config, model_path, trainers if colocated else None))
         if specs:
-            roles.verifiers = VerifierPool([ray.remote(Verifier).options(num_cpus=config.verifier.num_cpus).remote(
+            roles.verifiers = VerifierPool([ray.remote(Verifier).options(
+                num_cpus=config.verifier.num_cpus, resources=dict(config.verifier.resources)).remote(
                 specs, base_dir=os.getcwd()) for _ in range(config.verifier.num_workers)])
         if isinstance(config, PPOConfig):
             rm_path = resolve_model_path(config.reward_model.path)
             roles.reward_models = RewardModelPool([ray.remote(RewardModel).options(
-                num_cpus=config.reward_model.num_cpus, num_gpus=config.reward_model.num_gpus).remote(
+                num_cpus=config.reward_model.num_cpus, num_gpus=config.reward_model.num_gpus,
+                resources=dict(config.reward_model.resources)).remote(
                 rm_path, pad_token_id=pad_id, num_threads=max(1, int(config.reward_model.num_cpus)),
                 batch_size=config.train.micro_batch_size) for _ in range(config.reward_model.num_workers)])
             critic_path = rm_path if config.critic.init == "reward_model" else model_path
@@ -496,7 +498,8 @@ def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[Rew
                                         role_kwargs={"value_clip": config.critic.value_clip})
         if reference and config.model.peft is None:
             roles.reference = ray.remote(ReferenceModel).options(
-                num_cpus=config.reference.num_cpus, num_gpus=config.reference.num_gpus).remote(
+                num_cpus=config.reference.num_cpus, num_gpus=config.reference.num_gpus,
+                resources=dict(config.reference.resources)).remote(
                 model_path, num_threads=max(1, int(config.reference.num_cpus)))
     except BaseException:
         roles.shutdown()

@@ -116,11 +116,13 @@ def test_colocated_ranks_spread_with_their_rollout_workers(cluster, tmp_path, ti
     # each rank's bundle is 0.5 (rank) + 0.4 (its rollout worker) CPU: two bundles cannot share a 1-CPU node
     out, proc = run_train(tmp_path, cluster.address, tiny_model_dir, placement="colocated",
                           trainer={"world_size": 2, "num_cpus": 0.5},
-                          rollout={"num_workers": 2, "num_cpus": 0.4})
+                          rollout={"num_workers": 2, "num_cpus": 0.4},
+                          verifier={"num_workers": 1, "num_cpus": 0.1, "resources": {"worker_1": 0.1}})
     placement = check_run(out)
     roles = placement["roles"]
     assert placement["layout"] == "colocated" and placement["num_nodes"] == 2
     assert len(set(roles["trainer"])) == 2  # DeepSpeed ranks on two nodes
     assert roles["rollout"] == roles["trainer"]  # rollout worker i in rank i's bundle, on its node
+    assert "worker_1" in placement["nodes"][roles["verifier"][0]]["resources"]  # pinned by verifier.resources
     assert (out / "final" / "model.safetensors").exists()
     assert "placement (colocated, 2 node(s))" in proc.stderr

@@ -16,6 +16,12 @@ def test_custom_resources_need_a_cluster_and_name_the_key():
         build_config({"algorithm": "grpo", "rollout": {"resources": {"rollout_gpu": 1}}})
     with pytest.raises(ConfigError, match=r"trainer.resources: \['GPU'\]"):
         build_config({"algorithm": "sft", "ray": {"address": "auto"}, "trainer": {"resources": {"GPU": 1}}})
+    for section in ("verifier", "reference"):
+        with pytest.raises(ConfigError, match=rf"{section}.resources .*set ray.address"):
+            build_config({"algorithm": "grpo", section: {"resources": {"cpu_pool": 1}}})
+    pinned = build_config({"algorithm": "ppo", "ray": {"address": "auto"},
+                           "reward_model": {"path": "rm", "resources": {"rm_gpu": 1}}})
+    assert pinned.reward_model.resources == {"rm_gpu": 1}
     with pytest.raises(ConfigError, match="positive"):
         build_config({"algorithm": "sft", "ray": {"address": "auto"}, "trainer": {"resources": {"x": 0}}})
 
