@@ -18,7 +18,9 @@ Test forms (see :func:`normalize_tests`):
   on stdin and ``timeout_s`` per case; a case passes when the program exits with code 0
   (``sys.exit(0)``/``exit()`` included) and its stdout equals the expected output up to
   trailing whitespace on each line and at the end. The first case that times out ends the run
-  (later cases count as failed). Call-based tests (``fn_name``) are not supported (ValueError).
+  (later cases count as failed).
+* **Call-based cases** (APPS/TACO ``{"fn_name", "inputs", "outputs"}``): run as one assert per
+  case, calling the function (or ``Solution().fn``) with the case's arguments.
 * Anything else (a string decoding to another literal, mixed lists, ...) raises ValueError:
   it must not score 1.0 by running a harmless expression.
 
@@ -1069,9 +1071,6 @@ def _io_text(value: Any, what: str) -> str:
 def _stdio_cases(tests: Any) -> list[StdioCase]:
     """``{"inputs": [...], "outputs": [...]}`` (APPS/TACO) or ``[{"input", "output"}, ...]``."""
     if isinstance(tests, dict):
-        if "fn_name" in tests:
-            raise ValueError("python_tests: call-based tests ('fn_name') are not supported; "
-                             "give assert strings or stdin/stdout cases")
         for ik, ok in (("inputs", "outputs"), ("input", "output")):
             ins, outs = tests.get(ik), tests.get(ok)
             if isinstance(ins, (list, tuple)) and isinstance(outs, (list, tuple)):
@@ -1091,6 +1090,30 @@ def _stdio_cases(tests: Any) -> list[StdioCase]:
     raise ValueError(f"python_tests: cannot interpret tests of type {type(tests).__name__}")
 
 
+def _call_based_tests(tests: dict) -> list[str]:
+    """APPS/TACO call-based tests, ``{"fn_name": f, "inputs": [[args...], ...], "outputs": [out, ...]}``,
+    as assert strings: call ``f`` (a top-level function, or a method of ``Solution()`` as LeetCode-style
+    solutions define it) with each argument list and compare with the output. APPS often wraps each
+    output in a one-element list, and JSON has no tuples: both are accepted."""
+    name, ins, outs = tests.get("fn_name"), tests.get("inputs"), tests.get("outputs")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"python_tests: 'fn_name' must be a Python identifier, got {name!r}")
+    if not isinstance(ins, (list, tuple)) or not isinstance(outs, (list, tuple)) or len(ins) != len(outs) or not ins:
+        raise ValueError("python_tests: call-based tests need non-empty 'inputs' and 'outputs' lists of the same length")
+    asserts = []
+    for args, expected in zip(ins, outs):
+        args = list(args) if isinstance(args, (list, tuple)) else [args]
+        asserts.append(
+            f"_fn = globals().get({name!r})\n"
+            f"if _fn is None and 'Solution' in globals():\n"
+            f"    _fn = getattr(Solution(), {name!r})\n"
+            f"_got, _want = _fn(*{args!r}), {expected!r}\n"
+            "_norm = lambda v: [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v\n"
+            "assert _norm(_got) == _norm(_want) or (isinstance(_want, list) and len(_want) == 1 "
+            "and _norm(_got) == _norm(_want[0])), f'returned {_got!r}'\n")
+    return asserts
+
+
 _NOT_DECODED = object()
 
 
@@ -1100,11 +1123,12 @@ def normalize_tests(tests: Any) -> str | list[str] | list[StdioCase]:
     * a string of Python (usually asserts) or a list of such strings;
     * stdin/stdout cases: ``{"inputs": [...], "outputs": [...]}`` (APPS/TACO ``input_output``)
       or a list of ``{"input": ..., "output": ...}`` dicts, as objects or as a JSON string;
+    * call-based ``{"fn_name", "inputs", "outputs"}`` (APPS/TACO), run as asserts;
     * a string holding a JSON (or Python-literal) list of strings is decoded: executed as-is it
       would be a bare list expression.
 
     Raises ValueError for a missing or empty field and for anything else that is not tests
-    (a string that decodes to some other literal, call-based ``fn_name`` tests...): such a row
+    (a string that decodes to some other literal...): such a row
     must fail loudly rather than "pass" by running a harmless expression.
     """
     if isinstance(tests, str):
@@ -1123,13 +1147,15 @@ def normalize_tests(tests: Any) -> str | list[str] | list[StdioCase]:
                 return tests  # Python code that merely starts with a bracket
         if isinstance(decoded, list) and decoded and all(isinstance(t, str) for t in decoded):
             return decoded
+        if isinstance(decoded, dict) and "fn_name" in decoded:
+            return _call_based_tests(decoded)
         if isinstance(decoded, (dict, list)) and decoded:
             return _stdio_cases(decoded)
         raise ValueError(f"python_tests: 'tests' decodes to a {type(decoded).__name__} literal, not to tests")
     if tests is None or isinstance(tests, (bytes, StdioCase)):
         raise ValueError("python_tests needs a non-empty 'tests' field (a str, a list of str or stdin/stdout cases)")
     if isinstance(tests, dict):
-        return _stdio_cases(tests)
+        return _call_based_tests(tests) if "fn_name" in tests else _stdio_cases(tests)
     try:
         items = list(tests)
     except TypeError:

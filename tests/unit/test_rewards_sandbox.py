@@ -306,12 +306,27 @@ def test_bare_expression_tests_are_asserted():
         assert result.passed == 0, (test, result)
 
 
+def test_call_based_tests():
+    """APPS/TACO {"fn_name", "inputs", "outputs"}: one call per case; outputs may be wrapped in a
+    one-element list, tuples come back from JSON as lists; LeetCode-style Solution methods work."""
+    tests = {"fn_name": "add", "inputs": [[1, 2], [2, 2], [0, 0]], "outputs": [[3], 4, [0]]}
+    assert python_tests("p", ADD, tests=tests) == 1.0
+    assert python_tests("p", ADD, tests=json.dumps(tests)) == 1.0
+    assert python_tests("p", WRONG_ADD, tests=tests) == pytest.approx(1 / 3)  # only 0 + 0 is right
+    pair = "def divmod_pair(a, b):\n    return a // b, a % b\n"
+    assert python_tests("p", pair, tests={"fn_name": "divmod_pair", "inputs": [[7, 2]], "outputs": [[3, 1]]}) == 1.0
+    solution = "class Solution:\n    def twice(self, x):\n        return 2 * x\n"
+    assert python_tests("p", solution, tests={"fn_name": "twice", "inputs": [[4], [5]], "outputs": [8, 11]}) == 0.5
+    assert python_tests("p", ADD, tests={"fn_name": "missing", "inputs": [[1, 2]], "outputs": [3]}) == 0.0
+
+
 @pytest.mark.parametrize(
     "tests",
     [
         '{"foo": 1}',
         "[]",
-        '{"fn_name": "add", "inputs": [[1, 2]], "outputs": [3]}',
+        '{"fn_name": "add(); import os", "inputs": [[1, 2]], "outputs": [3]}',  # not an identifier
+        {"fn_name": "add", "inputs": [[1, 2]], "outputs": []},
         {"inputs": ["1 2"], "outputs": []},
         {"inputs": "1 2", "outputs": "3"},
         [1, 2],
