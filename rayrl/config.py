@@ -471,12 +471,6 @@ class PPOSettings(_PolicyGradientSettings):
     """reward: -kl_coef x KL_t folded into the per-token rewards (Ziegler et al. 2019, InstructGPT);
     loss: a KL term in the policy loss (as GRPO), rewards are the scores alone."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _kl_kind_default(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("kl_in") == "loss":
-            data = {"kl_kind": "k3", **data}
-        return data
     adaptive_kl: bool = False
     """Adapt kl_coef towards kl_target (Ziegler et al. 2019's proportional controller)."""
     kl_target: float = Field(default=6.0, gt=0)
@@ -485,6 +479,13 @@ class PPOSettings(_PolicyGradientSettings):
     gamma: float = Field(default=1.0, ge=0, le=1)
     lam: float = Field(default=0.95, ge=0, le=1)
     whiten_advantages: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kl_kind_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kl_in") == "loss":
+            data = {"kl_kind": "k3", **data}
+        return data
 
     # GRPO-only settings, fixed for PPO (so the shared loop reads one settings object).
     @property

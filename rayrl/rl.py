@@ -578,13 +578,16 @@ def with_overlong_penalty(score, config: GRPOConfig | PPOConfig):
     return penalised
 
 
-def accuracy(scores: ScoreResult) -> float | None:
-    """The share of completions the first verifier reward calls correct (reward > 0); None without one."""
+def correct_flags(scores: ScoreResult) -> list[bool] | None:
+    """Per completion: does the first verifier reward call it correct (reward > 0)? None without one."""
     verified = [name for name in scores.per_function if name != "reward_model"]
-    if not verified:
-        return None
-    values = scores.per_function[verified[0]]
-    return sum(v > 0 for v in values) / max(1, len(values))
+    return None if not verified else [v > 0 for v in scores.per_function[verified[0]]]
+
+
+def accuracy(scores: ScoreResult) -> float | None:
+    """The share of completions ``correct_flags`` calls correct; None without a verifier reward."""
+    flags = correct_flags(scores)
+    return None if flags is None else sum(flags) / max(1, len(flags))
 
 
 def _rollout_metrics(rollout_data: Rollout, sampler_logps: torch.Tensor, old_logps: torch.Tensor,
@@ -616,16 +619,16 @@ def _evaluate(config: GRPOConfig | PPOConfig, roles: RLRoles, eval_prompts: list
     prompt_ids = [p.prompt_ids for p in eval_prompts]
     scores = roles.score(eval_prompts, roles.rollout.generate(prompt_ids, greedy))
     out = {"eval/reward": sum(scores.total) / len(eval_prompts)}
-    verified = [name for name in scores.per_function if name != "reward_model"]
-    if verified:
-        out["eval/accuracy"] = accuracy(scores)
+    greedy_accuracy = accuracy(scores)
+    if greedy_accuracy is not None:
+        out["eval/accuracy"] = greedy_accuracy
     if roles.reward_models is not None:
         out["eval/reward_model"] = sum(scores.per_function["reward_model"]) / len(eval_prompts)
     n = config.eval.samples
-    if n and verified:
+    if n and greedy_accuracy is not None:
         rows = [p for p in eval_prompts for _ in range(n)]
-        values = roles.score(rows, roles.rollout.generate(prompt_ids, sampled)).per_function[verified[0]]
-        correct = [[v > 0 for v in values[i * n:(i + 1) * n]] for i in range(len(eval_prompts))]
+        flags = correct_flags(roles.score(rows, roles.rollout.generate(prompt_ids, sampled)))
+        correct = [flags[i * n:(i + 1) * n] for i in range(len(eval_prompts))]
         out.update(pass_at_k_metrics(correct, config.eval.pass_k or sorted({1, n})))
     return out
 

@@ -750,7 +750,8 @@ def cleanup_stale_sandbox_dirs(tmp_dir: str | None = None) -> int:
     return removed
 
 
-def _killpg(pgid: int) -> None:
+def kill_process_group(pgid: int) -> None:
+    """SIGKILL every process in group ``pgid`` (nothing if it is empty)."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -953,7 +954,7 @@ def _run_child(
             elif proc.poll() is not None:
                 # Child gone but pipe still open (a stray descendant): stop waiting.
                 break
-        _killpg(proc.pid)
+        kill_process_group(proc.pid)
         try:
             _, wstatus, rusage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(wstatus)
@@ -966,7 +967,7 @@ def _run_child(
             os.close(w_fd)
         os.close(r_fd)
         if proc is not None and proc.returncode is None:
-            _killpg(proc.pid)
+            kill_process_group(proc.pid)
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

@@ -55,6 +55,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
 
+from rayrl.rewards.code_sandbox import cleanup_stale_sandbox_dirs, kill_process_group
 from rayrl.rewards.registry import RewardSpecError, is_batched, load_reward_function
 
 __all__ = ["RewardScorer", "RewardSpec", "RewardTimeout", "ScoreResult"]
@@ -359,12 +360,10 @@ class RewardScorer:
                 if killed:
                     proc.kill()
                 proc.join(5)
-                _kill_process_group(proc.pid)  # processes a reward function started (timed out or not)
+                kill_process_group(proc.pid)  # processes a reward function started (timed out or not)
                 reader.close()
             if killed or proc.exitcode not in (0, None):
                 # A killed child cannot clean up after a sandbox run it was in the middle of.
-                from rayrl.rewards.code_sandbox import cleanup_stale_sandbox_dirs
-
                 cleanup_stale_sandbox_dirs()
             start = current
 
@@ -422,15 +421,6 @@ class _JobRunner:
             return "error", "KeyboardInterrupt"
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             return "error", f"{type(exc).__name__}: {str(exc)[:300]}"
-
-
-def _kill_process_group(pgid: int | None) -> None:
-    if pgid is None:
-        return
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # nothing left in the group
 
 
 def _raise_timeout(signum, frame):
