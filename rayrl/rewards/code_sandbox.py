@@ -24,6 +24,11 @@ Test forms (see :func:`normalize_tests`):
 * Anything else (a string decoding to another literal, mixed lists, ...) raises ValueError:
   it must not score 1.0 by running a harmless expression.
 
+The child program is :mod:`rayrl.rewards.sandbox_child` (``sandbox_child.py`` next to this
+module; standard library only, nothing from ``rayrl``), run by path (:data:`SANDBOX_CHILD_PATH`)
+as ``python -I -B [-S] sandbox_child.py <payload.json> <result fd>``. This module is the parent
+side: it writes the payload, starts and watches the child, and reads its result pipe.
+
 Layers of isolation, from the outside in:
 
 * **Process**: ``python -I -B`` (isolated mode: no ``PYTHON*`` variables, no user site, no
@@ -37,7 +42,7 @@ Layers of isolation, from the outside in:
   the only place the child may write; stdout/stderr go to files next to it (not inside it) and
   the whole temp dir is removed afterwards (if the owner itself is SIGKILLed, a later run or
   :func:`cleanup_stale_sandbox_dirs` removes it).
-* **Resource limits** set by the child harness before any model code runs: ``RLIMIT_AS``
+* **Resource limits** set by the child program before any model code runs: ``RLIMIT_AS``
   (``memory_mb``, default 512), ``RLIMIT_CPU`` (``ceil(timeout_s) + 1`` s), ``RLIMIT_NOFILE``
   (64), ``RLIMIT_FSIZE`` (``max_file_mb``, default 16; ``SIGXFSZ`` is ignored so a big write
   fails with ``EFBIG``), ``RLIMIT_CORE`` 0. (They are set inside the child rather than in a
@@ -88,11 +93,11 @@ Layers of isolation, from the outside in:
   it, and the policy hook refuses ``frame.f_code``/``function.__code__`` reads that would reach
   the reporter's code object (as well as ``gc`` walks, trace/profile functions and assigning
   any ``__code__``), deciding with names no reachable function shares. The reporter
-  writes a result line only when ``sys.audit`` is called from the harness's runner frame
+  writes a result line only when ``sys.audit`` is called from the child's runner frame
   (frame identity, which Python code cannot forge), and the runner binds the builtins it needs
   before model code runs. The pipe is moved off the fd number given in ``argv`` and ``argv`` is
-  cleared; model code can still write to the pipe, but without the nonce such lines count for
-  nothing.
+  cut to the child program's path; model code can still write to the pipe, but without the
+  nonce such lines count for nothing.
 
 Known limits (this is damage control for buggy or reward-hacking model code, NOT a security
 boundary against deliberately malicious code; the subprocess plus audit hooks are a best-effort
@@ -140,10 +145,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 __all__ = [
+    "SANDBOX_CHILD_PATH",
     "SandboxResult",
     "StdioCase",
     "cleanup_stale_sandbox_dirs",
@@ -190,439 +196,6 @@ class SandboxResult:
 
 
 # --------------------------------------------------------------------------------------
-# The child harness: runs as ``python -I -B -c _HARNESS <payload.json> <result fd>``.
-# --------------------------------------------------------------------------------------
-_HARNESS = r'''
-import ast, fcntl, json, os, resource, signal, sys, threading, time
-from types import FrameType, FunctionType, MappingProxyType
-
-REPORT = "rayrl.sandbox.report"  # sys.audit event the runner reports results through
-REPORTER_FILE = "<sandbox-reporter>"
-REPORTER_NAME = "sandbox_reporter"
-REPORTER_TAG = "file '%s'" % REPORTER_FILE  # how a frame running the reporter shows in repr()
-# The hook that writes result lines to the pipe. The nonce that authenticates them lives only in
-# this code object's constants (no variable, attribute or frame local holds it) and the policy
-# hook refuses to hand this code object out. A result line is written only when the caller is
-# the runner's own frame (frame identity cannot be forged from Python); anyone may report a
-# violation ("V ..."), which never counts as a pass.
-REPORTER_SRC = """
-def sandbox_reporter(event, args, _runner=_runner, _fd=_fd, _getframe=_getframe, _write=_write,
-                     _len=len, _type=type, _str=str, _OSError=OSError):
-    if event != "rayrl.sandbox.report" or _len(args) != 1 or _type(args[0]) is not _str:
-        return
-    line = args[0]
-    if line[:2] != "V " and _getframe(1) is not _runner:
-        return
-    try:
-        _write(_fd, (NONCE + " " + line.replace("\\n", " ")[:500] + "\\n").encode("utf-8", "replace"))
-    except _OSError:
-        pass
-"""
-
-
-def install_reporter(nonce, fd, runner):
-    ns = {"_runner": runner, "_fd": fd, "_getframe": sys._getframe, "_write": os.write}
-    exec(compile(REPORTER_SRC.replace("NONCE", repr(nonce)), REPORTER_FILE, "exec"), ns)
-    hook = ns.pop("sandbox_reporter")
-    ns.clear()  # the hook's globals: nothing left to find there
-    sys.addaudithook(hook)
-
-
-def set_limits(P):
-    def setlim(which, soft, hard=None):
-        hard = soft if hard is None else hard
-        cur_soft, cur_hard = resource.getrlimit(which)
-        if cur_hard != resource.RLIM_INFINITY:
-            hard = min(hard, cur_hard)
-            soft = min(soft, hard)
-        try:
-            resource.setrlimit(which, (soft, hard))
-        except (ValueError, OSError):
-            pass
-    if P["memory_bytes"]:
-        setlim(resource.RLIMIT_AS, P["memory_bytes"])
-    setlim(resource.RLIMIT_CPU, P["cpu_s"], P["cpu_s"] + 1)
-    setlim(resource.RLIMIT_NOFILE, 64)
-    setlim(resource.RLIMIT_FSIZE, P["fsize_bytes"])
-    setlim(resource.RLIMIT_CORE, 0)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-
-def start_watchdog(wall_s):
-    """Exit on the wall deadline or when the parent goes away."""
-    ppid0 = os.getppid()
-    deadline = time.monotonic() + wall_s + 1.0
-    def watchdog():
-        while True:
-            time.sleep(0.2)
-            if os.getppid() != ppid0 or time.monotonic() > deadline:
-                os._exit(124)
-    threading.Thread(target=watchdog, name="sandbox-watchdog", daemon=True).start()
-
-
-def network_and_process_prelude():
-    import socket as _socket_mod, posix, _posixsubprocess
-    def _no_net(*a, **k):
-        raise PermissionError("sandbox: network access is disabled")
-    _AF_UNIX = getattr(_socket_mod, "AF_UNIX", None)
-    class _NoSocket(_socket_mod.socket):
-        # Only local AF_UNIX sockets (socket.socketpair, used by asyncio's event loop) may be
-        # built; connecting or binding them to a path is refused by the audit hook.
-        def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
-            if _AF_UNIX is None or family != _AF_UNIX:
-                raise PermissionError("sandbox: network access is disabled")
-            super().__init__(family, type, proto, fileno)
-    _socket_mod.socket = _NoSocket
-    _socket_mod.SocketType = _NoSocket
-    for name in ("create_connection", "create_server", "getaddrinfo", "gethostbyname",
-                 "gethostbyname_ex", "gethostbyaddr", "getnameinfo", "fromfd"):
-        if hasattr(_socket_mod, name):
-            setattr(_socket_mod, name, _no_net)
-    def _no_node(*a, **k):
-        raise PermissionError("sandbox: creating special files is disabled")
-    for mod in (os, posix):
-        for name in ("mkfifo", "mknod"):
-            if hasattr(mod, name):
-                setattr(mod, name, _no_node)
-    # _posixsubprocess is imported here first and its fork_exec replaced; a re-import (after
-    # deleting it from sys.modules) is refused by the hook, so the original cannot come back.
-    def _no_spawn(*a, **k):
-        raise PermissionError("sandbox: starting processes is disabled")
-    _posixsubprocess.fork_exec = _no_spawn
-    return _AF_UNIX
-
-
-def install_policy(work, af_unix):
-    """The audit hook that refuses writes outside ``work``, processes, network, ... (see the
-    module docstring). It holds no secret, and its tables are immutable."""
-    # Only C functions from here on: model code can monkeypatch os/posixpath (e.g.
-    # posixpath._joinrealpath) but not these already-bound builtins.
-    fspath, getcwd, readlink, lstat, stat = os.fspath, os.getcwd, os.readlink, os.lstat, os.stat
-    decode, fs_encoding, exact = bytes.decode, sys.getfilesystemencoding(), "".join
-    audit = sys.audit
-    _type, _repr, _FrameType, _FunctionType = type, repr, FrameType, FunctionType
-    _tag, _name = REPORTER_TAG, REPORTER_NAME  # a reporter frame's repr: "<frame ..., file '<sandbox-reporter>', ...>"
-    W = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    work = os.path.realpath(work)
-    work_prefix = work + os.sep
-    MYPID = os.getpid()
-    nviol = [0]
-    BLOCK_IMPORTS = frozenset({
-        "_posixsubprocess", "_xxsubinterpreters", "_xxinterpchannels", "_xxinterpqueues", "_interpreters",
-        "_interpchannels", "_interpqueues", "_testcapi", "_testinternalcapi", "_testbuffer",
-        "_testmultiphase", "_xxtestfuzz", "_testimportmultiple", "_ctypes_test", "_testclinic",
-        "_testsinglephase", "_testexternalinspection"})
-    # Extension modules may only come from the interpreter's own directories.
-    realpath = os.path.realpath  # (before model code runs)
-    trusted = tuple(realpath(p) + os.sep for p in sys.path if p and os.path.isdir(p) and realpath(p) != work)
-    CTYPES_DENY = frozenset({"ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function", "ctypes.cdata",
-                             "ctypes.string_at", "ctypes.wstring_at", "ctypes.seh_exception"})
-    DENY = frozenset({
-        "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-        "os.symlink", "os.link", "resource.setrlimit", "resource.prlimit", "sqlite3.enable_load_extension",
-        "sqlite3.load_extension", "pty.spawn", "os.startfile", "winreg.OpenKey", "sys.remote_exec",
-        "sys.addaudithook",
-        # Introspection that could reach the reporter's code object or rewrite the runner:
-        # trace/profile functions see every frame (and may jump lines), gc walks any object.
-        "sys.settrace", "sys.setprofile", "gc.get_referrers", "gc.get_referents", "gc.get_objects"})
-    PATH_EVENTS = MappingProxyType({
-        "os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.mkdir": (0,), "os.chmod": (0,),
-        "os.chown": (0,), "os.utime": (0,), "os.truncate": (0,), "os.setxattr": (0,),
-        "os.removexattr": (0,), "os.chflags": (0,), "os.lchflags": (0,), "os.lchmod": (0,),
-        "os.lchown": (0,), "shutil.rmtree": (0,), "shutil.move": (1,), "shutil.copyfile": (1,),
-        "shutil.copymode": (1,), "shutil.copystat": (1,), "shutil.copytree": (1,), "shutil.chown": (0,),
-        "shutil.make_archive": (0,), "shutil.unpack_archive": (1,)})
-
-    def as_str(path):
-        """An exact str (a str subclass could lie through its methods), or None."""
-        try:
-            p = fspath(path)
-        except TypeError:
-            return None
-        if isinstance(p, bytes):
-            p = decode(p, fs_encoding, "surrogateescape")
-        return exact((p,))
-
-    def absolute(p):
-        return p if p.startswith("/") else getcwd() + "/" + p
-
-    def lexical(p):
-        """os.path.normpath, for an exact str."""
-        out = []
-        for c in p.split("/"):
-            if c == "..":
-                if out and out[-1] != "..":
-                    out.pop()
-                elif not p.startswith("/"):
-                    out.append(c)
-            elif c and c != ".":
-                out.append(c)
-        return ("/" if p.startswith("/") else "") + "/".join(out)
-
-    def resolve(p):
-        """os.path.realpath (non-strict) of an absolute exact str, with C calls only."""
-        todo, done, links = p.split("/")[::-1], "", 0
-        while todo:
-            c = todo.pop()
-            if c == "..":
-                done = done.rpartition("/")[0]
-            elif c and c != ".":
-                new = done + "/" + c
-                try:
-                    is_link = lstat(new).st_mode & 0o170000 == 0o120000
-                except (OSError, ValueError):
-                    is_link = False
-                links += is_link
-                if not is_link or links > 40:
-                    done = new
-                    continue
-                target = readlink(new)
-                if target.startswith("/"):
-                    done = ""
-                todo.extend(target.split("/")[::-1])
-        return done or "/"
-
-    def isdir(p):
-        try:
-            return stat(p).st_mode & 0o170000 == 0o040000
-        except (OSError, ValueError):
-            return False
-
-    def inside(path):
-        if type(path) is int:
-            # An fd (fchmod, fchown, futimes, ftruncate...): judge the file it refers to. readlink
-            # raises no audit event, so this does not recurse into the /proc check below.
-            try:
-                path = readlink("/proc/self/fd/%d" % path)
-            except (OSError, ValueError, OverflowError):
-                return False
-            if path.endswith(" (deleted)"):
-                path = path[:-10]
-            if not path.startswith("/"):
-                return False  # a pipe, socket, anon inode...
-        p = as_str(path)
-        if p is None:
-            return False
-        if not p.startswith("/") and ".." in p.replace("\\", "/").split("/"):
-            return False  # relative ".." could be resolved against a dir_fd we cannot see
-        full = resolve(absolute(p))
-        return full == work or full.startswith(work_prefix) or full == "/dev/null"
-
-    def forbidden_read(p):
-        """Another process's /proc entry (e.g. the parent's environ), any process's memory."""
-        full = resolve(absolute(p))
-        if full in ("/dev/mem", "/dev/kmem", "/dev/port"):
-            return True
-        # Both the lexical form (a relative path may be resolved against a dir_fd the hook cannot
-        # see) and the resolved one (/proc/self/.., /proc//N, /proc/self/root/proc/N, /dev/fd...).
-        for q in (lexical(p), full):
-            parts = q.split("/")
-            for i, part in enumerate(parts[:-1]):
-                if part != "proc":
-                    continue
-                nxt = parts[i + 1]
-                if nxt == "kcore" or (nxt.isdecimal() and int(nxt) != MYPID):
-                    return True
-                if "mem" in parts[i + 1:]:
-                    return True
-        return False
-
-    def deny(event, detail=""):
-        msg = "sandbox: %s%s is not allowed" % (event, (" " + detail) if detail else "")
-        if nviol[0] < 20:
-            nviol[0] += 1
-            audit(REPORT, "V " + event)
-        raise PermissionError(msg)
-
-
-    def hook(event, args):
-        if event == "object.__getattr__":
-            # Never hand out the reporter's code object (it holds the nonce). Judged without
-            # reading the code (that would raise this event again), with names only this hook
-            # uses (cells no reachable function shares), so model code cannot rebind them.
-            obj, attr = args[0], args[1]
-            if attr == "f_code" and _type(obj) is _FrameType and _tag in _repr(obj) or \
-                    attr == "__code__" and _type(obj) is _FunctionType and obj.__name__ == _name:
-                deny(event, "of the sandbox reporter's code")
-            return
-        if event == "object.__setattr__" and args[1] == "__code__":
-            deny(event, "of __code__")  # would let model code rewrite a hook's helper
-        if event == "open":
-            path, mode, flags = args
-            if type(path) is int or path is None:
-                return
-            writing = (mode is not None and any(c in str(mode) for c in "wax+")) or \
-                      (mode is None and isinstance(flags, int) and flags & W)
-            if writing:
-                if not inside(path):
-                    deny("open", "for writing outside the sandbox dir")
-                return
-            p = as_str(path)
-            if p is None:
-                return
-            if (not p.startswith("/") or "proc" in p or p.startswith("/dev/")) and forbidden_read(p):
-                deny("open", "of another process's /proc entry or of process memory")
-            if not inside(p):
-                try:
-                    if isdir(p):
-                        deny("open", "of a directory outside the sandbox dir")
-                except PermissionError:
-                    raise
-                except Exception:
-                    pass
-            return
-        if event in DENY or event.startswith("sys.monitoring"):
-            deny(event)
-        if event.startswith("socket."):
-            if event == "socket.__new__" and args[1] == af_unix:
-                return  # local pairs only: connect/bind/sendto to any address are denied below
-            deny(event)
-        if event == "import":
-            name = args[0] or ""
-            if name.split(".")[0] in BLOCK_IMPORTS:
-                deny("import", name)
-            filename = args[1]
-            if filename is not None:  # an extension module's shared object is about to load
-                if not resolve(absolute(as_str(filename) or "")).startswith(trusted):
-                    deny("import", "of a native extension outside the interpreter's paths")
-            return
-        if event.startswith("ctypes."):
-            if event in CTYPES_DENY or (event == "ctypes.dlopen" and args[0] is not None):
-                deny(event)
-            return
-        idx = PATH_EVENTS.get(event)
-        if idx is not None:
-            for i in idx:
-                if i < len(args) and args[i] is not None and not inside(args[i]):
-                    deny(event, "outside the sandbox dir")
-            return
-        if event in ("os.kill", "os.killpg", "signal.pthread_kill"):
-            if event == "os.kill" and args[0] in (0, MYPID):
-                return
-            if event == "signal.pthread_kill":
-                return
-            deny(event)
-        if event == "sqlite3.connect":
-            db = args[0]
-            if as_str(db) not in (":memory:", "") and not inside(db):
-                deny(event, "outside the sandbox dir")
-        if event.startswith("syslog.") or event.startswith("readline.write") or event.startswith("readline.append"):
-            deny(event)
-
-    sys.addaudithook(hook)
-
-
-LITERALS = (ast.Constant, ast.List, ast.Tuple, ast.Set, ast.Dict, ast.JoinedStr)
-
-
-def compile_test(src, i):
-    """A test whose only statement is an expression (``add(1, 2) == 3``) is run as ``assert``:
-    bare, it would pass whatever it evaluates to. A bare literal or an empty test is no test."""
-    name = "<test %d>" % i
-    tree = ast.parse(src, name)
-    if not tree.body:
-        raise ValueError("empty test")
-    first = tree.body[0]
-    if len(tree.body) == 1 and isinstance(first, ast.Expr):
-        if isinstance(first.value, LITERALS):
-            raise ValueError("a bare literal is not a test")
-        tree.body[0] = ast.copy_location(ast.Assert(test=first.value, msg=None), first)
-        ast.fix_missing_locations(tree)
-    return compile(tree, name, "exec")
-
-
-def fmt(e):
-    try:
-        return ("%s: %s" % (type(e).__name__, e))[:300]
-    except BaseException:
-        return type(e).__name__
-
-
-def flush_std():
-    for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
-            s.flush()
-        except BaseException:
-            pass
-
-
-def run(P, result_fd, _exec=exec, _dict=dict, _audit=sys.audit, _compile=compile, _exit=os._exit):
-    """Runs the model code, then each test in a copy of its namespace (or, in stdio mode, the
-    program as ``__main__``). Results are reported from THIS frame only (see REPORTER_SRC);
-    builtins it needs are bound as defaults so model code cannot swap them."""
-    install_reporter(P.pop("nonce"), result_fd, sys._getframe(0))
-    stdio = P["mode"] == "stdio"
-    tests = []
-    for i, t in enumerate(P.pop("tests")):
-        try:
-            tests.append((i, compile_test(t, i), None))
-        except BaseException as e:
-            tests.append((i, None, fmt(e)))
-    tests = tuple(tests)
-    code = P.pop("code")
-    install_policy(P["work"], network_and_process_prelude())
-    ns = {"__name__": "__main__" if stdio else "__solution__", "__builtins__": __builtins__}
-    _audit(REPORT, "S")
-    try:
-        _exec(_compile(code, "<solution>", "exec"), ns)
-    except MemoryError as e:
-        _audit(REPORT, "M " + fmt(e))
-        _exit(3)
-    except BaseException as e:
-        # A stdin/stdout program may end with sys.exit() / exit(0).
-        if not (stdio and type(e) is SystemExit and e.code in (None, 0)):
-            _audit(REPORT, "E " + fmt(e))
-            try:
-                sys.stderr.write("solution raised %s\n" % fmt(e))
-            except BaseException:
-                pass
-            flush_std()
-            _exit(1)
-    if stdio:  # like interpreter shutdown: wait for the program's non-daemon threads
-        for t in threading.enumerate():
-            if t is not threading.current_thread() and not t.daemon:
-                t.join()
-    for i, test_code, compile_error in tests:
-        if test_code is None:
-            _audit(REPORT, "T %d 0 F %s" % (i, compile_error))
-            continue
-        try:
-            _exec(test_code, _dict(ns))
-        except MemoryError as e:
-            _audit(REPORT, "T %d 0 M %s" % (i, fmt(e)))
-        except BaseException as e:
-            _audit(REPORT, "T %d 0 F %s" % (i, fmt(e)))
-        else:
-            _audit(REPORT, "T %d 1" % i)
-    flush_std()
-    _audit(REPORT, "D")
-    _exit(0)
-
-
-def main():
-    global install_policy
-    # The policy hook's functions get private globals and builtins: model code that
-    # monkeypatches builtins (any, isinstance, repr...) or this module does not change them.
-    import builtins
-    install_policy = FunctionType(install_policy.__code__, dict(globals(), __builtins__=dict(vars(builtins))))
-    payload_path, fd = sys.argv[1], int(sys.argv[2])
-    with open(payload_path, encoding="utf-8") as f:
-        P = json.load(f)
-    os.remove(payload_path)  # the model code must not read the tests (or the nonce)
-    # Move the result pipe off the fd number named in argv, and forget argv.
-    result_fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 40)
-    os.close(fd)
-    del sys.argv[1:]
-    set_limits(P)
-    start_watchdog(P["wall_s"])
-    run(P, result_fd)
-
-
-main()
-'''
-
-
-# --------------------------------------------------------------------------------------
 # Network namespace probe
 # --------------------------------------------------------------------------------------
 _NETNS_PREFIX: list[str] | None = None
@@ -660,6 +233,11 @@ def network_namespace_prefix() -> list[str] | None:
 # --------------------------------------------------------------------------------------
 # Parent side
 # --------------------------------------------------------------------------------------
+# The child program, run by path (never imported here: it installs audit hooks and limits on
+# the interpreter that runs it). Public so that a test can run a modified copy.
+SANDBOX_CHILD_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+
+
 def _child_env(work: str) -> dict[str, str]:
     return {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -886,82 +464,89 @@ def _run_child(
     """One sandboxed child: ``code`` then ``test_list`` (or, with ``stdin_text``, the program
     as ``__main__`` reading it on stdin). Returns the result and, in stdin mode, all of
     stdout (bounded by ``RLIMIT_FSIZE``)."""
-    total = len(test_list)
     if time.monotonic() - _last_sweep > _SWEEP_EVERY_S:
         cleanup_stale_sandbox_dirs()
+    nonce = secrets.token_hex(16)
+    root = _make_run_dir(code, test_list, nonce, stdin_text, timeout_s=timeout_s, memory_mb=memory_mb,
+                         max_file_mb=max_file_mb)
+    argv = _child_argv(os.path.join(root, "payload.json"), python=python, site_packages=site_packages,
+                       network=network)
+    out_path, err_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
+    t0 = time.monotonic()
+    try:
+        child = _supervise_child(argv, root, with_stdin=stdin_text is not None, deadline=t0 + timeout_s)
+    finally:
+        stdout_tail = _tail(out_path, output_limit)
+        stderr_tail = _tail(err_path, output_limit)
+        stdout_all = _tail(out_path, (max_file_mb << 20) + 1, raw=True) if stdin_text is not None else b""
+        _rmtree(root)
+    duration = time.monotonic() - t0
+
+    report = _ChildReport.parse(child.output, nonce, total=len(test_list))
+    status, error = _status_and_error(report, child, timeout_s, stderr_tail)
+    return SandboxResult(status=status, passed=len(report.passed_ids), total=len(test_list),
+                         stdout_tail=stdout_tail, stderr_tail=stderr_tail, error=error,
+                         returncode=child.returncode, duration_s=duration,
+                         violations=tuple(report.violations)), stdout_all
+
+
+def _make_run_dir(code: str, test_list: list[str], nonce: str, stdin_text: str | None, *,
+                  timeout_s: float, memory_mb: int | None, max_file_mb: int) -> str:
+    """A fresh temp dir for one child: ``work/`` (its cwd, the only place it may write), the
+    payload it reads (and deletes) at startup and, in stdin mode, its input; returns its path.
+    The dir name carries the pid namespace and pid for :func:`cleanup_stale_sandbox_dirs`."""
     root = tempfile.mkdtemp(prefix=f"rayrl-sandbox-{_pid_namespace()}-{os.getpid()}-")
     work = os.path.join(root, "work")
     os.mkdir(work, 0o700)
-    nonce = secrets.token_hex(16)
-    payload = os.path.join(root, "payload.json")
-    with open(payload, "w", encoding="utf-8") as f:
+    with open(os.path.join(root, "payload.json"), "w", encoding="utf-8") as f:
         json.dump({"code": code, "tests": test_list, "nonce": nonce, "work": work,
                    "mode": "tests" if stdin_text is None else "stdio",
                    "memory_bytes": int(memory_mb * 1024 * 1024) if memory_mb else 0,
                    "cpu_s": int(math.ceil(timeout_s)) + 1,
                    "fsize_bytes": int(max_file_mb * 1024 * 1024), "wall_s": float(timeout_s)}, f)
-    out_path, err_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
-    in_path = os.path.join(root, "stdin")  # outside work/: the program reads it only as its stdin
     if stdin_text is not None:
-        with open(in_path, "w", encoding="utf-8") as f:
+        # Outside work/: the program reads it only as its stdin.
+        with open(os.path.join(root, "stdin"), "w", encoding="utf-8") as f:
             f.write(stdin_text)
-    r_fd, w_fd = os.pipe()
+    return root
+
+
+def _child_argv(payload: str, *, python: str | None, site_packages: bool, network: str) -> list[str]:
+    """The child's command line, without the result pipe's fd (appended once it exists)."""
     argv = [python or sys.executable, "-I", "-B"] + ([] if site_packages else ["-S"])
-    argv += ["-c", _HARNESS, payload, str(w_fd)]
+    argv += [SANDBOX_CHILD_PATH, payload]
     if network == "auto":
         prefix = network_namespace_prefix()
         if prefix:
             argv = prefix + argv
+    return argv
 
-    passed_ids: set[int] = set()
-    failed: dict[int, str] = {}
-    violations: list[str] = []
-    started = done = mem_seen = False
-    solution_error: str | None = None
-    killed = False
+
+@dataclass(frozen=True)
+class _ChildExit:
+    """How one child ended: its exit code, the raw bytes of its result pipe, whether the wall
+    clock ran out, and the CPU seconds it used (0.0 when unknown)."""
+
+    returncode: int | None
+    output: bytes
+    killed: bool
+    cpu_used: float
+
+
+def _supervise_child(argv: list[str], root: str, *, with_stdin: bool, deadline: float) -> _ChildExit:
+    """Start the child (the result pipe's fd as its last argument), read its result pipe until
+    EOF or ``deadline``, then SIGKILL its process group and reap it. The group is killed and
+    the pipe closed whatever happens, so nothing is left behind."""
+    r_fd, w_fd = os.pipe()
     proc = None
-    t0 = time.monotonic()
-    buf = b""
     try:
-        stdin_f = open(in_path, "rb") if stdin_text is not None else subprocess.DEVNULL
-        try:
-            with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
-                # A minimal env (nothing inherited) and its own session: the whole process
-                # group is SIGKILLed on timeout and after every run.
-                proc = subprocess.Popen(argv, stdin=stdin_f, stdout=out_f, stderr=err_f, cwd=work,
-                                        env=_child_env(work), close_fds=True, pass_fds=(w_fd,),
-                                        start_new_session=True)
-        finally:
-            if stdin_text is not None:
-                stdin_f.close()
+        proc = _start_child(argv + [str(w_fd)], root, w_fd, with_stdin=with_stdin)
         fd, w_fd = w_fd, -1
-        os.close(fd)
-        deadline = t0 + timeout_s
-        eof = False
-        while not eof:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                killed = True
-                break
-            ready, _, _ = select.select([r_fd], [], [], min(remaining, 0.5))
-            if ready:
-                chunk = os.read(r_fd, 65536)
-                if not chunk:
-                    eof = True
-                buf += chunk
-                if len(buf) > 1 << 20:  # a flood on the result pipe: stop listening
-                    buf = buf[-(1 << 16):]
-            elif proc.poll() is not None:
-                # Child gone but pipe still open (a stray descendant): stop waiting.
-                break
+        os.close(fd)  # only the child holds the write end: EOF when it (and its heirs) are gone
+        output, killed = _read_result_pipe(r_fd, proc, deadline)
         kill_process_group(proc.pid)
-        try:
-            _, wstatus, rusage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(wstatus)
-            cpu_used = rusage.ru_utime + rusage.ru_stime
-        except ChildProcessError:
-            proc.wait()
-            cpu_used = 0.0
+        cpu_used = _reap(proc)
+        return _ChildExit(proc.returncode, output, killed, cpu_used)
     finally:
         if w_fd >= 0:
             os.close(w_fd)
@@ -972,64 +557,127 @@ def _run_child(
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
-        stdout_tail = _tail(out_path, output_limit)
-        stderr_tail = _tail(err_path, output_limit)
-        stdout_all = _tail(out_path, (max_file_mb << 20) + 1, raw=True) if stdin_text is not None else b""
-        _rmtree(root)
-    duration = time.monotonic() - t0
 
-    for raw in buf.decode("utf-8", "replace").splitlines():
-        if not raw.startswith(nonce + " "):
-            continue
-        parts = raw[len(nonce) + 1 :].split(" ", 4)
+
+def _start_child(argv: list[str], root: str, w_fd: int, *, with_stdin: bool) -> subprocess.Popen:
+    """Popen the child in ``root``/work, stdout/stderr to files in ``root``, stdin from
+    ``root``/stdin (or ``/dev/null``), passing only the result pipe's write end."""
+    work = os.path.join(root, "work")
+    stdin_f = open(os.path.join(root, "stdin"), "rb") if with_stdin else subprocess.DEVNULL
+    try:
+        with open(os.path.join(root, "stdout"), "wb") as out_f, open(os.path.join(root, "stderr"), "wb") as err_f:
+            # A minimal env (nothing inherited) and its own session: the whole process
+            # group is SIGKILLed on timeout and after every run.
+            return subprocess.Popen(argv, stdin=stdin_f, stdout=out_f, stderr=err_f, cwd=work,
+                                    env=_child_env(work), close_fds=True, pass_fds=(w_fd,),
+                                    start_new_session=True)
+    finally:
+        if with_stdin:
+            stdin_f.close()
+
+
+def _read_result_pipe(r_fd: int, proc: subprocess.Popen, deadline: float) -> tuple[bytes, bool]:
+    """What the child wrote on the result pipe, and whether ``deadline`` passed before EOF."""
+    buf = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return buf, True
+        ready, _, _ = select.select([r_fd], [], [], min(remaining, 0.5))
+        if ready:
+            chunk = os.read(r_fd, 65536)
+            buf += chunk
+            if len(buf) > 1 << 20:  # a flood on the result pipe: stop listening
+                buf = buf[-(1 << 16):]
+            if not chunk:
+                return buf, False
+        elif proc.poll() is not None:
+            # Child gone but pipe still open (a stray descendant): stop waiting.
+            return buf, False
+
+
+def _reap(proc: subprocess.Popen) -> float:
+    """Wait for the (killed) child, setting ``proc.returncode``; returns the CPU seconds it
+    used, 0.0 when unknown (someone else reaped it)."""
+    try:
+        _, wstatus, rusage = os.wait4(proc.pid, 0)
+    except ChildProcessError:
+        proc.wait()
+        return 0.0
+    proc.returncode = os.waitstatus_to_exitcode(wstatus)
+    return rusage.ru_utime + rusage.ru_stime
+
+
+@dataclass
+class _ChildReport:
+    """The result lines the child reported with this run's nonce (see :mod:`sandbox_child`):
+    ``S`` started, ``D`` done, ``V <event>`` a refused operation, ``E``/``M <error>`` the code
+    raised (``M``: MemoryError), ``T <i> <1|0> <F|M> <error>`` test ``i`` passed or failed."""
+
+    started: bool = False
+    done: bool = False
+    mem_seen: bool = False
+    solution_error: str | None = None
+    passed_ids: set[int] = field(default_factory=set)
+    failed: dict[int, str] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, output: bytes, nonce: str, total: int) -> _ChildReport:
+        """Lines without the nonce (anyone could have written them) count for nothing."""
+        report = cls()
+        for raw in output.decode("utf-8", "replace").splitlines():
+            if raw.startswith(nonce + " "):
+                report._add(raw[len(nonce) + 1 :].split(" ", 4), total)
+        return report
+
+    def _add(self, parts: list[str], total: int) -> None:
         kind = parts[0]
         if kind == "S":
-            started = True
+            self.started = True
         elif kind == "D":
-            done = True
+            self.done = True
         elif kind == "V" and len(parts) > 1:
-            violations.append(parts[1])
+            self.violations.append(parts[1])
         elif kind in ("E", "M"):
-            solution_error = " ".join(parts[1:])
-            mem_seen = mem_seen or kind == "M"
+            self.solution_error = " ".join(parts[1:])
+            self.mem_seen = self.mem_seen or kind == "M"
         elif kind == "T" and len(parts) >= 3 and parts[1].isdigit():
             i = int(parts[1])
             if parts[2] == "1" and i < total:
-                passed_ids.add(i)
+                self.passed_ids.add(i)
             else:
                 if len(parts) > 3 and parts[3] == "M":
-                    mem_seen = True
-                failed.setdefault(i, " ".join(parts[4:5]))
+                    self.mem_seen = True
+                self.failed.setdefault(i, " ".join(parts[4:5]))
 
-    rc = proc.returncode if proc is not None else None
-    error = solution_error
-    if error is None and failed:
-        first = min(failed)
-        error = f"test {first} failed: {failed[first]}"
-    if killed or rc == 124:
-        status: SandboxStatus = "timeout"
-        error = error or f"timed out after {timeout_s:g}s"
-    elif mem_seen:
-        status = "memory"
-    elif done:
-        status = "ok"
-    elif rc is not None and rc < 0 and -rc == signal.SIGXCPU:
-        status, error = "timeout", error or "CPU time limit exceeded"
-    elif rc is not None and rc < 0 and -rc == signal.SIGKILL:
+
+def _status_and_error(report: _ChildReport, child: _ChildExit, timeout_s: float,
+                      stderr_tail: str) -> tuple[SandboxStatus, str | None]:
+    """The run's status and one-line reason, from what the child reported and how it ended."""
+    rc = child.returncode
+    error = report.solution_error
+    if error is None and report.failed:
+        first = min(report.failed)
+        error = f"test {first} failed: {report.failed[first]}"
+    if child.killed or rc == 124:
+        return "timeout", error or f"timed out after {timeout_s:g}s"
+    if report.mem_seen:
+        return "memory", error
+    if report.done:
+        return "ok", error
+    if rc is not None and rc < 0 and -rc == signal.SIGXCPU:
+        return "timeout", error or "CPU time limit exceeded"
+    if rc is not None and rc < 0 and -rc == signal.SIGKILL:
         # Not our kill: the CPU hard limit or the kernel OOM killer.
-        if cpu_used >= math.ceil(timeout_s) + 0.5:
-            status, error = "timeout", error or "CPU time limit exceeded"
-        else:
-            status, error = "memory", error or "killed (out of memory?)"
-    elif "MemoryError" in stderr_tail or "Cannot allocate memory" in stderr_tail:
-        status, error = "memory", error or "out of memory"
-    else:
-        status = "error"
-        if error is None:
-            error = "exited early with code %s" % rc if started else f"sandbox failed to start (code {rc})"
-    return SandboxResult(status=status, passed=len(passed_ids), total=total, stdout_tail=stdout_tail,
-                         stderr_tail=stderr_tail, error=error, returncode=rc, duration_s=duration,
-                         violations=tuple(violations)), stdout_all
+        if child.cpu_used >= math.ceil(timeout_s) + 0.5:
+            return "timeout", error or "CPU time limit exceeded"
+        return "memory", error or "killed (out of memory?)"
+    if "MemoryError" in stderr_tail or "Cannot allocate memory" in stderr_tail:
+        return "memory", error or "out of memory"
+    if error is None:
+        error = "exited early with code %s" % rc if report.started else f"sandbox failed to start (code {rc})"
+    return "error", error
 
 
 # --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Every guard test has a control that runs the SAME code unsandboxed and shows the
 really happens there, so a sandbox that silently stopped guarding would fail the test.
 """
 
+import ast
 import glob
 import json
 import os
@@ -18,7 +19,9 @@ from pathlib import Path
 import pytest
 
 import rayrl.rewards.code_sandbox as code_sandbox
+from rayrl.rewards import sandbox_child
 from rayrl.rewards.code_sandbox import (
+    SANDBOX_CHILD_PATH,
     StdioCase,
     cleanup_stale_sandbox_dirs,
     extract_python_code,
@@ -476,16 +479,20 @@ def test_results_cannot_be_forged_from_frames(code):
     result = run_python_sandboxed(code, "assert False")
     assert result.passed == 0, result
     if code is FORGE_ANY_FRAME:  # found no nonce anywhere; argv names no fd any more
-        assert "argv ['-c']" in result.stdout_tail
+        assert f"argv [{SANDBOX_CHILD_PATH!r}]" in result.stdout_tail
 
 
-def test_results_cannot_be_forged_from_the_reporter_code(monkeypatch):
+def test_results_cannot_be_forged_from_the_reporter_code(monkeypatch, tmp_path):
     result = run_python_sandboxed(FORGE_REPORTER_CODE, "assert False")
     assert "caught True" in result.stdout_tail  # the attack did reach the reporter's frame...
     assert result.passed == 0 and "PermissionError" in result.error  # ...but not its code
-    # Control: without the guard on code objects, the same attack forges a pass.
-    monkeypatch.setattr(code_sandbox, "_HARNESS",
-                        code_sandbox._HARNESS.replace('if attr == "f_code" and', 'if False and'))
+    # Control: a copy of the child program without the guard on code objects; the same attack
+    # then forges a pass.
+    source = Path(SANDBOX_CHILD_PATH).read_text()
+    assert 'if attr == "f_code" and' in source
+    unguarded = tmp_path / "sandbox_child.py"
+    unguarded.write_text(source.replace('if attr == "f_code" and', 'if False and'))
+    monkeypatch.setattr(code_sandbox, "SANDBOX_CHILD_PATH", str(unguarded))
     assert run_python_sandboxed(FORGE_REPORTER_CODE, "assert False").passed == 1
 
 
@@ -532,3 +539,31 @@ def test_monkeypatching_builtins_does_not_switch_the_reporter_guard_off():
     result = run_python_sandboxed(patch + FORGE_REPORTER_CODE, "assert False")
     assert "caught True" in result.stdout_tail
     assert result.passed == 0 and "object.__getattr__" in result.violations, result
+
+
+# ---- the child program is a module like any other: its pure helpers are tested directly ----
+def test_child_compile_test_asserts_a_bare_expression():
+    ns = {"add": lambda a, b: a + b}
+    exec(sandbox_child.compile_test("add(1, 2) == 3", 0), dict(ns))  # true: passes
+    with pytest.raises(AssertionError):
+        exec(sandbox_child.compile_test("add(1, 2) == 4", 1), dict(ns))  # run bare, it would pass
+    with pytest.raises(AssertionError):
+        exec(sandbox_child.compile_test("print('x')", 2), dict(ns))  # None is falsy
+    exec(sandbox_child.compile_test("x = add(1, 2)\nassert x == 3", 3), dict(ns))  # statements as-is
+    for no_test in ("", "# nothing", "True", "[1, 2]", "f'{1}'"):
+        with pytest.raises(ValueError):
+            sandbox_child.compile_test(no_test, 4)
+    with pytest.raises(SyntaxError):
+        sandbox_child.compile_test("assert (", 5)
+    assert sandbox_child.compile_test("1 == 1", 7).co_filename == "<test 7>"
+
+
+def test_child_module_is_standalone():
+    """It imports the standard library only (it may run under another interpreter or with
+    ``-S``, where rayrl is not importable); importing it here ran nothing (main() did not)."""
+    assert os.path.samefile(sandbox_child.__file__, SANDBOX_CHILD_PATH)
+    tree = ast.parse(Path(SANDBOX_CHILD_PATH).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported and imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
