@@ -8,15 +8,20 @@ checkpoints and the full-weights gather live in exactly one place.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import resource
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 
+from rayrl.actors.models import export_model, param_groups
 from rayrl.config import PeftConfig
+from rayrl.optim import lr_multiplier
 
 
 @dataclass(frozen=True)
@@ -74,15 +79,13 @@ def peak_rss_mb() -> float:
 
 
 def node_ip() -> str:
-    import ray
+    import ray  # slow: ray; the driver imports this module for TrainerSpec
 
     return ray.util.get_node_ip_address()
 
 
 def rendezvous_address() -> tuple[str, int]:
     """This node's IP and a free port for the process-group rendezvous (asked of rank 0)."""
-    import socket
-
     ip = node_ip()
     with socket.socket() as sock:
         sock.bind((ip, 0))
@@ -91,7 +94,7 @@ def rendezvous_address() -> tuple[str, int]:
 
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int,
                        local_rank: int, local_world_size: int) -> None:
-    import deepspeed
+    import deepspeed  # slow: deepspeed; the driver imports this module for TrainerSpec
 
     on_gpu = torch.cuda.is_available()
     os.environ.update({
@@ -110,10 +113,6 @@ def release_shm_buffer(rank: int, master_port: int) -> None:
     """DeepSpeed's CPU shared-memory allreduce maps one 69 MB /dev/shm file per rank and never removes
     it: every process group leaked one until /dev/shm filled the RAM. All ranks open every peer's file
     during init, so once all are past init (the barrier) the names can go; the mappings stay valid."""
-    import glob
-
-    import torch.distributed as dist
-
     dist.barrier()
     for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{master_port}_{rank}"):
         try:
@@ -129,9 +128,7 @@ LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
 class TrainingEngine:
     def __init__(self, spec: TrainerSpec, model: torch.nn.Module, param_groups: list[dict]):
-        import deepspeed
-
-        from rayrl.optim import lr_multiplier
+        import deepspeed  # slow: deepspeed
 
         self.spec = spec
         optimizer = torch.optim.AdamW(param_groups, lr=spec.lr, betas=tuple(spec.adam_betas))
@@ -213,7 +210,7 @@ class TrainingEngine:
     def gathered_state(self) -> Iterator[dict[str, torch.Tensor]]:
         """The whole module's live weights (on its device) on every rank, valid inside the block
         (gathered from all ranks under ZeRO-3; all ranks must enter)."""
-        import deepspeed
+        import deepspeed  # slow: deepspeed
 
         if self.spec.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
@@ -228,15 +225,11 @@ class TrainingEngine:
 
     @staticmethod
     def barrier() -> None:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.barrier()
 
     @staticmethod
     def shutdown() -> None:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -265,8 +258,6 @@ class TrainerRank:
 
     def setup(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int,
               separate_reference: bool = False) -> dict:
-        from rayrl.actors.models import param_groups
-
         spec = self.spec
         init_process_group(self.rank, spec.world_size, master_addr, master_port, local_rank, local_world_size)
         torch.manual_seed(spec.seed)
@@ -288,8 +279,6 @@ class TrainerRank:
 
     def export_hf(self, directory: str) -> None:
         """Write the full model (and/or the adapter) in Hugging Face format from rank 0."""
-        from rayrl.actors.models import export_model
-
         state = self.train_engine.full_state_dict(self.rank)
         if self.rank == 0:
             export_model(self.train_engine.module, state, directory, self.spec.peft)

@@ -16,13 +16,13 @@ Task = Literal["causal_lm", "reward"]
 
 def load_model(path: str, task: Task, *, attn_implementation: str, pad_token_id: int | None,
                peft: PeftConfig | None, gradient_checkpointing: bool) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # slow: transformers
 
     kwargs: dict = {"dtype": torch.float32, "attn_implementation": attn_implementation}
     if peft is not None and peft.method == "qlora":
         if not torch.cuda.is_available():
             raise RuntimeError("model.peft.method=qlora needs a CUDA GPU (bitsandbytes 4-bit)")
-        from transformers import BitsAndBytesConfig
+        from transformers import BitsAndBytesConfig  # slow: transformers
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
@@ -43,6 +43,7 @@ def load_model(path: str, task: Task, *, attn_implementation: str, pad_token_id:
 
 
 def apply_peft(model: torch.nn.Module, peft: PeftConfig, task: Task) -> torch.nn.Module:
+    # slow: peft (imports transformers); only for a PEFT model
     from peft import (LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model,
                       prepare_model_for_kbit_training)
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from rayrl.algorithms import token_logprobs
 from rayrl.data.batch import TokenBatch
 
 
 class ReferenceModel:
     def __init__(self, model_path: str, *, num_threads: int = 1, attn_implementation: str = "sdpa"):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM  # slow: transformers; the driver imports this module
 
         torch.set_num_threads(max(1, num_threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -24,8 +25,6 @@ class ReferenceModel:
     @torch.no_grad()
     def token_logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
         """(B, T-1) log-probs of each next token under ``softmax(logits / temperature)``."""
-        from rayrl.algorithms import token_logprobs
-
         input_ids = batch.input_ids.to(self.device)
         logits = self.model(input_ids=input_ids, attention_mask=batch.padding_mask().to(self.device)).logits
         return token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature=temperature).cpu()

@@ -8,10 +8,16 @@ import os
 import sys
 from pathlib import Path
 
+from rayrl import submit as sub
 from rayrl.config import ConfigError, load_config
 from rayrl.data.loading import DataError
-
+from rayrl.data.synthetic import SPLITS, write_splits
+from rayrl.pipeline import run_pipeline
+from rayrl.quickstart import run_quickstart
+from rayrl.report import render_report
 from rayrl.rewards.registry import RewardSpecError
+from rayrl.stages import run_stage
+from rayrl.tiny import init_model
 
 USER_ERRORS = (ConfigError, DataError, RewardSpecError, FileNotFoundError)
 
@@ -25,8 +31,6 @@ key=value pair, e.g.  rayrl train examples/sft.yaml train.lr=1e-4 output_dir=run
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
-    from rayrl.stages import run_stage
-
     result = run_stage(config)
     summary = {"output_dir": str(result.output_dir), "final_model": str(result.final_model),
                "steps": result.steps, "wall_s": round(result.wall_s, 1), **result.final_eval}
@@ -35,41 +39,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    from rayrl.pipeline import run_pipeline
-
     summary = run_pipeline(args.pipeline, args.overrides)
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _cmd_init_model(args: argparse.Namespace) -> int:
-    from rayrl.tiny import init_model
-
     path = init_model(args.directory, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers)
     print(f"wrote a tiny Llama-architecture model and tokenizer to {path}")
     return 0
 
 
 def _cmd_make_data(args: argparse.Namespace) -> int:
-    from rayrl.data.synthetic import SPLITS, addition_rows, write_jsonl
-
     directory = Path(args.directory)
-    for split in SPLITS:
-        write_jsonl(addition_rows(split), directory / f"{split}.jsonl")
+    write_splits(directory)
     print(f"wrote {', '.join(s + '.jsonl' for s in SPLITS)} to {directory}")
     return 0
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from rayrl.quickstart import run_quickstart
-
     run_quickstart(args.output_dir, overrides=args.overrides)
     return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from rayrl import submit as sub
-
     try:
         # ConfigError from local validation propagates: the same one line as `rayrl train`.
         result = sub.submit(args.config, args.overrides, address=args.address, python=args.python,
@@ -89,7 +82,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         print(f"rayrl: stopped waiting; the job keeps running (rayrl jobs stop {result.job_id})", file=sys.stderr)
         return 130
     except Exception as exc:
-        print(f"rayrl: error: lost the job server while waiting: {sub._one_line(exc)}", file=sys.stderr)
+        print(f"rayrl: error: lost the job server while waiting: {sub.one_line(exc)}", file=sys.stderr)
         return 1
     if status == "SUCCEEDED":
         print(f"job {result.job_id} SUCCEEDED", file=sys.stderr)
@@ -97,13 +90,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     info = jobs.get_job_info(result.job_id)
     code = getattr(info, "driver_exit_code", None)
     print(f"rayrl: job {result.job_id} {status}" + (f" (exit code {code})" if code is not None else "")
-          + (f": {sub._mask(info.message.splitlines()[0])}" if info.message else ""), file=sys.stderr)
+          + (f": {sub.mask_secrets(info.message.splitlines()[0])}" if info.message else ""), file=sys.stderr)
     return code if isinstance(code, int) and 0 < code < 256 else 1
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from rayrl import submit as sub
-
     try:
         jobs = sub.client(args.address)
         if args.action == "list":
@@ -122,7 +113,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
             if args.follow:
                 status = sub.wait(jobs, args.job_id)
                 return 0 if status == "SUCCEEDED" else 1
-            sys.stdout.write(sub._mask(jobs.get_job_logs(args.job_id)))
+            sys.stdout.write(sub.mask_secrets(jobs.get_job_logs(args.job_id)))
         elif args.action == "stop":
             stopped = jobs.stop_job(args.job_id)
             print(f"job {args.job_id}: " + ("stop requested" if stopped else "already finished"))
@@ -131,13 +122,11 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         print(f"rayrl: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # the SDK's "job does not exist" and HTTP errors
-        print(f"rayrl: error: {sub._one_line(exc)}", file=sys.stderr)
+        print(f"rayrl: error: {sub.one_line(exc)}", file=sys.stderr)
         return 2
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from rayrl.report import render_report
-
     paths = render_report(args.output_dir, destination=args.to)
     for path in paths:
         print(path)
@@ -193,26 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every stage")
     quick.set_defaults(func=_cmd_quickstart)
 
-    sub = commands.add_parser(
+    submit_cmd = commands.add_parser(
         "submit", help="run a stage on a Ray cluster as a Ray job (validated here first)",
         description="Validate a stage config here, stage it with the local files it names (datasets, "
                     "reward .py files) as the job's working_dir, and submit `python -m rayrl.cli train` "
                     "as a Ray job. The Ray auth token is read from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
                     "or ~/.ray/auth_token; WANDB_API_KEY travels in the job's env_vars only. "
                     "output_dir (and a local model.path) must be on storage the cluster shares.")
-    sub.add_argument("config", help="stage config (YAML), e.g. examples/sft.yaml")
-    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for train")
-    sub.add_argument("--address", default=None,
-                     help="the Ray dashboard / job server, e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS)")
-    sub.add_argument("--wait", action="store_true",
-                     help="stream the job's logs; exit 0 only if it SUCCEEDED")
-    sub.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
-                     help="extra env var for the job (KEY alone copies it from this shell); repeatable")
-    sub.add_argument("--python", default="python", help="the cluster's python with rayrl installed")
-    sub.add_argument("--job-id", default=None, help="submission id (default rayrl-ALGO-TIME-RANDOM)")
-    sub.add_argument("--keep-staged", default=None, metavar="DIR",
-                     help="stage into DIR and keep it (default: a temp dir removed after upload)")
-    sub.set_defaults(func=_cmd_submit)
+    submit_cmd.add_argument("config", help="stage config (YAML), e.g. examples/sft.yaml")
+    submit_cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for train")
+    submit_cmd.add_argument("--address", default=None,
+                            help="the Ray dashboard / job server, e.g. http://127.0.0.1:8265 (default $RAY_ADDRESS)")
+    submit_cmd.add_argument("--wait", action="store_true",
+                            help="stream the job's logs; exit 0 only if it SUCCEEDED")
+    submit_cmd.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                            help="extra env var for the job (KEY alone copies it from this shell); repeatable")
+    submit_cmd.add_argument("--python", default="python", help="the cluster's python with rayrl installed")
+    submit_cmd.add_argument("--job-id", default=None, help="submission id (default rayrl-ALGO-TIME-RANDOM)")
+    submit_cmd.add_argument("--keep-staged", default=None, metavar="DIR",
+                            help="stage into DIR and keep it (default: a temp dir removed after upload)")
+    submit_cmd.set_defaults(func=_cmd_submit)
 
     jobs = commands.add_parser(
         "jobs", help="list / inspect / follow / stop Ray jobs (wraps the Job Submission SDK)",

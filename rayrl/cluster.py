@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from rayrl.config import RayConfig
+from rayrl.config import ConfigError, RayConfig
 
 # Ray binds to the machine's routable address unless told otherwise; keep a local cluster on loopback.
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -21,7 +21,7 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.ge
 @contextlib.contextmanager
 def ray_session(config: RayConfig) -> Iterator[None]:
     """Start (or join) Ray for the duration of a stage; shut it down only if we started it."""
-    import ray
+    import ray  # slow: ray
 
     if ray.is_initialized():
         yield
@@ -44,11 +44,7 @@ def ray_session(config: RayConfig) -> Iterator[None]:
 def check_cluster_resources(config: RayConfig, roles: dict[str, tuple[float, float]]) -> None:
     """Fail (embedded cluster) or warn (existing cluster, which may autoscale) when the roles ask for
     more CPUs or GPUs than Ray has: otherwise actors wait for resources forever."""
-    import sys
-
-    import ray
-
-    from rayrl.config import ConfigError
+    import ray  # slow: ray
 
     available = ray.cluster_resources()
     for index, resource in enumerate(("CPU", "GPU")):
@@ -73,7 +69,7 @@ PLACEMENT_FILE = "placement.json"
 
 def _actor_node_id(_instance: Any) -> str:
     """Run inside an actor (through ``__ray_call__``): the id of the Ray node it lives on."""
-    import ray
+    import ray  # slow: ray
 
     return ray.get_runtime_context().get_node_id()
 
@@ -87,7 +83,7 @@ def record_placement(output_dir: str | Path, layout: str, roles: dict[str, list]
 
     Waits for the actors to start (a later call would wait for them anyway). Never fails a run: on an
     error it warns and returns None."""
-    import ray
+    import ray  # slow: ray
 
     roles = {name: list(actors) for name, actors in roles.items() if actors}
     try:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 ALIGN_BYTES = 256
 
@@ -134,8 +135,6 @@ def gpu_uuid(device_index: int | None = None) -> str:
 def share_ipc(flat: torch.Tensor) -> dict[str, tuple]:
     """``{physical GPU UUID: rebuild args}`` for a CUDA buffer. The caller keeps ``flat`` alive (and
     unmodified) until every receiver has loaded it; pending copies into it are finished first."""
-    from torch.multiprocessing.reductions import reduce_tensor
-
     if flat.device.type != "cuda":
         raise ValueError(f"share_ipc needs a CUDA tensor, got one on {flat.device}")
     torch.cuda.synchronize(flat.device)
@@ -148,8 +147,6 @@ def open_ipc(handles: Mapping[str, tuple], device_index: int | None = None) -> t
 
     Processes number their visible GPUs differently (Ray sets ``CUDA_VISIBLE_DEVICES`` per actor), so
     the handle is found by physical UUID and its device index is rewritten to ours."""
-    from torch.multiprocessing.reductions import rebuild_cuda_tensor
-
     index = torch.cuda.current_device() if device_index is None else device_index
     uuid = gpu_uuid(index)
     if uuid not in handles:
@@ -180,8 +177,8 @@ def nccl_communicator(host: str, port: int, rank: int, world_size: int, device: 
     """One member of the trainer-rank-0 + rollout-engines NCCL group (vLLM's stateless group, so it
     does not touch either side's own ``torch.distributed`` state). Every member must call this
     concurrently; rank 0 (the trainer) hosts the rendezvous store at ``host:port``."""
-    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.utils import StatelessProcessGroup
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator  # optional: vllm extra
+    from vllm.distributed.utils import StatelessProcessGroup  # optional: vllm extra
 
     device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
     if device.index is None:  # PyNcclCommunicator compares tensor.device to its own: "cuda" != "cuda:0"

@@ -38,6 +38,7 @@ from typing import Any
 
 from rayrl.config import ConfigError, apply_overrides, build_config, load_yaml
 from rayrl.outputs import STAGE_DONE_MARKER
+from rayrl.stages import run_stage
 
 DONE_MARKER = STAGE_DONE_MARKER
 
@@ -115,8 +116,6 @@ def stage_done(stage: PlannedStage) -> bool:
 
 
 def run_pipeline(path: str | Path, overrides: list[str] | None = None) -> list[dict[str, Any]]:
-    from rayrl.stages import run_stage
-
     summary = []
     for stage in plan_pipeline(path, overrides):
         if stage_done(stage):

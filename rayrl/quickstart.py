@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from rayrl.config import apply_overrides, build_config
+from rayrl.stages import run_stage
 from rayrl.tracking import read_metrics
 
 # SFT on the flawed demos, stopped while it still imitates them imperfectly (see data/synthetic.py).
@@ -58,8 +59,6 @@ STAGES = (("sft", QUICKSTART_SFT), ("dpo", QUICKSTART_DPO), ("grpo", QUICKSTART_
 
 
 def run_quickstart(output_dir: str | Path, overrides: list[str] | None = None) -> list[dict]:
-    from rayrl.stages import run_stage
-
     output_dir = Path(output_dir)
     summary: list[dict] = []
     model_path = "rayrl:tiny-llama"
@@ -88,10 +87,10 @@ def format_table(summary: list[dict]) -> str:
 
 def plot_curves(output_dir: Path, stages: list[str], path: Path) -> Path:
     """Held-out accuracy across the stages (one x axis of cumulative steps) and GRPO's reward."""
-    import matplotlib
+    import matplotlib  # slow: matplotlib (the CLI imports this module)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow: matplotlib; after choosing the Agg backend
 
     fig, (acc_ax, reward_ax) = plt.subplots(1, 2, figsize=(11, 4))
     offset = 0

@@ -51,10 +51,10 @@ def render_report(output_dir: str | Path, destination: str | Path | None = None)
     first (in display order) and ``index.html`` last. Raises FileNotFoundError when there is no
     metrics file.
     """
-    import matplotlib
+    import matplotlib  # slow: matplotlib (the CLI imports this module)
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow: matplotlib; after choosing the Agg backend
 
     output_dir = Path(output_dir)
     if not (output_dir / METRICS_FILE).is_file():

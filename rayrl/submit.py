@@ -24,6 +24,9 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from rayrl.config import config_to_dict, load_config
 
 STAGED_CONFIG = "staged_config.yaml"
 FILES_DIR = "files"
@@ -73,7 +78,7 @@ def auth_headers() -> dict[str, str]:
 
 def client(address: str | None):
     """A JobSubmissionClient for ``address`` (or $RAY_ADDRESS / $RAY_API_SERVER_ADDRESS) carrying the token."""
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # slow: ray (the CLI imports this module)
 
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
@@ -81,10 +86,11 @@ def client(address: str | None):
     try:
         return JobSubmissionClient(address, headers=auth_headers())
     except Exception as exc:  # connection refused, auth failure, version mismatch
-        raise SubmitError(f"cannot reach the Ray job server at {address}: {_one_line(exc)}") from None
+        raise SubmitError(f"cannot reach the Ray job server at {address}: {one_line(exc)}") from None
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line of at most ~400 characters (its type name if empty)."""
     text = " ".join(str(exc).split())
     return (text[:400] + "...") if len(text) > 400 else text or type(exc).__name__
 
@@ -118,8 +124,6 @@ def _local_file_ref(value: str) -> tuple[Path, str] | None:
 
 def stage(config, directory: str | Path) -> Staged:
     """Write the resolved ``config`` and the local files it names into ``directory``."""
-    from rayrl.config import config_to_dict
-
     directory = Path(directory)
     (directory / FILES_DIR).mkdir(parents=True, exist_ok=True)
     data = config_to_dict(config)
@@ -198,8 +202,6 @@ def submit(config_path: str, overrides: list[str], *, address: str | None, pytho
            env: list[str] | None = None, job_id: str | None = None, entrypoint_num_cpus: float = 0,
            keep_staged: str | None = None, client_=None) -> Submission:
     """Validate, stage and submit; returns the job id. Config errors raise ConfigError (nothing sent)."""
-    from rayrl.config import load_config
-
     config = load_config(config_path, overrides)  # same errors as `rayrl train`
     env_vars = job_env(env)
     jobs = client_ or client(address)
@@ -218,14 +220,15 @@ def submit(config_path: str, overrides: list[str], *, address: str | None, pytho
                 entrypoint_num_cpus=entrypoint_num_cpus,
             )
         except Exception as exc:
-            raise SubmitError(f"job submission failed: {_one_line(exc)}") from None
+            raise SubmitError(f"job submission failed: {one_line(exc)}") from None
         return Submission(job_id, staged, start, jobs)
     finally:
         if not keep_staged:  # the SDK has uploaded its own zip of working_dir by now
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _mask(text: str) -> str:
+def mask_secrets(text: str) -> str:
+    """``text`` with the values of this shell's secret variables (:data:`SECRET_ENV`) replaced by ``***``."""
     for key in SECRET_ENV:
         value = os.environ.get(key)
         if value and len(value) >= 4:
@@ -242,7 +245,7 @@ def wait(jobs, job_id: str, *, out=None, poll_s: float = 1.0) -> str:
         status = str(getattr(status, "value", status))
         logs = jobs.get_job_logs(job_id)
         if len(logs) > shown:
-            out.write(_mask(logs[shown:]))
+            out.write(mask_secrets(logs[shown:]))
             out.flush()
             shown = len(logs)
         if status in TERMINAL:
@@ -268,7 +271,7 @@ def job_summary(info) -> dict[str, Any]:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else None
 
     return {"job_id": info.submission_id or info.job_id, "status": str(getattr(info.status, "value", info.status)),
-            "entrypoint": info.entrypoint, "message": _mask(info.message or ""), "start": when(info.start_time),
+            "entrypoint": info.entrypoint, "message": mask_secrets(info.message or ""), "start": when(info.start_time),
             "end": when(info.end_time), "driver_exit_code": getattr(info, "driver_exit_code", None),
             "metadata": info.metadata or {}, "runtime_env": redact(info.runtime_env)}
 
@@ -277,8 +280,6 @@ def job_summary(info) -> dict[str, Any]:
 # A private single-node head on loopback (tests, benchmarks, trying `rayrl submit` on a laptop)
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -293,9 +294,6 @@ class LocalHead:
 
     def stop(self, timeout: float = 60) -> None:
         """Stop this head only (``ray stop`` would kill every Ray cluster on the machine)."""
-        import signal
-        import subprocess
-
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)  # `ray start --block` tears its node down
             try:
@@ -313,8 +311,6 @@ def start_local_head(*, num_cpus: int = 2, ray: str | None = None, env: dict[str
                      drop_env: tuple[str, ...] = ("RAY_ADDRESS",), timeout: float = 120) -> LocalHead:
     """``ray start --head --block`` on 127.0.0.1 with its own free ports and temp dir (token auth as
     Ray defaults). Waits until the job server answers."""
-    import subprocess
-
     ray = ray or str(Path(sys.executable).with_name("ray"))
     temp_dir = tempfile.mkdtemp(prefix="rrh", dir="/tmp")  # short: Ray's socket paths have a length limit
     ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
@@ -349,7 +345,7 @@ def start_local_head(*, num_cpus: int = 2, ray: str | None = None, env: dict[str
 
 def _agent_ready(head: LocalHead) -> bool:
     """The job server accepts jobs only once the node's dashboard agent is up."""
-    import urllib.request
+    import urllib.request  # slow: ~30 ms (http.client, email) that `rayrl --help` need not pay
 
     request = urllib.request.Request(head.address + "/api/component_activities", headers=auth_headers())
     try:

@@ -12,6 +12,8 @@ import string
 import tempfile
 from pathlib import Path
 
+from rayrl.config import ConfigError
+
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # The chat template marks every turn with its role and closes it with <|end|> (the EOS of a turn).
 CHAT_TEMPLATE = (
@@ -28,8 +30,8 @@ def cache_dir() -> Path:
 
 def build_tokenizer():
     """A character-level tokenizer over printable ASCII plus role and control tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # slow: ~10 ms; the CLI imports tiny
+    from transformers import PreTrainedTokenizerFast  # slow: transformers
 
     chars = list(string.printable)  # digits, letters, punctuation, whitespace
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -56,8 +58,8 @@ def build_tiny_model(tokenizer, *, seed: int = 0, hidden_size: int = 128, num_la
     head_dim 64 suits vLLM-CPU's attention kernels; 4 heads (not hidden/64 = 2) matter for learning:
     with 2 heads the addition task reached 15% accuracy in 1,000 SFT steps, with 4 heads 69%.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch  # slow: torch; the CLI imports this module
+    from transformers import LlamaConfig, LlamaForCausalLM  # slow: transformers
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -94,7 +96,7 @@ def init_model(directory: str | Path, *, seed: int = 0, hidden_size: int = 128, 
     return directory
 
 
-def _atomic_build(target: Path, build) -> Path:
+def atomic_build(target: Path, build) -> Path:
     """Build into a temp dir next to ``target`` and rename: concurrent first uses never see half a model."""
     if target.exists():
         return target
@@ -117,8 +119,6 @@ def resolve_model_path(path: str) -> str:
         return path
     name = path[len(BUILTIN_PREFIX):]
     if name != TINY_MODEL_NAME:
-        from rayrl.config import ConfigError
-
         raise ConfigError(f"model.path: unknown built-in model {path!r}; the built-in model is '{BUILTIN_PREFIX}{TINY_MODEL_NAME}'")
     # The cache directory carries a version: a change to the built-in model must not reuse an old one.
-    return str(_atomic_build(cache_dir() / "models" / f"{name}-v2", lambda d: init_model(d)))
+    return str(atomic_build(cache_dir() / "models" / f"{name}-v2", lambda d: init_model(d)))

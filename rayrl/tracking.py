@@ -103,7 +103,7 @@ class Tracker:
         self._file = (self.output_dir / METRICS_FILE).open("a")
         self._bar = None
         if progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # slow: tqdm, ~60 ms (the CLI imports this module); only for a progress bar
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc=description, unit="step",
                              file=sys.stderr, dynamic_ncols=True)
@@ -113,7 +113,7 @@ class Tracker:
             self._wandb = self._start_wandb(wandb, mode, config)
 
     def _start_wandb(self, settings: WandbConfig, mode: str, config: dict[str, Any]):
-        import wandb
+        import wandb  # slow: wandb; only when W&B logging is on
 
         id_file = self.output_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
@@ -164,7 +164,7 @@ class Tracker:
 
 def build_wandb_table(step: int, rows: list[dict[str, Any]]):
     """A ``wandb.Table`` of sample rows; columns are the fixed ones, then every other key in first-seen order."""
-    import wandb
+    import wandb  # slow: wandb; only when W&B logging is on
 
     columns = list(SAMPLE_COLUMNS)
     for row in rows:

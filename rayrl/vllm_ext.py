@@ -6,7 +6,7 @@ Two parts:
    ``worker_extension_cls="rayrl.vllm_ext.WeightSyncExtension"`` to ``vllm.LLM``; vLLM mixes the
    class into its worker, so the methods below run *inside the worker* (``self`` is the vLLM
    worker) and the driver reaches them with ``llm.collective_rpc(name, args=...)``.
-   :class:`rayrl.actors.rollout_worker.RolloutWorker` drives one push as::
+   :class:`rayrl.actors.rollout_engines.VLLMEngine` (inside a RolloutWorker) drives one push as::
 
        collective_rpc("rayrl_begin_weight_update")
        collective_rpc("rayrl_load_weights", args=(bucket_0,))   # one call per bucket, not per tensor
@@ -42,12 +42,10 @@ Two parts:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from rayrl.cuda_transfer import BucketLayout
+from rayrl.cuda_transfer import BucketLayout, broadcast_buckets, nccl_communicator, open_ipc, unpack_bucket
 
 
 class WeightSyncExtension:
@@ -60,8 +58,8 @@ class WeightSyncExtension:
 
     def rayrl_begin_weight_update(self) -> None:
         """Put every layer back into checkpoint format (on meta) and wrap its weight loaders."""
-        from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+        from vllm.config import set_current_vllm_config  # optional: vllm extra
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload  # optional: vllm extra
 
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self.model_runner.model)
@@ -72,7 +70,7 @@ class WeightSyncExtension:
         Tensors may live in CPU memory of any dtype: the loaders copy (and cast) them into the
         engine's own storage, so the caller may free or reuse them after this returns.
         """
-        from vllm.config import set_current_vllm_config
+        from vllm.config import set_current_vllm_config  # optional: vllm extra
 
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.model.load_weights(weights=weights)
@@ -80,8 +78,6 @@ class WeightSyncExtension:
 
     def rayrl_load_ipc_bucket(self, handles: dict[str, tuple], layout: BucketLayout) -> int:
         """Load one packed bucket shared over CUDA IPC (colocated trainer on this GPU)."""
-        from rayrl.cuda_transfer import open_ipc, unpack_bucket
-
         flat = open_ipc(handles, self.device.index)
         count = self.rayrl_load_weights(unpack_bucket(flat, layout))
         # The reload may keep views of the buffer until a layer is complete; the trainer keeps the
@@ -91,14 +87,10 @@ class WeightSyncExtension:
 
     def rayrl_init_nccl(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
         """Join the trainer's weight-broadcast group as rank ``rank_offset + this worker's rank``."""
-        from rayrl.cuda_transfer import nccl_communicator
-
         self._rayrl_nccl = nccl_communicator(host, port, rank_offset + self.rank, world_size, self.device)
 
     def rayrl_receive_nccl(self) -> int:
         """Receive one push (layouts, then each bucket) from trainer rank 0 and load it."""
-        from rayrl.cuda_transfer import broadcast_buckets
-
         count = 0
         for pairs, _ in broadcast_buckets(self._rayrl_nccl, None, None):
             count += self.rayrl_load_weights(pairs)
@@ -110,8 +102,8 @@ class WeightSyncExtension:
         Layers that got no weights get their old kernel tensors back. LoRA state derived from the
         base weights is invalidated, as vLLM's own ``reload_weights`` does.
         """
-        from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        from vllm.config import set_current_vllm_config  # optional: vllm extra
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload  # optional: vllm extra
 
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(self.model_runner.model, self.model_config)
@@ -133,8 +125,8 @@ def refresh_tied_cpu_packs(model: torch.nn.Module) -> int:
     the first (the input embedding, which the reload did process) is re-processed here. Cost: one
     re-pack of the tied ``lm_head`` per push. No-op on GPU, where nothing is packed.
     """
-    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
-    from vllm.platforms import current_platform
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod  # optional: vllm extra
+    from vllm.platforms import current_platform  # optional: vllm extra
 
     if not current_platform.is_cpu():
         return 0

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rayrl.cuda_transfer import merge_handles
+
 BF16 = np.dtype([("bfloat16", "<i2")])
 """numpy dtype tag for bfloat16 payloads (raw bits, 2 bytes per element)."""
 
@@ -111,7 +113,7 @@ def push_to_workers(workers: Sequence[Any], version: int, buckets: Sequence[Mapp
     its own (zero-copy) ``ray.get``: the bytes are serialized once however many workers there are.
     Blocks until all workers have loaded the weights; a worker's failure is raised here.
     """
-    import ray
+    import ray  # slow: ray
 
     start = time.perf_counter()
     refs = [ray.put(dict(bucket)) for bucket in buckets]
@@ -151,7 +153,7 @@ class WeightPusher:
         it if the caller has not. No-op for the other transports."""
         if self._connected:
             return
-        import ray
+        import ray  # slow: ray
 
         host, port = ray.get(self.trainers[0].weight_broadcast_address.remote())
         world = 1 + len(self.workers)
@@ -160,7 +162,7 @@ class WeightPusher:
         self._connected = True
 
     def push(self, version: int) -> tuple[float, int]:
-        import ray
+        import ray  # slow: ray
 
         start = time.perf_counter()
         self.connect()
@@ -169,8 +171,6 @@ class WeightPusher:
             stats = ray.get([w.update_weights.remote(version, per_rank[0]) for w in self.workers])
             nbytes = stats[0].bytes
         elif self.transport == "ipc":
-            from rayrl.cuda_transfer import merge_handles
-
             per_rank = ray.get([t.share_weights_ipc.remote(self.bucket_bytes, self.wire_dtype) for t in self.trainers])
             handles = merge_handles([[b["handles"] for b in rank] for rank in per_rank])
             shared = [{"handles": h, "layout": b["layout"]} for h, b in zip(handles, per_rank[0])]

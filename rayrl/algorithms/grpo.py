@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .aggregation import AggregationMode, aggregate_loss, masked_mean, masked_whiten
 from .kl import KLKind, kl_estimate
-from .ppo import _clipped_surrogate, _policy_stats, gae_advantages
+from .ppo import clipped_surrogate, policy_stats, gae_advantages
 
 __all__ = [
     "group_advantages",
@@ -198,7 +198,7 @@ def policy_gradient_loss(
     else:
         raise ValueError(f"unknown ratio_level {ratio_level!r}")
 
-    per_token, ratio, clipped, dual = _clipped_surrogate(
+    per_token, ratio, clipped, dual = clipped_surrogate(
         log_ratio, advantages, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip
     )
     if tis_weights is not None:
@@ -214,7 +214,7 @@ def policy_gradient_loss(
         per_token, mask, mode=mode, global_num_tokens=global_num_tokens,
         global_num_seqs=global_num_seqs, norm_constant=norm_constant,
     )
-    stats = _policy_stats(logp, old_logp, ratio, clipped, dual, mask)
+    stats = policy_stats(logp, old_logp, ratio, clipped, dual, mask)
     if kl is not None:
         stats["kl"] = masked_mean(kl.detach(), mask)
     return loss, stats

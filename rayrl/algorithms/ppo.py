@@ -25,7 +25,7 @@ __all__ = [
 _MAX_LOG_RATIO = 20.0
 
 
-def _clipped_surrogate(
+def clipped_surrogate(
     log_ratio: Tensor, advantages: Tensor, *, eps_low: float, eps_high: float, dual_clip: float | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Per-token ``max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high))`` (+ dual clip for A < 0).
@@ -48,7 +48,7 @@ def _clipped_surrogate(
     return loss, ratio, is_clipped, dual
 
 
-def _policy_stats(
+def policy_stats(
     logp: Tensor, old_logp: Tensor, ratio: Tensor, clipped: Tensor, dual: Tensor | None, mask: Tensor
 ) -> dict[str, Tensor]:
     with torch.no_grad():
@@ -99,7 +99,7 @@ def clipped_policy_loss(
     detached local stats ``clip_frac``, ``approx_kl`` (k3 estimate of KL(pi_old || pi)),
     ``ratio_mean`` and, with dual clip, ``dual_clip_frac``.
     """
-    per_token, ratio, clipped, dual = _clipped_surrogate(
+    per_token, ratio, clipped, dual = clipped_surrogate(
         logp - old_logp, advantages, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip
     )
     if tis_weights is not None:
@@ -108,7 +108,7 @@ def clipped_policy_loss(
         per_token, mask, mode=mode, global_num_tokens=global_num_tokens,
         global_num_seqs=global_num_seqs, norm_constant=norm_constant,
     )
-    return loss, _policy_stats(logp, old_logp, ratio, clipped, dual, mask)
+    return loss, policy_stats(logp, old_logp, ratio, clipped, dual, mask)
 
 
 def clipped_value_loss(

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from rayrl.data.synthetic import resolve_dataset_path
+from rayrl.data import synthetic
+from rayrl.tiny import BUILTIN_PREFIX
 
 
 class DataError(ValueError):
@@ -18,6 +19,18 @@ class DataError(ValueError):
 class Row:
     fields: dict[str, Any]
     where: str  # "path:line" (JSONL), "path[index]" (JSON list, parquet, datasets)
+
+
+def resolve_dataset_path(name: str) -> str:
+    """A built-in ``rayrl:addition/<split>`` becomes a JSONL file in the cache (written on first use);
+    any other name passes through."""
+    if not name.startswith(BUILTIN_PREFIX):
+        return name
+    task, _, split = name[len(BUILTIN_PREFIX):].partition("/")
+    if task != synthetic.TASK or split not in synthetic.SPLITS:
+        valid = ", ".join(f"{BUILTIN_PREFIX}{synthetic.TASK}/{s}" for s in synthetic.SPLITS)
+        raise DataError(f"unknown built-in dataset {name!r}; built-in datasets: {valid}")
+    return str(synthetic.cached_split(split))
 
 
 def read_rows(source: str) -> list[Row]:
@@ -70,7 +83,7 @@ def _read_json_list(path: Path) -> list[Row]:
 
 
 def _read_with_datasets(source: str) -> list[Row]:
-    import datasets
+    import datasets  # slow: datasets (pyarrow, pandas); only for formats other than JSON/JSONL
 
     path = Path(source)
     try:

@@ -5,7 +5,8 @@ inputs) the demo forgets the carry and answers ten too little. A model that imit
 perfectly therefore tops out near 72% held-out accuracy, leaving room for preference optimisation and
 RL with a verifier (the ``answer`` field always holds the true sum) to show a gain.
 
-Built-in names (used in configs as ``data.train: rayrl:addition/sft-train``):
+Built-in names (used in configs as ``data.train: rayrl:addition/sft-train``; resolved by
+:func:`rayrl.data.loading.resolve_dataset_path`):
   addition/sft-train, addition/sft-eval   prompt, completion (the demo), answer (the true sum)
   addition/prompts-train, addition/prompts-eval   prompt, answer (for RL with a verifier)
   addition/prefs-train, addition/prefs-eval   prompt, chosen (the true sum), rejected, answer
@@ -22,7 +23,9 @@ import json
 import random
 from pathlib import Path
 
-from rayrl.tiny import BUILTIN_PREFIX, _atomic_build, cache_dir
+from rayrl.tiny import atomic_build, cache_dir
+
+TASK = "addition"
 
 SPLITS = ("sft-train", "sft-eval", "prompts-train", "prompts-eval", "prefs-train", "prefs-eval",
           "kto-train", "kto-eval")
@@ -78,16 +81,16 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def resolve_dataset_path(name: str) -> str:
-    """``rayrl:addition/<split>`` becomes a JSONL file in the cache, written on first use."""
-    if not name.startswith(BUILTIN_PREFIX):
-        return name
-    task, _, split = name[len(BUILTIN_PREFIX):].partition("/")
-    if task != "addition" or split not in SPLITS:
-        valid = ", ".join(f"{BUILTIN_PREFIX}addition/{s}" for s in SPLITS)
-        from rayrl.data.loading import DataError
+def write_splits(directory: Path) -> None:
+    """Every split as ``directory/<split>.jsonl``."""
+    for split in SPLITS:
+        write_jsonl(addition_rows(split), directory / f"{split}.jsonl")
 
-        raise DataError(f"unknown built-in dataset {name!r}; built-in datasets: {valid}")
-    target = cache_dir() / "data" / "addition-v2"
-    _atomic_build(target, lambda d: [write_jsonl(addition_rows(s), d / f"{s}.jsonl") for s in SPLITS])
-    return str(target / f"{split}.jsonl")
+
+def cached_split(split: str) -> Path:
+    """The JSONL file of one split (one of :data:`SPLITS`) in the cache; all splits are written on first use."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} of the addition task; splits: {', '.join(SPLITS)}")
+    # The directory carries a version: a change to the task must not reuse old files.
+    target = atomic_build(cache_dir() / "data" / f"{TASK}-v2", write_splits)
+    return target / f"{split}.jsonl"
