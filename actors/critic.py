@@ -12,18 +12,17 @@ With ``critic.peft`` (LoRA / DoRA) the backbone is frozen under the adapter and 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from rayrl.actors.engine import TrainerRank, TrainerSpec
+from rayrl.algorithms.ppo import clipped_value_loss
 from rayrl.config import PeftConfig
 from rayrl.data.batch import TokenBatch
 from rayrl.data.rollout import ValueBatch
 
 
 def load_value_model(path: str, *, attn_implementation: str = "sdpa", gradient_checkpointing: bool = False):
-    from transformers import AutoConfig, AutoModelForTokenClassification
+    from transformers import AutoConfig, AutoModelForTokenClassification  # slow import (transformers)
 
     # classifier_dropout=0: the head's dropout (0.1 by default) would make training-mode values differ
     # from the rollout-time values they are clipped against.
@@ -47,7 +46,7 @@ def apply_value_peft(model: torch.nn.Module, peft: PeftConfig) -> torch.nn.Modul
     peft's token-classification wrapper puts the head in ``modules_to_save``; the head is excluded
     from the adapted modules (``all-linear`` would otherwise pick it, and peft then refuses to
     also save it whole)."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType, get_peft_model  # slow import (peft), only with critic.peft
 
     if peft.method not in ("lora", "dora"):
         raise ValueError(f"critic.peft.method={peft.method!r}: the critic supports lora and dora")
@@ -59,14 +58,6 @@ def apply_value_peft(model: torch.nn.Module, peft: PeftConfig) -> torch.nn.Modul
     if not head:
         raise RuntimeError(f"critic.peft: the value head '{VALUE_HEAD}' is not trainable under the adapter")
     return model
-
-
-def export_critic(critic, tokenizer, output_dir: Path) -> Path:
-    """The trained critic in HF format (``AutoModelForTokenClassification``, num_labels=1) under
-    ``output_dir/final_critic``; with PEFT as the policy's export (merged and/or ``adapter/``)."""
-    from rayrl.outputs import export_final_model
-
-    return export_final_model(critic, tokenizer, output_dir, FINAL_CRITIC_DIR)
 
 
 class Critic(TrainerRank):
@@ -106,8 +97,6 @@ class Critic(TrainerRank):
                          value_clip: float | None = None) -> dict[str, float]:
         """One optimizer step of the clipped value loss, token mean over the optimizer step's global
         completion tokens (all ranks and micro-batches)."""
-        from rayrl.algorithms.ppo import clipped_value_loss
-
         clip = self.value_clip if value_clip is None else value_clip
 
         def loss_fn(batch: ValueBatch):

@@ -7,37 +7,22 @@ calls every method on all ranks: DeepSpeed's collectives need every rank to take
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from rayrl.actors.engine import TrainerRank, TrainerSpec, rendezvous_address
 from rayrl.actors.models import load_model, merged_named_weights, virtual_token_count
+from rayrl.algorithms import sft_loss, token_logprobs
+from rayrl.cuda_transfer import broadcast_buckets, nccl_communicator, pack_bucket, plan_buckets, share_ipc
 from rayrl.data.batch import TokenBatch
 from rayrl.data.preference import KTOBatch, PreferenceBatch
 from rayrl.data.rollout import RolloutBatch
-from rayrl.preference_objective import PreferenceObjective, preference_loss
+from rayrl.objectives import (PolicyGradientObjective, PreferenceObjective, ResponseLogprobs,
+                              policy_gradient_objective_loss, preference_loss)
+from rayrl.weight_sync import bucket_state_dict
 
-
-@dataclass(frozen=True)
-class PolicyGradientObjective:
-    """The GRPO-family loss settings handed to each rank (see rayrl.algorithms.policy_gradient_loss)."""
-
-    ratio_level: str = "token"
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    kl_coef: float = 0.0
-    kl_kind: str = "k3"
-    aggregation: str = "token_mean"
-    norm_constant: float | None = None
-    tis_cap: float | None = None
-    overlong_filter: bool = False
-    # The sampling temperature: the rollout engine samples from softmax(logits / T) and reports
-    # those log-probs, so ratios, KL and entropy must be taken at the same T.
-    temperature: float = 1.0
-
-__all__ = ["PolicyTrainer", "PolicyGradientObjective", "TrainerSpec"]
+__all__ = ["PolicyTrainer", "TrainerSpec"]
 
 
 class PolicyTrainer(TrainerRank):
@@ -75,8 +60,6 @@ class PolicyTrainer(TrainerRank):
         return self._logps_from_logits(self._logits(batch, model), batch, temperature)
 
     def _logps_from_logits(self, logits: torch.Tensor, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
-        from rayrl.algorithms import token_logprobs
-
         input_ids = batch.input_ids.to(logits.device)
         return token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature=temperature)
 
@@ -124,8 +107,6 @@ class PolicyTrainer(TrainerRank):
     # ---- training steps ---------------------------------------------------------------------
     def train_sft_step(self, micro_batches: list[TokenBatch], global_num_tokens: int) -> dict[str, float]:
         """One optimizer step of masked NLL, normalised by the global-batch target-token count."""
-        from rayrl.algorithms import sft_loss
-
         def loss_fn(batch: TokenBatch):
             logps = self._token_logprobs(batch)
             loss, _ = sft_loss(logps, batch.loss_mask[:, 1:].to(logps.device), global_num_tokens=global_num_tokens)
@@ -171,8 +152,6 @@ class PolicyTrainer(TrainerRank):
         return totals
 
     def _response_logprobs(self, tokens: TokenBatch):
-        from rayrl.preference_objective import ResponseLogprobs
-
         logps = self._token_logprobs(tokens)
         return ResponseLogprobs.from_tokens(logps, tokens.loss_mask[:, 1:].to(logps.device))
 
@@ -190,32 +169,12 @@ class PolicyTrainer(TrainerRank):
                                    global_num_seqs: int, objective: PolicyGradientObjective) -> dict[str, float]:
         """One optimizer step of the clipped policy-gradient loss (GRPO family), normalised by the
         optimizer step's global token (or sequence) count over all ranks and micro-batches."""
-        from rayrl.algorithms import entropy_from_logits, overlong_mask, policy_gradient_loss, truncated_is_weights
 
         def loss_fn(batch: RolloutBatch):
-            device = self.train_engine.device
             logits = self._logits(batch.tokens)
             logps = self._logps_from_logits(logits, batch.tokens, objective.temperature)
-            mask = batch.tokens.loss_mask[:, 1:].to(device)
-            old = batch.old_logps.to(device)
-            if objective.overlong_filter:
-                mask = overlong_mask(batch.overlong.to(device), mask)
-            tis = (truncated_is_weights(old, batch.sampler_logps.to(device), mask, cap=objective.tis_cap)
-                   if objective.tis_cap else None)
-            loss, stats = policy_gradient_loss(
-                logps, old, batch.advantages.to(device), mask, ratio_level=objective.ratio_level,
-                eps_low=objective.eps_low, eps_high=objective.eps_high, tis_weights=tis,
-                ref_logp=None if batch.ref_logps is None else batch.ref_logps.to(device),
-                kl_coef=objective.kl_coef, kl_kind=objective.kl_kind, mode=objective.aggregation,
-                global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
-                norm_constant=objective.norm_constant)
-            with torch.no_grad():
-                entropy = entropy_from_logits(logits[:, :-1].detach(), temperature=objective.temperature)
-                stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp_min(1)
-            # Stats are token means over this micro-batch: weighted by its share of the step's loss
-            # tokens they sum (over micro-batches and ranks) to the step's token means.
-            share = float(mask.sum()) / global_num_tokens
-            return loss, {k: float(v) * share for k, v in stats.items()}
+            return policy_gradient_objective_loss(objective, logits, logps, batch, global_num_tokens=global_num_tokens,
+                                                  global_num_seqs=global_num_seqs)
 
         return self.train_engine.optimizer_step(micro_batches, loss_fn)
 
@@ -232,9 +191,7 @@ class PolicyTrainer(TrainerRank):
     def export_weight_buckets(self, bucket_bytes: int) -> list:
         """The policy's full weights (LoRA merged in) as object-store refs of numpy buckets, from
         rank 0 (all ranks must call: ZeRO-3 gathers). Other ranks return an empty list."""
-        import ray
-
-        from rayrl.weight_sync import bucket_state_dict
+        import ray  # slow import (Ray)
 
         state = self.train_engine.full_state_dict(self.rank)
         refs = []
@@ -247,8 +204,6 @@ class PolicyTrainer(TrainerRank):
     # ---- GPU weight transports (rayrl.cuda_transfer) ------------------------------------------
     def _engine_weights(self, state: dict[str, torch.Tensor], bucket_bytes: int, wire_dtype: str | None):
         """The weights as the engine loads them (LoRA merged, on this GPU) and their bucket layouts."""
-        from rayrl.cuda_transfer import plan_buckets
-
         weights = dict(merged_named_weights(self.train_engine.module, state, self.spec.peft,
                                             device=self.train_engine.device))
         return weights, plan_buckets(weights.items(), bucket_bytes, getattr(torch, wire_dtype) if wire_dtype else None)
@@ -257,8 +212,6 @@ class PolicyTrainer(TrainerRank):
         """Pack the full weights into CUDA buffers on this rank's GPU and return one IPC handle dict
         per bucket (every rank: each rollout engine opens the buffer on its own GPU). The buffers
         stay alive until :meth:`release_shared_weights`."""
-        from rayrl.cuda_transfer import pack_bucket, share_ipc
-
         self.release_shared_weights()
         with self.train_engine.gathered_state() as state:
             weights, self._shared_layouts = self._engine_weights(state, bucket_bytes, wire_dtype)
@@ -276,16 +229,12 @@ class PolicyTrainer(TrainerRank):
 
     def init_weight_broadcast(self, host: str, port: int, world_size: int) -> None:
         """Rank 0 joins the NCCL group with the rollout engines as its rank 0 (other ranks: no-op)."""
-        from rayrl.cuda_transfer import nccl_communicator
-
         if self.rank == 0:
             self._broadcast = nccl_communicator(host, port, 0, world_size, self.train_engine.device)
 
     def broadcast_weights(self, bucket_bytes: int, wire_dtype: str | None = None) -> int:
         """Broadcast the full weights to the rollout engines (all ranks call: ZeRO-3 gathers);
         returns the bytes sent (rank 0) or 0."""
-        from rayrl.cuda_transfer import broadcast_buckets
-
         sent = 0
         with self.train_engine.gathered_state() as state:
             if self.rank == 0:

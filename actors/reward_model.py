@@ -13,7 +13,7 @@ import torch
 class RewardModel:
     def __init__(self, model_path: str, *, pad_token_id: int | None = None, num_threads: int = 1,
                  batch_size: int = 32, attn_implementation: str = "sdpa"):
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification  # slow import (transformers)
 
         torch.set_num_threads(max(1, num_threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -42,42 +42,3 @@ class RewardModel:
             logits = self.model(input_ids=ids.to(self.device), attention_mask=attention.to(self.device)).logits
             out.extend(logits[:, 0].float().cpu().tolist())
         return out
-
-
-def balanced_slices(lengths: list[int], parts: int) -> list[tuple[int, int]]:
-    """Split items (kept in order) into at most ``parts`` contiguous [start, stop) slices of about
-    equal total length (tokens), so each reward-model worker gets a similar amount of work."""
-    if not lengths:
-        return []
-    parts = max(1, min(parts, len(lengths)))
-    total = sum(lengths)
-    slices, start, acc = [], 0, 0
-    for i, n in enumerate(lengths):
-        acc += n
-        remaining_items = len(lengths) - (i + 1)
-        remaining_parts = parts - len(slices) - 1
-        if remaining_parts > 0 and (acc >= total * (len(slices) + 1) / parts or remaining_items == remaining_parts):
-            slices.append((start, i + 1))
-            start = i + 1
-    slices.append((start, len(lengths)))
-    return [s for s in slices if s[0] < s[1]]
-
-
-class RewardModelPool:
-    """Several RewardModel actors; a batch is split into token-balanced contiguous slices over them."""
-
-    def __init__(self, workers: list):
-        self.workers = workers
-
-    def score(self, sequences: list[list[int]]) -> list[float]:
-        import ray
-
-        slices = balanced_slices([len(s) for s in sequences], len(self.workers))
-        calls = [worker.score.remote(sequences[a:b]) for worker, (a, b) in zip(self.workers, slices)]
-        return [v for part in ray.get(calls) for v in part]
-
-    def shutdown(self) -> None:
-        import ray
-
-        for worker in self.workers:
-            ray.kill(worker)

@@ -11,6 +11,7 @@ import torch
 
 from rayrl.actors.engine import TrainerRank, TrainerSpec
 from rayrl.actors.models import load_model
+from rayrl.algorithms import reward_model_loss
 from rayrl.data.batch import TokenBatch
 from rayrl.data.preference import PreferenceBatch
 
@@ -33,8 +34,6 @@ class RewardModelTrainer(TrainerRank):
         return logits[:, 0].float()
 
     def _loss(self, batch: PreferenceBatch, global_num_pairs: int, center_coef: float):
-        from rayrl.algorithms import reward_model_loss
-
         rewards = self._rewards(batch.tokens)
         half = batch.num_examples
         margin = batch.margins.to(rewards.device) if batch.margins is not None else None

@@ -91,7 +91,7 @@ def plain(model_path: str, steps: int, threads: int) -> dict[str, float]:
 
 def staged(model_path: str, steps: int, backend: str) -> dict[str, float]:
     from rayrl.config import build_config
-    from rayrl.rl import run_grpo
+    from rayrl.rl import run_rl
     from rayrl.tracking import read_metrics
 
     with tempfile.TemporaryDirectory() as out:
@@ -102,7 +102,7 @@ def staged(model_path: str, steps: int, backend: str) -> dict[str, float]:
             "trainer": {"num_cpus": 1}, "verifier": {"num_cpus": 0.25}, "data": {"eval": None},
             "eval": {"at_start": False}, "tracking": {"progress": False, "wandb": {"mode": "disabled"}},
         })
-        run_grpo(config)
+        run_rl(config)
         rows = [r for r in read_metrics(out) if "time/step" in r][3:]
     keys = {"generate": "time/generate", "reward": "time/reward", "logprobs": "time/reference",
             "train": "time/train", "sync": "time/sync", "step": "time/step"}

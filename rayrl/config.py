@@ -7,9 +7,11 @@ valid key and, where the value came from a file, the file and line.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -487,18 +489,6 @@ class PPOSettings(_PolicyGradientSettings):
             data = {"kl_kind": "k3", **data}
         return data
 
-    # GRPO-only settings, fixed for PPO (so the shared loop reads one settings object).
-    @property
-    def ratio_level(self) -> str:
-        return "token"
-
-    @property
-    def dynamic_sampling(self) -> bool:
-        return False
-
-    @property
-    def max_sampling_rounds(self) -> int:
-        return 1
 
 
 class _RLBase(_CommonBase):
@@ -515,13 +505,9 @@ class _RLBase(_CommonBase):
     engine sleeps while the trainer trains."""
 
     @property
-    def settings(self) -> _PolicyGradientSettings:
-        raise NotImplementedError
-
-    @property
     def schedule_steps(self) -> int:
         # train.max_steps counts rollout steps; each takes mini_batches x epochs optimizer steps.
-        return self.train.max_steps * self.settings.mini_batches * self.settings.epochs
+        return self.train.max_steps * policy_settings(self).mini_batches * policy_settings(self).epochs
 
     @property
     def schedule_steps_source(self) -> str:
@@ -529,7 +515,7 @@ class _RLBase(_CommonBase):
 
     @model_validator(mode="after")
     def _consistent_rl(self) -> _RLBase:
-        settings = self.settings
+        settings = policy_settings(self)
         sequences = settings.prompts_per_step * self.rollout.group_size
         section = self.algorithm
         if sequences % settings.mini_batches:
@@ -566,7 +552,7 @@ class _RLBase(_CommonBase):
         if peft is not None and peft.dropout > 0:
             raise ValueError(f"model.peft.dropout={peft.dropout}: in RL the old log-probs are taken without dropout "
                              "and the update with it, so even the first step would be off-policy; set it to 0")
-        if settings.kl_coef and self.kl_in_loss and settings.kl_kind == "k1":
+        if settings.kl_coef and settings.kl_in_loss and settings.kl_kind == "k1":
             raise ValueError(f"{section}.kl_kind=k1 as a loss term has zero expected gradient (E[grad log pi] = 0 "
                              f"under the samples); use k3 (or k2) with {section}.kl_coef > 0")
         transport = self.rollout.weight_transport
@@ -588,11 +574,6 @@ class _RLBase(_CommonBase):
         return self.eval.max_new_tokens if "max_new_tokens" in self.eval.model_fields_set else self.rollout.max_new_tokens
 
     @property
-    def kl_in_loss(self) -> bool:
-        """Whether the KL to the reference is a loss term (GRPO; PPO with kl_in: loss)."""
-        return getattr(self.settings, "kl_in", "loss") == "loss"
-
-    @property
     def resolved_weight_transport(self) -> str:
         """The transport ``auto`` stands for in this layout."""
         if self.rollout.weight_transport != "auto":
@@ -603,7 +584,7 @@ class _RLBase(_CommonBase):
 
     @property
     def sequences_per_optimizer_step(self) -> int:
-        return self.settings.prompts_per_step * self.rollout.group_size // self.settings.mini_batches
+        return policy_settings(self).prompts_per_step * self.rollout.group_size // policy_settings(self).mini_batches
 
     @property
     def grad_accum_steps(self) -> int:
@@ -618,10 +599,6 @@ class GRPOConfig(_RLBase):
     rewards: list[RewardFunctionConfig] = Field(
         default_factory=lambda: [RewardFunctionConfig(fn="math_answer", name="correct")], min_length=1)
     grpo: GRPOSettings = GRPOSettings()
-
-    @property
-    def settings(self) -> GRPOSettings:
-        return self.grpo
 
     @model_validator(mode="after")
     def _consistent(self) -> GRPOConfig:
@@ -681,10 +658,6 @@ class PPOConfig(_RLBase):
     critic: CriticConfig = CriticConfig()
     ppo: PPOSettings = PPOSettings()
 
-    @property
-    def settings(self) -> PPOSettings:
-        return self.ppo
-
     @model_validator(mode="after")
     def _consistent(self) -> PPOConfig:
         per_step = self.sequences_per_optimizer_step
@@ -697,6 +670,48 @@ class PPOConfig(_RLBase):
     @property
     def critic_grad_accum_steps(self) -> int:
         return self.sequences_per_optimizer_step // (self.train.micro_batch_size * self.critic.world_size)
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """The policy-update settings the RL loop reads, one typed record for GRPO and PPO (built by
+    ``policy_settings``: GRPO-only features are off for PPO instead of being faked as PPO fields)."""
+
+    section: str  # the config section they come from ("grpo" or "ppo"), for messages
+    prompts_per_step: int
+    loss_aggregation: str
+    eps_low: float
+    eps_high: float
+    mini_batches: int
+    epochs: int
+    overlong_filter: bool
+    overlong_buffer: int
+    overlong_penalty_factor: float
+    tis_cap: float | None
+    kl_coef: float  # the (initial) KL(pi || ref) coefficient; 0: no reference model
+    kl_kind: str
+    kl_in_loss: bool  # KL as a loss term (GRPO; PPO with kl_in: loss), else folded into PPO's rewards
+    ratio_level: str  # token, or sequence (GSPO)
+    dynamic_sampling: bool  # DAPO's refill of zero-variance groups
+    max_sampling_rounds: int
+
+
+def policy_settings(config: GRPOConfig | PPOConfig) -> PolicySettings:
+    """The one place that decides what GRPO's and PPO's sections mean for the shared loop."""
+    if isinstance(config, GRPOConfig):
+        grpo = config.grpo
+        return PolicySettings(section="grpo", **_shared_policy_fields(grpo), kl_coef=grpo.kl_coef,
+                              kl_kind=grpo.kl_kind, kl_in_loss=True, ratio_level=grpo.ratio_level,
+                              dynamic_sampling=grpo.dynamic_sampling, max_sampling_rounds=grpo.max_sampling_rounds)
+    ppo = config.ppo
+    # PPO: token ratios, one sampling round (GSPO and DAPO's dynamic sampling are GRPO-family features).
+    return PolicySettings(section="ppo", **_shared_policy_fields(ppo), kl_coef=ppo.kl_coef, kl_kind=ppo.kl_kind,
+                          kl_in_loss=ppo.kl_in == "loss", ratio_level="token", dynamic_sampling=False,
+                          max_sampling_rounds=1)
+
+
+def _shared_policy_fields(section: _PolicyGradientSettings) -> dict[str, Any]:
+    return {name: getattr(section, name) for name in _PolicyGradientSettings.model_fields}
 
 
 StageConfig = Annotated[Union[SFTConfig, DPOConfig, RewardModelConfig, GRPOConfig, PPOConfig],
@@ -753,8 +768,6 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, returning a copy."""
-    import copy
-
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:

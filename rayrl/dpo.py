@@ -17,19 +17,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rayrl.cluster import check_cluster_resources, ray_session, trainer_roles
-from rayrl.config import DPOConfig, config_to_dict
+from rayrl.cluster import trainer_roles
+from rayrl.config import DPOConfig
 from rayrl.data.batch import collate
 from rayrl.data.batching import StepBatcher, steps_for_epochs
 from rayrl.data.loading import DataError
 from rayrl.data.preference import (PreferencePair, collate_pairs, collate_unpaired,
                                    load_kto_examples, load_preference_pairs, pair_token_rows)
-from rayrl.preference_objective import PreferenceObjective
-from rayrl.sft import trainer_spec
-from rayrl.stage_common import (StageResult, generation_accuracy, load_generation_eval,
-                                prepare_stage, run_training_steps)
-from rayrl.tracking import Tracker
-from rayrl.trainer_group import TrainerGroup
+from rayrl.objectives import PreferenceObjective
+from rayrl.stage_common import (StageResult, generation_accuracy, load_generation_eval, prepare_stage,
+                                run_training_steps, stage_run, trainer_spec)
+from rayrl.trainer_group import PolicyTrainerGroup
 
 REFERENCE_FILE = "reference_logps.json"
 KTO_IMBALANCE_WARNING = 4.0  # warn when one label outnumbers the other (after weights) by more than this
@@ -72,17 +70,17 @@ def with_reference(item, values: list[float]):
     return replace(item, ref=values[0], ref_mismatched=values[1])
 
 
-def precompute_reference(trainers: TrainerGroup, items: list, pad_id: int, batch_rows: int) -> list[list[float]]:
+def precompute_reference(trainers: PolicyTrainerGroup, items: list, pad_id: int, batch_rows: int) -> list[list[float]]:
     """Reference log-probs of every item's two rows, in one no-grad pass."""
     rows = [row for item in items for row in token_rows(item)]
     values: list[float] = []
     for start in range(0, len(rows), batch_rows):
         batch = collate(rows[start:start + batch_rows], pad_id)
-        values += trainers.rank0("sequence_logprobs", batch, reference=True).tolist()
+        values += trainers.sequence_logprobs(batch, reference=True).tolist()
     return [values[i:i + 2] for i in range(0, len(values), 2)]
 
 
-def reference_logps(trainers, output_dir: Path, train: list, evals: list, pad_id: int, batch_rows: int,
+def reference_logps(trainers: PolicyTrainerGroup, output_dir: Path, train: list, evals: list, pad_id: int, batch_rows: int,
                     resuming: bool) -> tuple[list, list]:
     path = output_dir / REFERENCE_FILE
     if resuming:
@@ -115,57 +113,51 @@ def run_dpo(config: DPOConfig) -> StageResult:
 
     separate_reference = (objective.needs_reference and config.dpo.reference == "alongside"
                           and config.model.peft is None)
-    with ray_session(config.ray):
-        check_cluster_resources(config.ray, trainer_roles(config))
+    total_steps = config.train.max_steps or steps_for_epochs(len(train_items), config.train.epochs,
+                                                             config.train.global_batch_size)
+    with stage_run(config, setup, roles=trainer_roles(config), total_steps=total_steps,
+                   description=config.dpo.loss_type) as run:
         # 2. The policy group (plus, for "alongside" without PEFT, a frozen reference copy per rank).
-        total_steps = config.train.max_steps or steps_for_epochs(len(train_items), config.train.epochs,
-                                                                 config.train.global_batch_size)
-        trainers = TrainerGroup(trainer_spec(config, setup.model_path, total_steps),
-                                num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,
-                                resources=config.trainer.resources,
-                                separate_reference=separate_reference)
-        tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
-                          total_steps=total_steps, start_step=setup.start_step,
-                          progress=config.tracking.progress, description=config.dpo.loss_type)
-        try:
-            if warning:
-                tracker.write(f"warning: {warning}")
-            # 3. Reference log-probs, once, before any weight changes (or loaded when resuming).
-            if objective.needs_reference and config.dpo.reference == "precompute":
-                ref_start = time.perf_counter()
-                train_items, eval_items = reference_logps(
-                    trainers, setup.output_dir, train_items, eval_items, pad_id,
-                    2 * config.train.micro_batch_size, resuming=setup.resume_from is not None)
-                tracker.write(f"reference log-probs ready in {time.perf_counter() - ref_start:.1f}s")
-            batcher = StepBatcher(train_items, global_batch_size=config.train.global_batch_size,
-                                  micro_batch_size=config.train.micro_batch_size,
-                                  world_size=config.trainer.world_size, seed=config.seed,
-                                  shuffle=config.data.shuffle, collate=lambda items: collate_items(items, pad_id),
-                                  unit="rows" if kto else "pairs")
+        trainers = PolicyTrainerGroup(trainer_spec(config, setup.model_path, total_steps),
+                                      num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,
+                                      resources=config.trainer.resources, separate_reference=separate_reference)
+        run.on_exit(trainers.shutdown)
+        tracker = run.tracker
+        if warning:
+            tracker.write(f"warning: {warning}")
+        # 3. Reference log-probs, once, before any weight changes (or loaded when resuming).
+        if objective.needs_reference and config.dpo.reference == "precompute":
+            ref_start = time.perf_counter()
+            train_items, eval_items = reference_logps(
+                trainers, setup.output_dir, train_items, eval_items, pad_id,
+                2 * config.train.micro_batch_size, resuming=setup.resume_from is not None)
+            tracker.write(f"reference log-probs ready in {time.perf_counter() - ref_start:.1f}s")
+        batcher = StepBatcher(train_items, global_batch_size=config.train.global_batch_size,
+                              micro_batch_size=config.train.micro_batch_size,
+                              world_size=config.trainer.world_size, seed=config.seed,
+                              shuffle=config.data.shuffle, collate=lambda items: collate_items(items, pad_id),
+                              unit="rows" if kto else "pairs")
 
-            def evaluate() -> dict[str, float]:
-                metrics: dict[str, float] = {}
-                if eval_items:
-                    size = config.train.micro_batch_size
-                    batches = [collate_items(eval_items[i:i + size], pad_id) for i in range(0, len(eval_items), size)]
-                    stats = trainers.rank0("eval_preference", batches, objective)
-                    metrics.update({f"eval/{k}": v for k, v in stats.items()})
-                if generation_set is not None:
-                    metrics["eval/accuracy"] = generation_accuracy(trainers, generation_set, tokenizer,
-                                                                   config.eval.max_new_tokens)
-                return metrics
+        def evaluate() -> dict[str, float]:
+            metrics: dict[str, float] = {}
+            if eval_items:
+                size = config.train.micro_batch_size
+                batches = [collate_items(eval_items[i:i + size], pad_id) for i in range(0, len(eval_items), size)]
+                stats = trainers.eval_preference(batches, objective)
+                metrics.update({f"eval/{k}": v for k, v in stats.items()})
+            if generation_set is not None:
+                metrics["eval/accuracy"] = generation_accuracy(trainers, generation_set, tokenizer,
+                                                               config.eval.max_new_tokens)
+            return metrics
 
-            def train_step(batches) -> tuple[dict[str, Any], int]:
-                metrics = trainers.train_preference_step(batches, global_num_examples=config.train.global_batch_size,
-                                                         objective=objective)
-                return metrics, sum(b.tokens.num_tokens for rank in batches for b in rank)
+        def train_step(batches) -> tuple[dict[str, Any], int]:
+            metrics = trainers.train_preference_step(batches, global_num_examples=config.train.global_batch_size,
+                                                     objective=objective)
+            return metrics, sum(b.tokens.num_tokens for rank in batches for b in rank)
 
-            # 4. One optimizer step per global batch of pairs (or KTO rows); eval, checkpoints; the final
-            # model (merged and/or adapter with PEFT) in Hugging Face format.
-            final_model, final_eval = run_training_steps(
-                config, setup, trainers, tracker, total_steps=total_steps, batcher=batcher, train_step=train_step,
-                evaluate=evaluate, data_stats=data_stats)
-        finally:
-            tracker.close()
-            trainers.shutdown()
+        # 4. One optimizer step per global batch of pairs (or KTO rows); eval, checkpoints; the final
+        # model (merged and/or adapter with PEFT) in Hugging Face format.
+        final_model, final_eval = run_training_steps(
+            config, setup, trainers, tracker, total_steps=total_steps, batcher=batcher, train_step=train_step,
+            evaluate=evaluate, data_stats=data_stats)
     return StageResult(setup.output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)

@@ -12,15 +12,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rayrl.actors.reward_trainer import RewardModelTrainer
-from rayrl.cluster import check_cluster_resources, ray_session, trainer_roles
-from rayrl.config import RewardModelConfig, config_to_dict
+from rayrl.cluster import trainer_roles
+from rayrl.config import RewardModelConfig
 from rayrl.data.batching import StepBatcher
 from rayrl.data.preference import collate_pairs, load_preference_pairs
-from rayrl.sft import trainer_spec
-from rayrl.stage_common import StageResult, prepare_stage, run_training_steps
-from rayrl.tracking import Tracker
-from rayrl.trainer_group import TrainerGroup
+from rayrl.stage_common import StageResult, prepare_stage, run_training_steps, stage_run, trainer_spec
+from rayrl.trainer_group import RewardTrainerGroup
 
 
 def run_rm(config: RewardModelConfig) -> StageResult:
@@ -45,31 +42,24 @@ def run_rm(config: RewardModelConfig) -> StageResult:
     eval_batches = [collate_pairs(eval_pairs[i:i + size], pad_id) for i in range(0, len(eval_pairs), size)]
 
     def evaluate() -> dict[str, float]:
-        stats = trainers.rank0("eval_pairs", eval_batches, config.rm.center_coef)
+        stats = trainers.eval_pairs(eval_batches, config.rm.center_coef)
         return {f"eval/{k}": v for k, v in stats.items()}
 
-    with ray_session(config.ray):
-        check_cluster_resources(config.ray, trainer_roles(config))
+    with stage_run(config, setup, roles=trainer_roles(config), total_steps=total_steps, description="rm") as run:
         # 2. The reward-model group: N DeepSpeed ranks, one Ray actor each.
-        trainers = TrainerGroup(trainer_spec(config, setup.model_path, total_steps),
-                                num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,
-                                resources=config.trainer.resources,
-                                role=RewardModelTrainer, role_kwargs={"pad_token_id": pad_id})
-        tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
-                          total_steps=total_steps, start_step=setup.start_step,
-                          progress=config.tracking.progress, description="rm")
+        trainers = RewardTrainerGroup(trainer_spec(config, setup.model_path, total_steps),
+                                      num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,
+                                      resources=config.trainer.resources, role_kwargs={"pad_token_id": pad_id})
+        run.on_exit(trainers.shutdown)
+
         def train_step(batches) -> tuple[dict[str, Any], int]:
             metrics = trainers.train_reward_step(batches, global_num_pairs=config.train.global_batch_size,
                                                  center_coef=config.rm.center_coef)
             return metrics, sum(b.tokens.num_tokens for rank in batches for b in rank)
 
-        try:
-            # 3. One optimizer step per global batch of pairs; eval, checkpoints; the reward model in
-            # Hugging Face format (AutoModelForSequenceClassification).
-            final_model, final_eval = run_training_steps(
-                config, setup, trainers, tracker, total_steps=total_steps, batcher=batcher, train_step=train_step,
-                evaluate=evaluate if eval_batches else None, data_stats=data_stats)
-        finally:
-            tracker.close()
-            trainers.shutdown()
+        # 3. One optimizer step per global batch of pairs; eval, checkpoints; the reward model in
+        # Hugging Face format (AutoModelForSequenceClassification).
+        final_model, final_eval = run_training_steps(
+            config, setup, trainers, run.tracker, total_steps=total_steps, batcher=batcher, train_step=train_step,
+            evaluate=evaluate if eval_batches else None, data_stats=data_stats)
     return StageResult(setup.output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)

@@ -11,35 +11,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rayrl.actors.engine import TrainerSpec
-from rayrl.cluster import check_cluster_resources, ray_session, trainer_roles
-from rayrl.config import SFTConfig, config_to_dict
+from rayrl.cluster import trainer_roles
+from rayrl.config import SFTConfig
 from rayrl.data.batch import collate
 from rayrl.data.sft import SFTExample, load_sft_examples, sft_step_batcher, unpacked_rows
-from rayrl.stage_common import (GenerationEvalSet, StageResult, generation_accuracy,
-                                prepare_stage, run_training_steps)
-from rayrl.tracking import Tracker
-from rayrl.trainer_group import TrainerGroup
-
-__all__ = ["run_sft", "trainer_spec", "StageResult"]
+from rayrl.stage_common import (GenerationEvalSet, StageResult, generation_accuracy, prepare_stage,
+                                run_training_steps, stage_run, trainer_spec)
+from rayrl.trainer_group import PolicyTrainerGroup
 
 
-def trainer_spec(config, model_path: str, total_steps: int) -> TrainerSpec:
-    """The per-rank engine settings of any single-actor stage config."""
-    return TrainerSpec(
-        model_path=model_path, world_size=config.trainer.world_size,
-        micro_batch_size=config.train.micro_batch_size, grad_accum_steps=config.grad_accum_steps,
-        total_steps=total_steps, lr=config.train.lr, lr_schedule=config.train.lr_schedule,
-        warmup_steps=config.train.warmup_steps, min_lr_ratio=config.train.min_lr_ratio,
-        weight_decay=config.train.weight_decay, adam_betas=tuple(config.train.adam_betas),
-        grad_clip=config.train.grad_clip, dtype=config.model.dtype, zero_stage=config.trainer.zero_stage,
-        deepspeed_overrides=config.trainer.deepspeed, attn_implementation=config.model.attn_implementation,
-        gradient_checkpointing=config.model.gradient_checkpointing, peft=config.model.peft, seed=config.seed,
-        num_threads=max(1, int(config.trainer.num_cpus)),
-    )
-
-
-def evaluate(trainers: TrainerGroup, examples: list[SFTExample], tokenizer, config: SFTConfig) -> dict[str, float]:
+def evaluate(trainers: PolicyTrainerGroup, examples: list[SFTExample], tokenizer, config: SFTConfig) -> dict[str, float]:
     """Held-out loss and exact-match accuracy of greedy generation against each row's answer."""
     examples = examples[: config.eval.max_examples]
     rows = unpacked_rows(examples)
@@ -66,27 +47,21 @@ def run_sft(config: SFTConfig) -> StageResult:
         seed=config.seed, shuffle=config.data.shuffle)
     total_steps = config.train.max_steps or batcher.steps_for_epochs(config.train.epochs)
 
-    with ray_session(config.ray):
-        check_cluster_resources(config.ray, trainer_roles(config))
+    with stage_run(config, setup, roles=trainer_roles(config), total_steps=total_steps, description="sft") as run:
         # 2. The trainer group: N DeepSpeed ranks, one Ray actor each.
-        trainers = TrainerGroup(trainer_spec(config, setup.model_path, total_steps),
-                                num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,
-                                resources=config.trainer.resources)
-        tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
-                          total_steps=total_steps, start_step=setup.start_step,
-                          progress=config.tracking.progress, description="sft")
+        trainers = PolicyTrainerGroup(trainer_spec(config, setup.model_path, total_steps),
+                                      num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,
+                                      resources=config.trainer.resources)
+        run.on_exit(trainers.shutdown)
+
         def train_step(batches) -> tuple[dict[str, Any], int]:
             num_loss_tokens = sum(b.num_loss_tokens for rank in batches for b in rank)
             metrics = trainers.train_sft_step(batches, global_num_tokens=num_loss_tokens)
             return {**metrics, "num_loss_tokens": num_loss_tokens}, sum(b.num_tokens for rank in batches for b in rank)
 
-        try:
-            # 3. One optimizer step per global batch; eval and checkpoints on their schedules; the final model.
-            final_model, final_eval = run_training_steps(
-                config, setup, trainers, tracker, total_steps=total_steps, batcher=batcher, train_step=train_step,
-                evaluate=(lambda: evaluate(trainers, eval_examples, tokenizer, config)) if eval_examples else None,
-                data_stats=data_stats)
-        finally:
-            tracker.close()
-            trainers.shutdown()
+        # 3. One optimizer step per global batch; eval and checkpoints on their schedules; the final model.
+        final_model, final_eval = run_training_steps(
+            config, setup, trainers, run.tracker, total_steps=total_steps, batcher=batcher, train_step=train_step,
+            evaluate=(lambda: evaluate(trainers, eval_examples, tokenizer, config)) if eval_examples else None,
+            data_stats=data_stats)
     return StageResult(setup.output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)

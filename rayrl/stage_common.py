@@ -1,17 +1,40 @@
-"""The set-up, schedules and evaluation that every single-actor stage (SFT, RM, DPO) shares."""
+"""What every stage family (SFT, RM, DPO, RL) shares: the trainer spec from a config, the stage set-up
+(output dir, tokenizer, resume point; Ray session, resource check, tracker, cleanup), the step loop
+of the single-actor stages, schedules and generation eval."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rayrl.actors.engine import TrainerSpec
 from rayrl.checkpoint import CheckpointManager
-from rayrl.outputs import archive_earlier_run, prepare_output_dir
+from rayrl.cluster import check_cluster_resources, ray_session
+from rayrl.config import config_to_dict
+from rayrl.data.loading import DataError, read_rows, require_field
+from rayrl.evaluation import exact_match_accuracy
+from rayrl.outputs import archive_earlier_run, export_final_model, prepare_output_dir
 from rayrl.tiny import resolve_model_path
-from rayrl.tracking import truncate_metrics
+from rayrl.tracking import Tracker, truncate_metrics
+
+
+def trainer_spec(config, model_path: str, total_steps: int) -> TrainerSpec:
+    """The per-rank engine settings of a stage config's trainer (any stage family)."""
+    return TrainerSpec(
+        model_path=model_path, world_size=config.trainer.world_size,
+        micro_batch_size=config.train.micro_batch_size, grad_accum_steps=config.grad_accum_steps,
+        total_steps=total_steps, lr=config.train.lr, lr_schedule=config.train.lr_schedule,
+        warmup_steps=config.train.warmup_steps, min_lr_ratio=config.train.min_lr_ratio,
+        weight_decay=config.train.weight_decay, adam_betas=tuple(config.train.adam_betas),
+        grad_clip=config.train.grad_clip, dtype=config.model.dtype, zero_stage=config.trainer.zero_stage,
+        deepspeed_overrides=config.trainer.deepspeed, attn_implementation=config.model.attn_implementation,
+        gradient_checkpointing=config.model.gradient_checkpointing, peft=config.model.peft, seed=config.seed,
+        num_threads=max(1, int(config.trainer.num_cpus)),
+    )
 
 
 @dataclass(frozen=True)
@@ -35,7 +58,7 @@ class StageSetup:
 
 def prepare_stage(config) -> StageSetup:
     """Output dir, model path and tokenizer, and where to resume from (if asked and possible)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # slow import (transformers)
 
     model_path = resolve_model_path(config.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -52,6 +75,34 @@ def prepare_stage(config) -> StageSetup:
             print(f"{config.output_dir} held an earlier run: moved to {archived}")
     output_dir = prepare_output_dir(config)
     return StageSetup(output_dir, model_path, tokenizer, checkpoints, resume_from, start_step)
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """A running stage: its tracker, and ``on_exit`` to register what must be released at the end."""
+
+    tracker: Tracker
+    cleanup: contextlib.ExitStack
+
+    def on_exit(self, release: Callable[[], Any]) -> None:
+        """Call ``release`` when the stage ends, also on failure (last registered, first released)."""
+        self.cleanup.callback(release)
+
+
+@contextlib.contextmanager
+def stage_run(config, setup: StageSetup, *, roles: dict[str, tuple[float, float]], total_steps: int,
+              description: str) -> Iterator[StageRun]:
+    """The stage set-up every stage family shares: the Ray session (embedded or joined), the check that
+    the roles fit the cluster, the tracker; on exit everything registered with ``on_exit`` is released
+    in reverse order (each step runs even if an earlier one raised), then the tracker closes."""
+    with ray_session(config.ray):
+        check_cluster_resources(config.ray, roles)
+        with contextlib.ExitStack() as cleanup:
+            tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
+                              total_steps=total_steps, start_step=setup.start_step,
+                              progress=config.tracking.progress, description=description)
+            cleanup.callback(tracker.close)
+            yield StageRun(tracker, cleanup)
 
 
 def eval_due(config, done: int, total: int) -> bool:
@@ -77,8 +128,6 @@ class GenerationEvalSet:
 
 def load_generation_eval(source: str, tokenizer, max_examples: int) -> GenerationEvalSet:
     """Rows with ``prompt`` (text or messages) and ``answer`` (or ``completion``) for exact match."""
-    from rayrl.data.loading import DataError, read_rows, require_field
-
     prompts, answers = [], []
     for row in read_rows(source)[:max_examples]:
         prompt = require_field(row, "prompt", (str, list))
@@ -95,8 +144,6 @@ def load_generation_eval(source: str, tokenizer, max_examples: int) -> Generatio
 
 def generation_accuracy(trainers, eval_set: GenerationEvalSet, tokenizer, max_new_tokens: int) -> float:
     """Exact-match accuracy of greedy generation by the trainer group's current weights."""
-    from rayrl.evaluation import exact_match_accuracy
-
     completions = trainers.generate(eval_set.prompt_ids, max_new_tokens=max_new_tokens,
                                     pad_id=tokenizer.pad_token_id, stop_ids=stop_token_ids(tokenizer))
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
@@ -111,8 +158,6 @@ def run_training_steps(config, setup: StageSetup, trainers, tracker, *, total_st
     Resume (or log the data counts), evaluate at the start, then per step: the batcher's global batch
     -> ``train_step(batches)`` -> ``(metrics, num_tokens)`` -> log, eval and checkpoint on their
     schedules; at the end the final model in Hugging Face format."""
-    from rayrl.outputs import export_final_model
-
     if setup.resume_from:
         trainers.load_checkpoint(str(setup.resume_from))
         tracker.write(f"resumed from {setup.resume_from} (step {setup.start_step})")

@@ -6,24 +6,21 @@ from rayrl.config import DPOConfig, GRPOConfig, PPOConfig, RewardModelConfig, SF
 
 
 def run_stage(config):
+    # Each loop imports torch and its actors: imported when it runs, as the CLI imports this module.
     if isinstance(config, SFTConfig):
-        from rayrl.sft import run_sft
+        from rayrl.sft import run_sft  # slow: torch
 
         return run_sft(config)
     if isinstance(config, DPOConfig):
-        from rayrl.dpo import run_dpo
+        from rayrl.dpo import run_dpo  # slow: torch
 
         return run_dpo(config)
     if isinstance(config, RewardModelConfig):
-        from rayrl.rm import run_rm
+        from rayrl.rm import run_rm  # slow: torch
 
         return run_rm(config)
-    if isinstance(config, GRPOConfig):
-        from rayrl.rl import run_grpo
+    if isinstance(config, (GRPOConfig, PPOConfig)):
+        from rayrl.rl import run_rl  # slow: torch
 
-        return run_grpo(config)
-    if isinstance(config, PPOConfig):
-        from rayrl.rl import run_ppo
-
-        return run_ppo(config)
+        return run_rl(config)
     raise TypeError(f"no loop for {type(config).__name__}")

@@ -1,31 +1,73 @@
-"""A group of PolicyTrainer actors forming one DeepSpeed data-parallel job, placed by Ray."""
+"""Trainer groups: the N ranks of one trainable role, one Ray actor each, in one placement group.
+
+Each role gets its own group type offering only the calls its loops make, each a typed method:
+``PolicyTrainerGroup`` (SFT, DPO family, GRPO/PPO policy), ``CriticGroup`` (PPO's value model) and
+``RewardTrainerGroup`` (the rm stage). DeepSpeed's collectives need every rank in every call, so each
+method calls all ranks and returns rank 0's answer (or the ranks' metrics combined).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
-from rayrl.actors.engine import TrainerSpec
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rayrl.actors.critic import Critic
+from rayrl.actors.engine import TrainerRank, TrainerSpec
 from rayrl.actors.policy_trainer import PolicyTrainer
+from rayrl.actors.reward_trainer import RewardModelTrainer
 from rayrl.data.batch import TokenBatch
+from rayrl.data.preference import KTOBatch, PreferenceBatch
+from rayrl.data.rollout import RolloutBatch, ValueBatch
+from rayrl.objectives import PolicyGradientObjective, PreferenceObjective
+
+Rank = TypeVar("Rank", bound=TrainerRank)
+
+PLACEMENT_TIMEOUT_S = 300
 
 
-class TrainerGroup:
-    """N ranks of a trainer role (PolicyTrainer by default), one Ray actor each, in one placement group.
+@dataclass(frozen=True)
+class PendingStep:
+    """An optimizer step started on every rank of a group; ``wait`` gives the ranks' metrics combined.
+    Lets two groups (PPO's policy and critic) train at once."""
 
-    Every method calls all ranks (DeepSpeed collectives need them all) and returns rank 0's answer.
-    """
+    refs: list
 
-    def __init__(self, spec: TrainerSpec, *, num_cpus: float, num_gpus: float, role: type = PolicyTrainer,
-                 separate_reference: bool = False, role_kwargs: dict[str, Any] | None = None,
-                 shared_bundle: dict[str, float] | None = None, resources: dict[str, float] | None = None):
+    def wait(self) -> dict[str, float]:
+        return combine_rank_metrics(ray.get(self.refs))
+
+
+def combine_rank_metrics(results: list[dict]) -> dict[str, float]:
+    """Loss and stats are per-rank shares of global means: sum them. Norm and LR agree on all ranks;
+    times and memory are the slowest / largest rank's."""
+    combined = {key: sum(r[key] for r in results) for key in results[0]
+                if key not in ("grad_norm", "lr", "peak_rss_mb") and not key.startswith("time/")}
+    combined.update({key: max(r[key] for r in results) for key in results[0] if key.startswith("time/")})
+    combined.update(grad_norm=results[0]["grad_norm"], lr=results[0]["lr"])
+    combined["memory/trainer_peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    return combined
+
+
+class _TrainerGroup(Generic[Rank]):
+    """What every trainer group shares: placement, rendezvous, checkpoints, export and shutdown.
+
+    The fan-out helpers take a callable ``(actor, rank) -> ObjectRef`` (e.g.
+    ``lambda actor, rank: actor.save_checkpoint.remote(directory)``), never a method name."""
+
+    role: type[Rank]
+
+    def __init__(self, spec: TrainerSpec, *, num_cpus: float, num_gpus: float, separate_reference: bool = False,
+                 role_kwargs: dict[str, Any] | None = None, shared_bundle: dict[str, float] | None = None,
+                 resources: dict[str, float] | None = None):
         """``shared_bundle``: extra resources added to every rank's bundle, for actors the caller
         co-locates with the ranks (``bundle_strategy``), e.g. rollout workers sharing a GPU.
         ``resources``: custom Ray resources each rank asks for (pins ranks to node groups)."""
-        import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         self.spec = spec
         extra = shared_bundle or {}
         resources = dict(resources or {})
@@ -35,15 +77,15 @@ class TrainerGroup:
             if key not in ("CPU", "GPU"):
                 bundle[key] = bundle.get(key, 0.0) + value
         self.placement_group = None
-        self.actors = []
+        self.actors: list = []
         try:
             options: list[dict[str, Any]] = [{} for _ in range(spec.world_size)]
             if bundle:
                 self.placement_group = placement_group([bundle] * spec.world_size, strategy="PACK")
-                ray.get(self.placement_group.ready(), timeout=300)
+                ray.get(self.placement_group.ready(), timeout=PLACEMENT_TIMEOUT_S)
                 options = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(
                     self.placement_group, placement_group_bundle_index=i)} for i in range(spec.world_size)]
-            remote_cls = ray.remote(role)
+            remote_cls = ray.remote(self.role)
             self.actors = [
                 remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, **options[rank]).remote(
                     spec, rank, **(role_kwargs or {}))
@@ -54,9 +96,20 @@ class TrainerGroup:
             self._release()  # a rank that failed to start (or a bundle never placed) leaks nothing
             raise
 
-    def _setup(self, separate_reference: bool) -> None:
-        import ray
+    # ---- fan-out (private: the typed methods below are the interface) ----------------------------
+    def _start(self, call: Callable[[Any, int], Any]) -> list:
+        """``call(actor, rank)`` on every rank, not waiting: the refs."""
+        return [call(actor, rank) for rank, actor in enumerate(self.actors)]
 
+    def _all(self, call: Callable[[Any, int], Any]) -> list:
+        """``call(actor, rank)`` on every rank; every rank's result."""
+        return ray.get(self._start(call))
+
+    def _rank0(self, call: Callable[[Any, int], Any]) -> Any:
+        """``call(actor, rank)`` on every rank (collectives need them all); rank 0's result."""
+        return self._all(call)[0]
+
+    def _setup(self, separate_reference: bool) -> None:
         master_addr, master_port = ray.get(self.actors[0].address.remote())
         ips = ray.get([actor.node_ip.remote() for actor in self.actors])
         per_node = Counter(ips)
@@ -65,97 +118,115 @@ class TrainerGroup:
         for ip in ips:
             local_ranks.append(seen[ip])
             seen[ip] += 1
-        self.setup_info = ray.get([
-            actor.setup.remote(master_addr, master_port, local_ranks[rank], per_node[ips[rank]],
-                               separate_reference=separate_reference)
-            for rank, actor in enumerate(self.actors)
-        ])
+        self.setup_info = self._all(lambda actor, rank: actor.setup.remote(
+            master_addr, master_port, local_ranks[rank], per_node[ips[rank]], separate_reference=separate_reference))
 
+    # ---- what every trainable role offers ----------------------------------------------------
     def bundle_strategy(self, rank: int):
         """A scheduling strategy that places an actor in rank ``rank``'s bundle (co-location)."""
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         if self.placement_group is None:
             return None
         return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
 
-    def export_weight_buckets(self, bucket_bytes: int) -> list:
-        """Object refs of the full weights in numpy buckets (put by rank 0)."""
-        return self._all("export_weight_buckets", [bucket_bytes] * len(self.actors))[0]
-
-    def _all(self, method: str, *per_rank_args: list, **shared: Any) -> list:
-        import ray
-
-        return ray.get(self.start(method, *per_rank_args, **shared))
-
-    def start(self, method: str, *per_rank_args: list, **shared: Any) -> list:
-        """Call ``method`` on every rank (``per_rank_args[i][rank]``, plus ``shared`` keywords) without
-        waiting: the refs, for :meth:`finish`. Lets two groups (policy and critic) work at once."""
-        return [getattr(actor, method).remote(*[arg[rank] for arg in per_rank_args], **shared)
-                for rank, actor in enumerate(self.actors)]
-
-    def finish(self, refs: list) -> dict[str, float]:
-        """Wait for a :meth:`start`-ed training step; the ranks' metrics combined."""
-        import ray
-
-        return self._combine(ray.get(refs))
-
-    @staticmethod
-    def _combine(results: list[dict]) -> dict[str, float]:
-        """Loss and stats are per-rank shares of global means: sum them. Norm and LR agree on all ranks."""
-        combined = {key: sum(r[key] for r in results) for key in results[0]
-                    if key not in ("grad_norm", "lr", "peak_rss_mb") and not key.startswith("time/")}
-        combined.update({key: max(r[key] for r in results) for key in results[0] if key.startswith("time/")})
-        combined.update(grad_norm=results[0]["grad_norm"], lr=results[0]["lr"])
-        combined["memory/trainer_peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
-        return combined
-
-    def train_sft_step(self, batches: list[list[TokenBatch]], global_num_tokens: int) -> dict[str, float]:
-        """``batches[rank]`` are that rank's micro-batches. Returns the global-batch loss and stats."""
-        return self._combine(self._all("train_sft_step", batches, global_num_tokens=global_num_tokens))
-
-    def train_preference_step(self, batches: list[list], global_num_examples: int, objective) -> dict[str, float]:
-        return self._combine(self._all("train_preference_step", batches,
-                                       global_num_examples=global_num_examples, objective=objective))
-
-    def train_reward_step(self, batches: list[list], global_num_pairs: int, center_coef: float) -> dict[str, float]:
-        return self._combine(self._all("train_reward_step", batches, global_num_pairs=global_num_pairs,
-                                       center_coef=center_coef))
-
-    def rank0(self, method: str, *args, **kwargs):
-        """Call a method on every rank with the same arguments; return rank 0's result."""
-        return self._all(method, *[[a] * len(self.actors) for a in args], **kwargs)[0]
-
-    def eval_loss(self, batches: list[TokenBatch]) -> float:
-        """Token-mean NLL; every rank evaluates the same batches (equal forward counts for ZeRO-3)."""
-        total, count = self._all("eval_loss", [batches] * len(self.actors))[0]
-        return total / max(count, 1)
-
-    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
-                 stop_ids: list[int]) -> list[list[int]]:
-        return self._all("generate", [prompts] * len(self.actors), max_new_tokens=max_new_tokens,
-                         pad_id=pad_id, stop_ids=stop_ids)[0]
+    def param_group_lrs(self) -> list[dict]:
+        return self._rank0(lambda actor, rank: actor.param_group_lrs.remote())
 
     def save_checkpoint(self, directory: str) -> None:
-        self._all("save_checkpoint", [directory] * len(self.actors))
+        self._all(lambda actor, rank: actor.save_checkpoint.remote(directory))
 
     def load_checkpoint(self, directory: str) -> None:
-        self._all("load_checkpoint", [directory] * len(self.actors))
+        self._all(lambda actor, rank: actor.load_checkpoint.remote(directory))
 
     def export_hf(self, directory: str) -> None:
-        self._all("export_hf", [directory] * len(self.actors))
+        self._all(lambda actor, rank: actor.export_hf.remote(directory))
 
     def shutdown(self) -> None:
         try:
-            self._all("shutdown")
+            self._all(lambda actor, rank: actor.shutdown.remote())
         finally:
             self._release()
 
     def _release(self) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
         for actor in self.actors:
             ray.kill(actor)
         if self.placement_group is not None:
             remove_placement_group(self.placement_group)
+
+
+class PolicyTrainerGroup(_TrainerGroup[PolicyTrainer]):
+    """The policy's ranks: SFT, the DPO family, and the policy of GRPO/PPO."""
+
+    role = PolicyTrainer
+
+    def train_sft_step(self, batches: list[list[TokenBatch]], global_num_tokens: int) -> dict[str, float]:
+        """``batches[rank]`` are that rank's micro-batches. Returns the global-batch loss and stats."""
+        return combine_rank_metrics(self._all(lambda actor, rank: actor.train_sft_step.remote(
+            batches[rank], global_num_tokens=global_num_tokens)))
+
+    def train_preference_step(self, batches: list[list[PreferenceBatch]] | list[list[KTOBatch]],
+                              global_num_examples: int, objective: PreferenceObjective) -> dict[str, float]:
+        return combine_rank_metrics(self._all(lambda actor, rank: actor.train_preference_step.remote(
+            batches[rank], global_num_examples=global_num_examples, objective=objective)))
+
+    def start_policy_gradient_step(self, batches: list[list[RolloutBatch]], *, global_num_tokens: int,
+                                   global_num_seqs: int, objective: PolicyGradientObjective) -> PendingStep:
+        """One optimizer step of the policy-gradient loss, started on every rank (``batches[rank]``)."""
+        return PendingStep(self._start(lambda actor, rank: actor.train_policy_gradient_step.remote(
+            batches[rank], global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+            objective=objective)))
+
+    def token_logprobs(self, batch: TokenBatch, *, temperature: float = 1.0, reference: bool = False) -> torch.Tensor:
+        """(B, T-1) next-token log-probs under the current weights (or, with PEFT, the reference's)."""
+        return self._rank0(lambda actor, rank: actor.token_logprobs.remote(
+            batch, reference=reference, temperature=temperature))
+
+    def sequence_logprobs(self, batch: TokenBatch, *, reference: bool = False) -> torch.Tensor:
+        """(B,) summed log-probs of each row's target tokens."""
+        return self._rank0(lambda actor, rank: actor.sequence_logprobs.remote(batch, reference=reference))
+
+    def eval_preference(self, batches: list[PreferenceBatch] | list[KTOBatch],
+                        objective: PreferenceObjective) -> dict[str, float]:
+        return self._rank0(lambda actor, rank: actor.eval_preference.remote(batches, objective))
+
+    def eval_loss(self, batches: list[TokenBatch]) -> float:
+        """Token-mean NLL; every rank evaluates the same batches (equal forward counts for ZeRO-3)."""
+        total, count = self._rank0(lambda actor, rank: actor.eval_loss.remote(batches))
+        return total / max(count, 1)
+
+    def generate(self, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
+                 stop_ids: list[int]) -> list[list[int]]:
+        return self._rank0(lambda actor, rank: actor.generate.remote(
+            prompts, max_new_tokens=max_new_tokens, pad_id=pad_id, stop_ids=stop_ids))
+
+    def export_weight_buckets(self, bucket_bytes: int) -> list:
+        """Object refs of the full weights in numpy buckets (put by rank 0)."""
+        return self._rank0(lambda actor, rank: actor.export_weight_buckets.remote(bucket_bytes))
+
+
+class CriticGroup(_TrainerGroup[Critic]):
+    """PPO's value model ranks."""
+
+    role = Critic
+
+    def values(self, batch: TokenBatch) -> torch.Tensor:
+        """(B, T-1) values of each prefix, aligned like log-probs."""
+        return self._rank0(lambda actor, rank: actor.values.remote(batch))
+
+    def start_value_step(self, batches: list[list[ValueBatch]], *, global_num_tokens: int) -> PendingStep:
+        """One optimizer step of the clipped value loss, started on every rank (``batches[rank]``)."""
+        return PendingStep(self._start(lambda actor, rank: actor.train_value_step.remote(
+            batches[rank], global_num_tokens=global_num_tokens)))
+
+
+class RewardTrainerGroup(_TrainerGroup[RewardModelTrainer]):
+    """The reward model's ranks (the rm stage)."""
+
+    role = RewardModelTrainer
+
+    def train_reward_step(self, batches: list[list[PreferenceBatch]], global_num_pairs: int,
+                          center_coef: float) -> dict[str, float]:
+        return combine_rank_metrics(self._all(lambda actor, rank: actor.train_reward_step.remote(
+            batches[rank], global_num_pairs=global_num_pairs, center_coef=center_coef)))
+
+    def eval_pairs(self, batches: list[PreferenceBatch], center_coef: float) -> dict[str, float]:
+        return self._rank0(lambda actor, rank: actor.eval_pairs.remote(batches, center_coef))

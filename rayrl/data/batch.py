@@ -30,6 +30,20 @@ class TokenBatch:
     def is_packed(self) -> bool:
         return bool((self.segment_ids > 1).any())
 
+    def select(self, rows: torch.Tensor | slice) -> TokenBatch:
+        """The rows ``rows`` (an index tensor or a slice), every field alike."""
+        return TokenBatch(self.input_ids[rows], self.loss_mask[rows], self.position_ids[rows], self.segment_ids[rows])
+
+    @property
+    def width(self) -> int:
+        """The longest row's real length: the columns after it are padding in every row."""
+        return int((self.segment_ids > 0).sum(-1).max())
+
+    def trimmed(self, width: int) -> TokenBatch:
+        """The first ``width`` columns (cut padding that no row needs: less work per forward)."""
+        return TokenBatch(self.input_ids[:, :width], self.loss_mask[:, :width], self.position_ids[:, :width],
+                          self.segment_ids[:, :width])
+
     def padding_mask(self) -> torch.Tensor:
         """(B, T) int64 HF-style attention mask: 1 for real tokens, 0 for padding."""
         return (self.segment_ids > 0).long()

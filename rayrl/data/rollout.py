@@ -33,6 +33,21 @@ class RolloutBatch:
     def num_examples(self) -> int:
         return self.tokens.input_ids.shape[0]
 
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        """The rows ``rows``, every field alike."""
+        return RolloutBatch(self.tokens.select(rows), self.advantages[rows], self.old_logps[rows],
+                            self.sampler_logps[rows], None if self.ref_logps is None else self.ref_logps[rows],
+                            self.overlong[rows])
+
+    def trimmed(self) -> RolloutBatch:
+        """Cut to the longest row's length (the padding columns cost a forward and carry no loss)."""
+        width = self.tokens.width
+        per_token = slice(None, width - 1)  # (B, T-1) fields: one column fewer than the tokens
+        advantages = self.advantages if self.advantages.dim() == 1 else self.advantages[:, per_token]
+        return RolloutBatch(self.tokens.trimmed(width), advantages, self.old_logps[:, per_token],
+                            self.sampler_logps[:, per_token],
+                            None if self.ref_logps is None else self.ref_logps[:, per_token], self.overlong)
+
 
 @dataclass(frozen=True)
 class ValueBatch:
@@ -45,6 +60,14 @@ class ValueBatch:
     @property
     def num_examples(self) -> int:
         return self.tokens.input_ids.shape[0]
+
+    def select(self, rows: torch.Tensor) -> ValueBatch:
+        return ValueBatch(self.tokens.select(rows), self.old_values[rows], self.returns[rows])
+
+    def trimmed(self) -> ValueBatch:
+        """Cut to the longest row's length, as ``RolloutBatch.trimmed``."""
+        width = self.tokens.width
+        return ValueBatch(self.tokens.trimmed(width), self.old_values[:, :width - 1], self.returns[:, :width - 1])
 
 
 def load_prompts(source: str, tokenizer, max_prompt_length: int, *, drop_long: bool = False) -> list[PromptRow]:

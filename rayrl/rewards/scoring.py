@@ -55,7 +55,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from rayrl.rewards.code_sandbox import cleanup_stale_sandbox_dirs, kill_process_group
+from rayrl.rewards.code_sandbox import cleanup_stale_sandbox_dirs, kill_process_group, network_namespace_prefix
 from rayrl.rewards.registry import RewardSpecError, is_batched, load_reward_function
 
 __all__ = ["RewardScorer", "RewardSpec", "RewardTimeout", "ScoreResult"]
@@ -118,6 +118,44 @@ class ScoreResult:
     timeouts: dict[str, int]
     failed: dict[str, list[bool]] = field(default_factory=dict)
     errors: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_reward(cls, name: str, values: list[float]) -> ScoreResult:
+        """The scores of one reward that cannot fail (a reward model, a length penalty)."""
+        return cls(total=list(values), per_function={name: list(values)}, failures={name: 0}, timeouts={name: 0},
+                   failed={name: [False] * len(values)})
+
+    def plus(self, other: ScoreResult) -> ScoreResult:
+        """Both sets of rewards on the same items: totals added, per-function records side by side."""
+        return ScoreResult(total=[a + b for a, b in zip(self.total, other.total, strict=True)],
+                           per_function={**self.per_function, **other.per_function},
+                           failures={**self.failures, **other.failures}, timeouts={**self.timeouts, **other.timeouts},
+                           failed={**self.failed, **other.failed}, errors={**self.errors, **other.errors})
+
+    def with_reward(self, name: str, values: list[float]) -> ScoreResult:
+        """One more reward (that cannot fail) added to every item's total."""
+        return self.plus(ScoreResult.from_reward(name, values))
+
+    def slice(self, start: int, stop: int) -> ScoreResult:
+        """The scores of items [start, stop). Timeouts are only counted per batch, so a slice reports
+        its failures (timeouts included) and no separate timeout count."""
+        failed = {k: v[start:stop] for k, v in self.failed.items()}
+        return ScoreResult(total=self.total[start:stop],
+                           per_function={k: v[start:stop] for k, v in self.per_function.items()},
+                           failures={k: sum(v) for k, v in failed.items()}, timeouts=dict.fromkeys(failed, 0),
+                           failed=failed)
+
+    @classmethod
+    def concat(cls, parts: list[ScoreResult]) -> ScoreResult:
+        """The scores of consecutive slices of a batch, joined (item order kept)."""
+        names = list(parts[0].per_function)
+        return cls(
+            total=[v for part in parts for v in part.total],
+            per_function={n: [v for part in parts for v in part.per_function[n]] for n in names},
+            failures={n: sum(part.failures.get(n, 0) for part in parts) for n in names},
+            timeouts={n: sum(part.timeouts.get(n, 0) for part in parts) for n in names},
+            failed={n: [f for part in parts for f in part.failed.get(n, [False] * len(part.total))] for n in names},
+            errors={n: [e for part in parts for e in part.errors.get(n, [])][:_MAX_ERROR_SAMPLES] for n in names})
 
     def metrics(self, prefix: str = "reward") -> dict[str, float]:
         """Flat scalars for logging: per-function mean and std, failure and timeout rates, total mean."""
@@ -217,8 +255,6 @@ class RewardScorer:
         # The sandbox probes for network namespaces once per process: do it here, not in
         # every short-lived scoring child.
         if any(getattr(fn, "__module__", "") == "rayrl.rewards.code_sandbox" for fn in fns):
-            from rayrl.rewards.code_sandbox import network_namespace_prefix
-
             network_namespace_prefix()
         self._fns = fns
 

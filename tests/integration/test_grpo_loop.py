@@ -40,13 +40,13 @@ REQUIRED = {"loss", "grad_norm", "lr", "reward/mean", "reward/std", "reward/corr
 
 @pytest.mark.parametrize("placement", ["split", "colocated"])
 def test_grpo_runs_in_both_layouts(ray_cluster, tmp_path, tiny_model_dir, placement):
-    from rayrl.rl import run_grpo
+    from rayrl.rl import run_rl
 
     extra = {"kl_coef": 0.05} if placement == "split" else {}
     passk = {"samples": 4} if placement == "split" else {}
     # Split samples at T=0.7: the trainer's and reference's log-probs must be taken at the same T.
     temperature = 0.7 if placement == "split" else 1.0
-    result = run_grpo(grpo_config(tmp_path / placement, tiny_model_dir, placement=placement,
+    result = run_rl(grpo_config(tmp_path / placement, tiny_model_dir, placement=placement,
                                   grpo={"prompts_per_step": 4, **extra}, eval=passk,
                                   rollout={"num_workers": 2, "temperature": temperature}))
     steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
@@ -74,11 +74,11 @@ def test_post_sync_engine_logprobs_match_trainer(ray_cluster, tiny_model_dir, to
     from rayrl.actors.rollout_worker import RolloutWorker
     from rayrl.data.rollout import completion_tokens
     from rayrl.data.sft import load_sft_examples, sft_step_batcher
-    from rayrl.trainer_group import TrainerGroup
+    from rayrl.trainer_group import PolicyTrainerGroup
 
     spec = TrainerSpec(model_path=tiny_model_dir, world_size=2, micro_batch_size=8, grad_accum_steps=1,
                        total_steps=5, lr=1e-2, lr_schedule="constant")
-    trainers = TrainerGroup(spec, num_cpus=0.25, num_gpus=0)
+    trainers = PolicyTrainerGroup(spec, num_cpus=0.25, num_gpus=0)
     worker = ray.remote(RolloutWorker).options(num_cpus=0.25).remote(tiny_model_dir, backend="vllm", kv_cache_gib=0.25)
     try:
         examples, _ = load_sft_examples("rayrl:addition/sft-train", tokenizer, max_length=16)
@@ -90,7 +90,7 @@ def test_post_sync_engine_logprobs_match_trainer(ray_cluster, tiny_model_dir, to
         prompt = tokenizer("37+45=")["input_ids"]
         completion = tokenizer("82")["input_ids"] + [tokenizer.eos_token_id]
         tokens, _ = completion_tokens([prompt], [completion], [[0.0] * len(completion)], tokenizer.pad_token_id)
-        trainer_logps = trainers.rank0("token_logprobs", tokens)[0, len(prompt) - 1:]
+        trainer_logps = trainers.token_logprobs(tokens)[0, len(prompt) - 1:]
 
         def engine_logps():
             return torch.tensor(ray.get(worker.sequence_logprobs.remote([prompt + completion], [len(prompt)]))[0])
@@ -108,7 +108,7 @@ def test_post_sync_engine_logprobs_match_trainer(ray_cluster, tiny_model_dir, to
 def test_user_reward_file_and_failing_reward_function(ray_cluster, tmp_path, tiny_model_dir):
     """A user's JSONL of prompts with `answer` and a reward function in their own file; a second
     function that raises on some rows gives counted failures and its fallback, not a crash."""
-    from rayrl.rl import run_grpo
+    from rayrl.rl import run_rl
 
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n" for a in range(10, 40)))
@@ -124,7 +124,7 @@ def test_user_reward_file_and_failing_reward_function(ray_cluster, tmp_path, tin
                          rewards=[{"fn": f"{rewards}:starts_right", "name": "right"},
                                   {"fn": f"{rewards}:flaky", "name": "flaky", "weight": 0.5, "fallback": -1.0}],
                          trainer={"world_size": 1, "num_cpus": 0.5})
-    result = run_grpo(config)
+    result = run_rl(config)
     steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
     assert len(steps) == 2
     for row in steps:
@@ -135,20 +135,20 @@ def test_user_reward_file_and_failing_reward_function(ray_cluster, tmp_path, tin
 
 def test_bad_reward_spec_fails_before_work(tmp_path, tiny_model_dir):
     from rayrl.config import ConfigError
-    from rayrl.rl import run_grpo
+    from rayrl.rl import run_rl
 
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.jsonl").write_text('{"step": 1}\n')  # an earlier run: left where it is
     config = grpo_config(tmp_path / "bad", tiny_model_dir,
                          rewards=[{"fn": "math_answer"}, {"fn": str(tmp_path / "nope.py") + ":fn"}])
     with pytest.raises(ConfigError, match=r"rewards\[1\].fn: reward function .*nope.py.*file not found"):
-        run_grpo(config)
+        run_rl(config)
     assert (tmp_path / "bad" / "metrics.jsonl").exists() and not (tmp_path / "bad" / "earlier_runs").exists()
 
 
 def test_reward_rises_on_an_easy_task(ray_cluster, tmp_path, tiny_model_dir):
     """From random weights: reward 1 when the completion starts with a digit (~10% by chance)."""
-    from rayrl.rl import run_grpo
+    from rayrl.rl import run_rl
 
     rewards = tmp_path / "easy.py"
     rewards.write_text("def digit_first(prompt, completion, **fields):\n    return float(completion[:1].isdigit())\n")
@@ -156,7 +156,7 @@ def test_reward_rises_on_an_easy_task(ray_cluster, tmp_path, tiny_model_dir):
                          rollout={"group_size": 8, "max_new_tokens": 2}, grpo={"prompts_per_step": 8},
                          train={"max_steps": 8, "micro_batch_size": 64, "lr": 1e-2},
                          trainer={"world_size": 1, "num_cpus": 0.5}, eval={"at_start": False, "every_steps": 0})
-    result = run_grpo(config)
+    result = run_rl(config)
     rewards_seen = [r["reward/mean"] for r in read_metrics(result.output_dir) if "reward/mean" in r]
     assert len(rewards_seen) == 8
     assert sum(rewards_seen[-2:]) / 2 > sum(rewards_seen[:2]) / 2 + 0.4, rewards_seen
@@ -170,13 +170,13 @@ def test_reward_rises_on_an_easy_task(ray_cluster, tmp_path, tiny_model_dir):
     {"grpo": {"advantage": "reinforce_pp"}, "rollout": {"backend": "hf"}},
 ], ids=["dapo", "gspo", "dr_grpo", "rloo", "reinforce_pp_hf"])
 def test_grpo_variants_run(ray_cluster, tmp_path, tiny_model_dir, variant):
-    from rayrl.rl import run_grpo
+    from rayrl.rl import run_rl
 
     sections = {"trainer": {"world_size": 1, "num_cpus": 0.5}, "eval": {"at_start": False, "every_steps": 0},
                 "train": {"max_steps": 2, "micro_batch_size": 8, "lr": 1e-3}}
     for key, value in variant.items():
         sections[key] = {**sections.get(key, {}), **value}
-    result = run_grpo(grpo_config(tmp_path / "variant", tiny_model_dir, **sections))
+    result = run_rl(grpo_config(tmp_path / "variant", tiny_model_dir, **sections))
     steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     if variant["grpo"].get("dynamic_sampling"):
@@ -185,9 +185,9 @@ def test_grpo_variants_run(ray_cluster, tmp_path, tiny_model_dir, variant):
 
 def test_roles_that_do_not_fit_the_cluster_fail_before_work(ray_cluster, tmp_path, tiny_model_dir):
     from rayrl.config import ConfigError
-    from rayrl.rl import run_grpo
+    from rayrl.rl import run_rl
 
     config = grpo_config(tmp_path / "big", tiny_model_dir, trainer={"world_size": 2, "num_cpus": 1.5})
     with pytest.raises(ConfigError, match=r"the roles need 3.45 CPUs \(trainer 3, rollout 0.25, verifier 0.2\) but the Ray cluster has 2"):
-        run_grpo(config)
+        run_rl(config)
     assert not (tmp_path / "big" / "metrics.jsonl").exists()

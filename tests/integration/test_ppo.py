@@ -71,11 +71,13 @@ def reference_gae(rewards, values, mask, gamma, lam):
 
 
 def record_loop(monkeypatch):
-    """Wrap the driver-side ppo_advantages and _train of rayrl.rl: what went in and came out, per step."""
+    """Wrap the driver-side ppo_advantages (rayrl.rl_advantages) and train_on_rollout (rayrl.rl): what
+    went in and came out, per step."""
     import rayrl.rl as rl
+    import rayrl.rl_advantages as rl_advantages
 
     calls: list[dict] = []
-    real_advantages, real_train = rl.ppo_advantages, rl._train
+    real_advantages, real_train = rl_advantages.ppo_advantages, rl.train_on_rollout
 
     def advantages(scores, old_logps, ref_logps, values, mask, settings):
         out = real_advantages(scores, old_logps, ref_logps, values, mask, settings)
@@ -83,12 +85,13 @@ def record_loop(monkeypatch):
                                  values.clone(), mask.clone(), settings), "outputs": [t.clone() for t in out]})
         return out
 
-    def train(config, trainers, objective, tokens, advantages, *args, **kwargs):
-        calls[-1]["trained"] = (advantages.clone(), kwargs["values"].clone(), kwargs["returns"].clone())
-        return real_train(config, trainers, objective, tokens, advantages, *args, **kwargs)
+    def train(plan, trainers, objective, batch, step, critic_update=None):
+        targets = critic_update.targets
+        calls[-1]["trained"] = (batch.advantages.clone(), targets.old_values.clone(), targets.returns.clone())
+        return real_train(plan, trainers, objective, batch, step, critic_update)
 
-    monkeypatch.setattr(rl, "ppo_advantages", advantages)
-    monkeypatch.setattr(rl, "_train", train)
+    monkeypatch.setattr(rl_advantages, "ppo_advantages", advantages)
+    monkeypatch.setattr(rl, "train_on_rollout", train)
     return calls
 
 
@@ -172,7 +175,7 @@ def test_resumed_ppo_equals_uninterrupted(ray_cluster, tmp_path, tiny_model_dir,
     """4 steps in one go vs 2 steps, then resume to 4 (the policy, a LoRA critic and the adaptive KL
     coefficient come back from the checkpoint; the engine gets the checkpoint's weights): the resumed
     steps' losses, rewards and KL coefficient equal the uninterrupted run's."""
-    from rayrl.rl import run_ppo
+    from rayrl.rl import run_rl
 
     sections = dict(ppo={"prompts_per_step": 4, "mini_batches": 2, "kl_coef": 0.05, "adaptive_kl": True,
                          "kl_target": 0.01, "kl_horizon": 100},
@@ -180,13 +183,13 @@ def test_resumed_ppo_equals_uninterrupted(ray_cluster, tmp_path, tiny_model_dir,
                     trainer={"world_size": 1, "num_cpus": 0.25}, eval={"at_start": False, "every_steps": 0},
                     checkpoint={"every_steps": 1, "keep_last": 5})
     straight = tmp_path / "straight"
-    run_ppo(ppo_config(straight, tiny_model_dir, tiny_reward_model, train={"max_steps": 4, "micro_batch_size": 2,
+    run_rl(ppo_config(straight, tiny_model_dir, tiny_reward_model, train={"max_steps": 4, "micro_batch_size": 2,
                                                                            "lr": 1e-3}, **sections))
     resumed = tmp_path / "resumed"
-    run_ppo(ppo_config(resumed, tiny_model_dir, tiny_reward_model, train={"max_steps": 2, "micro_batch_size": 2,
+    run_rl(ppo_config(resumed, tiny_model_dir, tiny_reward_model, train={"max_steps": 2, "micro_batch_size": 2,
                                                                           "lr": 1e-3}, **sections))
     # max_steps=2 ended with the final export, not a checkpoint: resume from step 1's, as after a crash
-    run_ppo(ppo_config(resumed, tiny_model_dir, tiny_reward_model, train={"max_steps": 4, "micro_batch_size": 2,
+    run_rl(ppo_config(resumed, tiny_model_dir, tiny_reward_model, train={"max_steps": 4, "micro_batch_size": 2,
                                                                           "lr": 1e-3},
                        **{**sections, "checkpoint": {"every_steps": 1, "keep_last": 5, "resume": True}}))
 

@@ -105,19 +105,19 @@ def test_adapter_disabled_reference_equals_base_model(ray_cluster, tiny_model_di
 
     from rayrl.algorithms import token_logprobs
     from rayrl.data.sft import load_sft_examples, sft_step_batcher
-    from rayrl.trainer_group import TrainerGroup
+    from rayrl.trainer_group import PolicyTrainerGroup
 
     examples, _ = load_sft_examples("rayrl:addition/sft-train", tokenizer, max_length=16)
     batcher = sft_step_batcher(examples, packing=False, max_length=16, pad_id=tokenizer.pad_token_id,
                                global_batch_size=4, micro_batch_size=4, world_size=1, seed=0, shuffle=False)
-    group = TrainerGroup(lora_spec(tiny_model_dir), num_cpus=0.5, num_gpus=0)
+    group = PolicyTrainerGroup(lora_spec(tiny_model_dir), num_cpus=0.5, num_gpus=0)
     try:
         for step in range(3):  # move the adapter away from its identity start
             batches = batcher.step_batches(step)
             group.train_sft_step(batches, global_num_tokens=sum(b.num_loss_tokens for b in batches[0]))
         batch = batcher.step_batches(10)[0][0]
-        reference = group.rank0("sequence_logprobs", batch, reference=True)
-        policy = group.rank0("sequence_logprobs", batch, reference=False)
+        reference = group.sequence_logprobs(batch, reference=True)
+        policy = group.sequence_logprobs(batch, reference=False)
     finally:
         group.shutdown()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -130,11 +130,11 @@ def test_adapter_disabled_reference_equals_base_model(ray_cluster, tiny_model_di
 
 
 def test_lora_plus_gives_b_matrices_their_own_learning_rate(ray_cluster, tiny_model_dir):
-    from rayrl.trainer_group import TrainerGroup
+    from rayrl.trainer_group import PolicyTrainerGroup
 
-    group = TrainerGroup(lora_spec(tiny_model_dir, lora_plus_ratio=16.0), num_cpus=0.5, num_gpus=0)
+    group = PolicyTrainerGroup(lora_spec(tiny_model_dir, lora_plus_ratio=16.0), num_cpus=0.5, num_gpus=0)
     try:
-        groups = group.rank0("param_group_lrs")
+        groups = group.param_group_lrs()
     finally:
         group.shutdown()
     b_groups = [g for g in groups if g["params"] and all("lora_B" in n for n in g["params"])]

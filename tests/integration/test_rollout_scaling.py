@@ -41,14 +41,14 @@ def config(output_dir, model_path, reward_file, *, workers: int, max_steps: int,
 
 
 def test_resume_with_more_then_fewer_rollout_workers(ray_cluster, tmp_path, tiny_model_dir, capfd):
-    from rayrl.rl import run_grpo
+    from rayrl.rl import run_rl
 
     reward_file = tmp_path / "varied.py"
     reward_file.write_text("def varied(prompt, completion, **fields):\n"
                            "    return float(sum(map(ord, completion)) % 5)\n")
     out = tmp_path / "run"
 
-    run_grpo(config(out, tiny_model_dir, reward_file, workers=1, max_steps=3, resume=False))
+    run_rl(config(out, tiny_model_dir, reward_file, workers=1, max_steps=3, resume=False))
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["step-00000001", "step-00000002"]  # the last step exports final/, no checkpoint
     before = {r["step"]: r for r in read_metrics(out) if "loss" in r}
@@ -56,7 +56,7 @@ def test_resume_with_more_then_fewer_rollout_workers(ray_cluster, tmp_path, tiny
 
     for workers, max_steps, resumed_from in ((2, 4, 2), (1, 5, 3)):
         capfd.readouterr()
-        run_grpo(config(out, tiny_model_dir, reward_file, workers=workers, max_steps=max_steps, resume=True))
+        run_rl(config(out, tiny_model_dir, reward_file, workers=workers, max_steps=max_steps, resume=True))
         assert f"(step {resumed_from})" in capfd.readouterr().err  # "resumed from .../step-0000000N (step N)"
         placement = json.loads((out / "placement.json").read_text())
         assert len(placement["roles"]["rollout"]) == workers

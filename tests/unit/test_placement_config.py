@@ -27,13 +27,13 @@ def test_custom_resources_need_a_cluster_and_name_the_key():
 
 
 def test_colocated_rollout_reserves_a_share_in_every_trainer_bundle():
-    from rayrl.rl import rl_roles
+    from rayrl.rl_roles import role_resources
 
     base = {"algorithm": "grpo", "trainer": {"world_size": 4, "num_cpus": 1},
             "rollout": {"num_workers": 2, "num_cpus": 0.5}, "train": {"micro_batch_size": 4}}
     split = build_config(base)
     colocated = build_config({**base, "placement": "colocated"})
-    assert rl_roles(split, True, False, False)["rollout"] == (1.0, 0.0)
-    assert rl_roles(colocated, True, False, False)["rollout"] == (2.0, 0.0)  # 4 bundles x 0.5, 2 of them idle
+    assert role_resources(split)["rollout"] == (1.0, 0.0)
+    assert role_resources(colocated)["rollout"] == (2.0, 0.0)  # 4 bundles x 0.5, 2 of them idle
     with pytest.raises(ConfigError, match=r"rollout.num_workers \(5\) must be <= trainer.world_size \(4\)"):
         build_config({**base, "placement": "colocated", "rollout": {"num_workers": 5}})

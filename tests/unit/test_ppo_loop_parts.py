@@ -4,10 +4,10 @@ recorded (hand-made) batch; config strictness; reward-model batch balancing."""
 import pytest
 import torch
 
-from rayrl.actors.reward_model import balanced_slices
 from rayrl.algorithms.ppo import AdaptiveKLController, gae_advantages, kl_penalized_rewards
-from rayrl.config import ConfigError, build_config
-from rayrl.rl import PPOAdvantageSettings, explained_variance, ppo_advantages
+from rayrl.config import ConfigError, build_config, policy_settings
+from rayrl.rl_advantages import PPOAdvantageSettings, explained_variance, ppo_advantages
+from rayrl.rl_roles import balanced_slices
 
 
 def recorded_batch():
@@ -64,7 +64,15 @@ def test_ppo_config():
     config = build_config({"algorithm": "ppo", "reward_model": {"path": "rm"},
                            "ppo": {"prompts_per_step": 8, "adaptive_kl": True, "kl_in": "loss"},
                            "critic": {"lr": 1e-5, "value_clip": None}, "train": {"micro_batch_size": 4}})
-    assert config.rollout.group_size == 1 and config.rewards == [] and config.settings is config.ppo
+    assert config.rollout.group_size == 1 and config.rewards == []
+    # one function decides what the PPO section means for the shared loop: no GRPO-only feature is on
+    settings = policy_settings(config)
+    assert (settings.section, settings.prompts_per_step, settings.kl_in_loss, settings.kl_kind) == ("ppo", 8, True, "k3")
+    assert (settings.ratio_level, settings.dynamic_sampling, settings.max_sampling_rounds) == ("token", False, 1)
+    grpo = policy_settings(build_config({"algorithm": "grpo", "grpo": {"ratio_level": "sequence",
+                                                                        "dynamic_sampling": True}}))
+    assert (grpo.section, grpo.kl_in_loss, grpo.ratio_level, grpo.dynamic_sampling) == ("grpo", True, "sequence", True)
+    assert grpo.eps_low == 3e-4  # GSPO's clip range came through
     assert config.sequences_per_optimizer_step == 8 and config.critic_grad_accum_steps == 2
     with pytest.raises(ConfigError, match="ppo.advantage"):  # a GRPO-only key is unknown here
         build_config({"algorithm": "ppo", "reward_model": {"path": "rm"}, "ppo": {"advantage": "group"}})

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from rayrl.config import build_config
+from rayrl.config import build_config, policy_settings
 from rayrl.rewards.scoring import ScoreResult
-from rayrl.rl import compute_advantages, merge_scores, zero_variance_groups, _slice_scores
+from rayrl.rl import sample_step, zero_variance_groups
+from rayrl.rl_advantages import sequence_advantages
 
 
 def test_advantage_choices():
@@ -11,7 +12,8 @@ def test_advantage_choices():
     mask = torch.ones(8, 3, dtype=torch.bool)
 
     def advantages(**grpo):
-        return compute_advantages(rewards, 4, build_config({"algorithm": "grpo", "grpo": grpo}), mask)
+        config = build_config({"algorithm": "grpo", "grpo": grpo})
+        return sequence_advantages(rewards, 4, mask, advantage=config.grpo.advantage, scale=config.grpo.scale)
 
     group = advantages()
     assert torch.allclose(group.view(2, 4).sum(-1), torch.zeros(2), atol=1e-6)
@@ -29,8 +31,7 @@ def test_reinforce_pp_whitens_over_tokens_not_sequences():
     mean 1/12 and (unbiased) variance 1/12; the correct completion's token gets (11/12) / sqrt(1/12)."""
     lengths = torch.tensor([1, 9, 1, 1])
     mask = torch.arange(9)[None, :] < lengths[:, None]
-    adv = compute_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4,
-                             build_config({"algorithm": "grpo", "grpo": {"advantage": "reinforce_pp"}}), mask)
+    adv = sequence_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4, mask, advantage="reinforce_pp", scale="group")
     std = (1 / 12) ** 0.5
     assert float(adv[0, 0]) == pytest.approx((11 / 12) / std, rel=1e-5)  # 3.175; per-sequence whitening gave 1.5
     assert torch.allclose(adv[1:][mask[1:]], torch.full((11,), -(1 / 12) / std), rtol=1e-5)
@@ -45,9 +46,9 @@ def test_zero_variance_groups():
 def test_scores_slice_and_merge_keep_failures():
     scores = ScoreResult(total=[1.0, 0.0, 0.0, 1.0], per_function={"f": [1.0, 0.0, 0.0, 1.0]},
                          failures={"f": 2}, timeouts={"f": 0}, failed={"f": [False, True, True, False]})
-    parts = [_slice_scores(scores, 0, 2), _slice_scores(scores, 2, 4)]
+    parts = [scores.slice(0, 2), scores.slice(2, 4)]
     assert parts[0].failures == {"f": 1}
-    merged = merge_scores(parts)
+    merged = ScoreResult.concat(parts)
     assert merged.total == scores.total and merged.failures == {"f": 2}
     assert merged.metrics()["reward/f/failure_rate"] == 0.5
 
@@ -77,17 +78,13 @@ def _dynamic_sampling_setup(num_prompts):
         return ScoreResult(total=total, per_function={"f": total}, failures={"f": 0}, timeouts={"f": 0},
                            failed={"f": [False] * len(total)})
 
-    config = SimpleNamespace(rollout=SimpleNamespace(group_size=group), seed=0,
-                             settings=SimpleNamespace(prompts_per_step=6, dynamic_sampling=True, max_sampling_rounds=5))
-    order = SimpleNamespace(step_rows=lambda step: prompts[:6])
-    return config, order, prompts, Pool(), score, SamplingSettings(n=group)
+    settings = SimpleNamespace(prompts_per_step=6, dynamic_sampling=True, max_sampling_rounds=5)
+    return settings, prompts, Pool(), score, SamplingSettings(n=group)
 
 
 def test_dynamic_sampling_refills_with_fresh_prompts():
-    from rayrl.rl import _sample
-
-    config, order, prompts, pool, score, sampling = _dynamic_sampling_setup(30)
-    rollout, stats = _sample(config, 0, order, prompts, pool, score, sampling, {})
+    settings, prompts, pool, score, sampling = _dynamic_sampling_setup(30)
+    rollout, stats, _ = sample_step(settings, 4, 0, 0, prompts[:6], prompts, pool, score, sampling)
     names = [rollout.prompts[i * 4].prompt for i in range(6)]
     assert len(set(names)) == 6 and all(int(n[1:]) % 3 == 2 for n in names)  # no duplicates, all informative
     assert not zero_variance_groups(rollout.rewards, 4).any()
@@ -96,10 +93,8 @@ def test_dynamic_sampling_refills_with_fresh_prompts():
 
 
 def test_dynamic_sampling_on_a_small_dataset_stops_when_no_prompt_is_left():
-    from rayrl.rl import _sample
-
-    config, order, prompts, pool, score, sampling = _dynamic_sampling_setup(7)
-    rollout, stats = _sample(config, 0, order, prompts, pool, score, sampling, {})
+    settings, prompts, pool, score, sampling = _dynamic_sampling_setup(7)
+    rollout, stats, _ = sample_step(settings, 4, 0, 0, prompts[:6], prompts, pool, score, sampling)
     assert pool.calls == [6, 1]  # one prompt left to draw, then nothing: no error
     assert stats["groups/unfilled"] == 4  # p2, p5 kept; the step is topped up with zero-variance groups
     assert len(rollout.completions) == 6 * 4
@@ -128,36 +123,32 @@ def test_overlong_penalty_is_one_more_reward():
                            "grpo": {"overlong_buffer": 4, "overlong_penalty_factor": 0.5}})
     completions = [Completion(0, k, [1], [5] * length, [0.0] * length, "x", "stop", 0)
                    for k, length in enumerate([2, 4, 6, 8])]
-    result = with_overlong_penalty(score, config)(["p"] * 4, completions)
+    result = with_overlong_penalty(score, policy_settings(config), 8)(["p"] * 4, completions)
     assert result.per_function["overlong_penalty"] == [0.0, 0.0, -0.25, -0.5]
     assert result.total == [1.0, 1.0, 0.75, 0.5]
     assert list(result.per_function)[0] == "correct"  # accuracy still reads the verifier
     off = build_config({"algorithm": "grpo"})
-    assert with_overlong_penalty(score, off) is score
+    assert with_overlong_penalty(score, policy_settings(off), 8) is score
     with pytest.raises(Exception, match=r"grpo.overlong_buffer \(9\) exceeds rollout.max_new_tokens \(8\)"):
         build_config({"algorithm": "grpo", "rollout": {"max_new_tokens": 8}, "grpo": {"overlong_buffer": 9}})
 
 
 def test_timeouts_reach_the_step_metrics():
     """Rates are over everything scored; the kept groups' metrics must not overwrite them with 0."""
-    from rayrl.data.rollout import completion_tokens
-    from rayrl.rl import _rollout_metrics, _sample
+    from rayrl.rl import rollout_metrics
 
-    config, order, prompts, pool, _, sampling = _dynamic_sampling_setup(30)
-    config.settings.dynamic_sampling = False
+    settings, prompts, pool, _, sampling = _dynamic_sampling_setup(30)
+    settings.dynamic_sampling = False
 
     def timed_out(rows, completions):
         n = len(completions)
         return ScoreResult(total=[0.0] * n, per_function={"f": [0.0] * n}, failures={"f": n}, timeouts={"f": n},
                            failed={"f": [True] * n})
 
-    rollout, stats = _sample(config, 0, order, prompts, pool, timed_out, sampling, {})
+    rollout, stats, _ = sample_step(settings, 4, 0, 0, prompts[:6], prompts, pool, timed_out, sampling)
     assert stats["reward/f/timeout_rate"] == 1.0 and stats["reward/f/failure_rate"] == 1.0
-    tokens, sampler = completion_tokens([c.prompt_ids for c in rollout.completions],
-                                        [c.token_ids for c in rollout.completions],
-                                        [c.logprobs for c in rollout.completions], 0)
-    mask = tokens.loss_mask[:, 1:]
-    step = _rollout_metrics(rollout, sampler, sampler, mask, torch.zeros(len(rollout.completions), dtype=torch.bool))
+    tokens, sampler = rollout.token_batch(0)
+    step = rollout_metrics(rollout, sampler, sampler, tokens.loss_mask[:, 1:])
     assert {**step, **stats}["reward/f/timeout_rate"] == 1.0
     assert not any(k.endswith("_rate") for k in step)
 

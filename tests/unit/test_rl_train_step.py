@@ -1,4 +1,4 @@
-"""One optimizer step of the loop's policy-gradient training (rl._train -> PolicyTrainer's loss) on a
+"""One optimizer step of the loop's policy-gradient training (rl.train_on_rollout -> PolicyTrainer's loss) on a
 small model in-process: the step's loss, gradient and logged stats must not depend on how its
 sequences are split over ranks and micro-batches, and must be taken at the sampling temperature."""
 
@@ -7,11 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rayrl import rl
-from rayrl.actors.policy_trainer import PolicyGradientObjective, PolicyTrainer
+from rayrl.actors.policy_trainer import PolicyTrainer
 from rayrl.algorithms import entropy_from_logits, token_logprobs
-from rayrl.data.rollout import completion_tokens
-from rayrl.trainer_group import TrainerGroup
+from rayrl.data.rollout import RolloutBatch, completion_tokens
+from rayrl.objectives import PolicyGradientObjective
+from rayrl.rl import UpdatePlan, train_on_rollout
+from rayrl.trainer_group import combine_rank_metrics
 
 VOCAB = 11
 
@@ -52,11 +53,9 @@ class _InProcessGroup:
             rank.train_engine = _InProcessEngine(model)
             self.ranks.append(rank)
 
-    def start(self, method, per_rank, **kwargs):
-        return [getattr(rank, method)(per_rank[i], **kwargs) for i, rank in enumerate(self.ranks)]
-
-    def finish(self, results):
-        return TrainerGroup._combine(results)
+    def start_policy_gradient_step(self, per_rank, **kwargs):
+        results = [rank.train_policy_gradient_step(per_rank[i], **kwargs) for i, rank in enumerate(self.ranks)]
+        return SimpleNamespace(wait=lambda: combine_rank_metrics(results))
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +74,11 @@ def rollout():
 def _step(rollout, world, micro, old_logps, *, overlong_filter, temperature):
     model, tokens, advantages, overlong = rollout
     model.zero_grad()
-    config = SimpleNamespace(settings=SimpleNamespace(epochs=1), sequences_per_optimizer_step=8, seed=0,
-                             trainer=SimpleNamespace(world_size=world), train=SimpleNamespace(micro_batch_size=micro))
+    plan = UpdatePlan(epochs=1, sequences_per_step=8, world_size=world, micro_batch_size=micro, seed=0)
     objective = PolicyGradientObjective(overlong_filter=overlong_filter, eps_low=0.2, eps_high=0.28,
                                         temperature=temperature)
-    metrics = rl._train(config, _InProcessGroup(model, world), objective, tokens, advantages, old_logps,
-                        old_logps.clone(), None, overlong, 0)
+    batch = RolloutBatch(tokens, advantages, old_logps, old_logps.clone(), None, overlong)
+    metrics = train_on_rollout(plan, _InProcessGroup(model, world), objective, batch, 0)
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
     return metrics, grad
 

@@ -1,5 +1,10 @@
-"""Which preference loss to apply to a batch's log-probs: the dispatch from a stage's settings to the
-pure functions of rayrl.algorithms (DPO family, SimPO, ORPO, KTO)."""
+"""The objectives a trainer rank optimises: the loss settings the driver hands to each rank, and the
+dispatch from them to the pure functions of rayrl.algorithms.
+
+- ``PolicyGradientObjective`` + ``policy_gradient_objective_loss``: the clipped policy-gradient loss
+  of the GRPO family and PPO (ratio level, clip range, KL term, TIS, overlong filter, aggregation).
+- ``PreferenceObjective`` + ``preference_loss``: the DPO family, SimPO, ORPO and KTO.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,59 @@ from dataclasses import dataclass
 
 import torch
 
-from rayrl.algorithms import dpo_loss, kto_loss, kto_reference_point, orpo_loss, simpo_loss
+from rayrl.algorithms import (dpo_loss, entropy_from_logits, kto_loss, kto_reference_point, orpo_loss, overlong_mask,
+                              policy_gradient_loss, simpo_loss, truncated_is_weights)
+from rayrl.data.rollout import RolloutBatch
 
 REFERENCE_FREE = ("simpo", "orpo")
+
+
+@dataclass(frozen=True)
+class PolicyGradientObjective:
+    """The GRPO-family / PPO loss settings handed to each rank (see rayrl.algorithms.policy_gradient_loss)."""
+
+    ratio_level: str = "token"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_coef: float = 0.0
+    kl_kind: str = "k3"
+    aggregation: str = "token_mean"
+    norm_constant: float | None = None
+    tis_cap: float | None = None
+    overlong_filter: bool = False
+    # The sampling temperature: the rollout engine samples from softmax(logits / T) and reports
+    # those log-probs, so ratios, KL and entropy must be taken at the same T.
+    temperature: float = 1.0
+
+
+def policy_gradient_objective_loss(objective: PolicyGradientObjective, logits: torch.Tensor, logps: torch.Tensor,
+                                   batch: RolloutBatch, *, global_num_tokens: int,
+                                   global_num_seqs: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch's share of an optimizer step's policy-gradient loss and its token-mean stats.
+
+    ``logits`` (B, T, V) and ``logps`` (B, T-1) are the current policy's at ``objective.temperature``;
+    the loss is normalised by the optimizer step's global token (or sequence) count over all ranks and
+    micro-batches, and each stat is weighted by this micro-batch's share of the step's loss tokens, so
+    summing over micro-batches and ranks gives the step's token means."""
+    device = logps.device
+    mask = batch.tokens.loss_mask[:, 1:].to(device)
+    old = batch.old_logps.to(device)
+    if objective.overlong_filter:
+        mask = overlong_mask(batch.overlong.to(device), mask)
+    tis = (truncated_is_weights(old, batch.sampler_logps.to(device), mask, cap=objective.tis_cap)
+           if objective.tis_cap else None)
+    loss, stats = policy_gradient_loss(
+        logps, old, batch.advantages.to(device), mask, ratio_level=objective.ratio_level,
+        eps_low=objective.eps_low, eps_high=objective.eps_high, tis_weights=tis,
+        ref_logp=None if batch.ref_logps is None else batch.ref_logps.to(device),
+        kl_coef=objective.kl_coef, kl_kind=objective.kl_kind, mode=objective.aggregation,
+        global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+        norm_constant=objective.norm_constant)
+    with torch.no_grad():
+        entropy = entropy_from_logits(logits[:, :-1].detach(), temperature=objective.temperature)
+        stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp_min(1)
+    share = float(mask.sum()) / global_num_tokens
+    return loss, {k: float(v) * share for k, v in stats.items()}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,320 @@
+"""The roles of an RL run (GRPO family, PPO): which actors exist, where they are placed, how they are
+started and ended, and the driver-side calls the loop makes on them.
+
+- ``RolloutPool``: the rollout workers (vLLM engines); prompts go to whichever worker is free.
+- ``VerifierPool``: CPU actors running the reward functions; ``RewardModelPool``: PPO's reward models.
+- ``RLRoles``: every actor of one run, with scoring, the log-prob and value passes (in row chunks),
+  save/load/export of the trainable roles (the policy, and PPO's critic when there is one) and shutdown.
+- ``start_roles`` creates them (colocated or split placement); ``role_resources`` says what they ask for.
+
+It may call the actors (``rayrl.actors``), the trainer groups and the reward scoring; it knows nothing
+of the loop's phases (``rayrl.rl``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from rayrl.actors.critic import FINAL_CRITIC_DIR
+from rayrl.actors.engine import TrainerSpec
+from rayrl.actors.reference_model import ReferenceModel
+from rayrl.actors.reward_model import RewardModel
+from rayrl.actors.rollout_worker import Completion, RolloutWorker, SamplingSettings
+from rayrl.actors.verifier import Verifier
+from rayrl.cluster import trainer_roles
+from rayrl.config import GRPOConfig, PPOConfig, policy_settings
+from rayrl.data.batch import TokenBatch
+from rayrl.data.rollout import PromptRow
+from rayrl.outputs import export_final_model
+from rayrl.rewards.scoring import RewardSpec, ScoreResult
+from rayrl.stage_common import trainer_spec
+from rayrl.tiny import resolve_model_path
+from rayrl.trainer_group import CriticGroup, PolicyTrainerGroup
+
+_log = logging.getLogger(__name__)
+
+CRITIC_CHECKPOINT_DIR = "critic"  # inside each checkpoint directory
+
+
+class RolloutPool:
+    """Rollout workers; prompts are handed out in chunks to whichever worker is free (balanced by
+    pending work), and weights are pushed to all of them."""
+
+    def __init__(self, workers: list):
+        self.workers = workers
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
+        chunk = max(1, -(-len(prompt_ids) // (2 * len(self.workers))))
+        chunks = [(start, prompt_ids[start:start + chunk]) for start in range(0, len(prompt_ids), chunk)]
+        pending: dict[Any, tuple[int, Any]] = {}
+        results: list[Completion] = []
+        idle = list(self.workers)
+        while chunks or pending:
+            while chunks and idle:
+                start, prompts = chunks.pop(0)
+                worker = idle.pop()
+                pending[worker.generate.remote(prompts, replace(sampling, seed_offset=start))] = (start, worker)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            start, worker = pending.pop(done[0])
+            idle.append(worker)
+            for completion in ray.get(done[0]):
+                completion.prompt_index += start
+                results.append(completion)
+        results.sort(key=lambda c: (c.prompt_index, c.sample_index))
+        return results
+
+    def sleep(self) -> None:
+        ray.get([worker.sleep.remote() for worker in self.workers])
+
+    def wake_up(self) -> None:
+        ray.get([worker.wake_up.remote() for worker in self.workers])
+
+
+class VerifierPool:
+    """Verifier actors; a batch is split into equal contiguous slices over them."""
+
+    def __init__(self, verifiers: list):
+        self.verifiers = verifiers
+
+    def score(self, prompts: list[str], completions: list[str], fields: list[dict]) -> ScoreResult:
+        size = -(-len(prompts) // len(self.verifiers))
+        calls = [v.score.remote(prompts[i:i + size], completions[i:i + size], fields[i:i + size])
+                 for v, i in zip(self.verifiers, range(0, len(prompts), size))]
+        return ScoreResult.concat(ray.get(calls))
+
+
+def balanced_slices(lengths: list[int], parts: int) -> list[tuple[int, int]]:
+    """Split items (kept in order) into at most ``parts`` contiguous [start, stop) slices of about
+    equal total length (tokens), so each reward-model worker gets a similar amount of work."""
+    if not lengths:
+        return []
+    parts = max(1, min(parts, len(lengths)))
+    total = sum(lengths)
+    slices, start, acc = [], 0, 0
+    for i, n in enumerate(lengths):
+        acc += n
+        remaining_items = len(lengths) - (i + 1)
+        remaining_parts = parts - len(slices) - 1
+        if remaining_parts > 0 and (acc >= total * (len(slices) + 1) / parts or remaining_items == remaining_parts):
+            slices.append((start, i + 1))
+            start = i + 1
+    slices.append((start, len(lengths)))
+    return [s for s in slices if s[0] < s[1]]
+
+
+class RewardModelPool:
+    """Several RewardModel actors; a batch is split into token-balanced contiguous slices over them."""
+
+    def __init__(self, workers: list):
+        self.workers = workers
+
+    def score(self, sequences: list[list[int]]) -> list[float]:
+        slices = balanced_slices([len(s) for s in sequences], len(self.workers))
+        calls = [worker.score.remote(sequences[a:b]) for worker, (a, b) in zip(self.workers, slices)]
+        return [v for part in ray.get(calls) for v in part]
+
+
+def in_row_chunks(fn: Callable[[TokenBatch], torch.Tensor], tokens: TokenBatch, size: int) -> torch.Tensor:
+    """Apply a (B, T) -> (B, ...) function to ``size``-row chunks of ``tokens`` and stitch the results."""
+    return torch.cat([fn(tokens.select(slice(start, start + size)))
+                      for start in range(0, tokens.input_ids.shape[0], size)])
+
+
+@dataclass
+class RLRoles:
+    """Every actor of one RL run. Colocated: rollout worker i shares trainer rank i's bundle (and
+    sleeps while it trains)."""
+
+    trainers: PolicyTrainerGroup
+    rollout: RolloutPool
+    colocated: bool
+    verifiers: VerifierPool | None = None
+    reward_models: RewardModelPool | None = None
+    critic: CriticGroup | None = None
+    reference: Any = None  # a ReferenceModel actor (none with PEFT: the adapter-disabled policy is it)
+
+    # ---- the loop's calls --------------------------------------------------------------------
+    def score(self, rows: list[PromptRow], completions: list[Completion]) -> ScoreResult:
+        """Verifier rewards (GRPO) or reward-model scores plus any verifier rewards (PPO)."""
+        verified = None
+        if self.verifiers is not None:
+            verified = self.verifiers.score([p.prompt for p in rows], [c.text for c in completions],
+                                            [p.fields for p in rows])
+        if self.reward_models is None:
+            return verified
+        modelled = ScoreResult.from_reward("reward_model", self.reward_models.score(
+            [p.prompt_ids + c.token_ids for p, c in zip(rows, completions)]))
+        return modelled if verified is None else modelled.plus(verified)
+
+    def policy_logprobs(self, tokens: TokenBatch, micro_batch_size: int, temperature: float) -> torch.Tensor:
+        """(N, T-1) the trainer's token log-probs (before any update: the ratio's denominator), at the
+        sampling temperature, as the engine's are."""
+        return in_row_chunks(lambda b: self.trainers.token_logprobs(b, temperature=temperature), tokens,
+                             micro_batch_size)
+
+    def reference_logprobs(self, tokens: TokenBatch, micro_batch_size: int, temperature: float) -> torch.Tensor:
+        """(N, T-1) the reference's token log-probs (the ReferenceModel actor, or with PEFT the
+        adapter-disabled policy), at the sampling temperature."""
+        if self.reference is not None:
+            return in_row_chunks(lambda b: ray.get(self.reference.token_logprobs.remote(b, temperature=temperature)),
+                                 tokens, micro_batch_size)
+        return in_row_chunks(lambda b: self.trainers.token_logprobs(b, temperature=temperature, reference=True),
+                             tokens, micro_batch_size)
+
+    def pause_engines(self) -> None:
+        """Colocated: the engines sleep while the trainer trains (on GPUs they hand back their memory)."""
+        if self.colocated:
+            self.rollout.sleep()
+
+    def resume_engines(self) -> None:
+        if self.colocated:
+            self.rollout.wake_up()
+
+    # ---- the trainable roles' state ------------------------------------------------------------
+    def save_checkpoint(self, directory: Path) -> None:
+        self.trainers.save_checkpoint(str(directory))
+        if self.critic is not None:
+            self.critic.save_checkpoint(str(directory / CRITIC_CHECKPOINT_DIR))
+
+    def load_checkpoint(self, directory: Path) -> None:
+        self.trainers.load_checkpoint(str(directory))
+        if self.critic is not None:
+            self.critic.load_checkpoint(str(directory / CRITIC_CHECKPOINT_DIR))
+
+    def export(self, tokenizer, output_dir: Path) -> Path:
+        """The policy as ``output_dir/final`` and, with a critic (PPO), the value model as
+        ``output_dir/final_critic``; returns the policy's directory."""
+        final_model = export_final_model(self.trainers, tokenizer, output_dir)
+        if self.critic is not None:
+            export_final_model(self.critic, tokenizer, output_dir, FINAL_CRITIC_DIR)
+        return final_model
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def actors_by_role(self) -> dict[str, list]:
+        return {"trainer": self.trainers.actors, "rollout": self.rollout.workers,
+                "verifier": self.verifiers.verifiers if self.verifiers is not None else [],
+                "reference": [self.reference] if self.reference is not None else [],
+                "reward_model": self.reward_models.workers if self.reward_models is not None else [],
+                "critic": self.critic.actors if self.critic is not None else []}
+
+    def shutdown(self) -> None:
+        """Release the process groups, then end every actor (also on an existing, shared cluster).
+        Best effort: a role that fails to stop (e.g. a dead rank) is reported and the rest still end."""
+        steps = [self.trainers.shutdown]
+        if self.critic is not None:
+            steps.append(self.critic.shutdown)
+        for name, actors in self.actors_by_role().items():
+            if name not in ("trainer", "critic"):
+                steps.extend(lambda actor=actor: ray.kill(actor) for actor in actors)
+        for step in steps:
+            try:
+                step()
+            except Exception as error:  # noqa: BLE001 - keep ending the other roles
+                _log.warning("shutting down an RL role failed: %r", error)
+
+
+def role_resources(config: GRPOConfig | PPOConfig) -> dict[str, tuple[float, float]]:
+    """CPUs and GPUs each role asks for (colocated rollout workers add to the trainer's bundles)."""
+    roles = trainer_roles(config)
+    rollout = config.rollout
+    # Colocated, every trainer rank's bundle reserves one worker's share, used or not.
+    slots = config.trainer.world_size if config.placement == "colocated" else rollout.num_workers
+    roles["rollout"] = (slots * rollout.num_cpus, slots * rollout.num_gpus)
+    if config.rewards:
+        roles["verifier"] = (config.verifier.num_workers * config.verifier.num_cpus, 0.0)
+    if isinstance(config, PPOConfig):
+        rm, critic = config.reward_model, config.critic
+        roles["reward_model"] = (rm.num_workers * rm.num_cpus, rm.num_workers * rm.num_gpus)
+        roles["critic"] = (critic.world_size * critic.num_cpus, critic.world_size * critic.num_gpus)
+    if needs_reference_model(config):
+        roles["reference"] = (config.reference.num_cpus, config.reference.num_gpus)
+    return roles
+
+
+def needs_reference_model(config: GRPOConfig | PPOConfig) -> bool:
+    """A KL term needs reference log-probs; with PEFT the adapter-disabled policy gives them."""
+    return bool(policy_settings(config).kl_coef) and config.model.peft is None
+
+
+def critic_spec(config: PPOConfig, model_path: str, optimizer_steps: int) -> TrainerSpec:
+    """The policy's engine settings with the critic section's own lr, world size and DeepSpeed settings."""
+    return replace(trainer_spec(config, model_path, optimizer_steps), world_size=config.critic.world_size,
+                   grad_accum_steps=config.critic_grad_accum_steps, lr=config.critic.lr,
+                   zero_stage=config.critic.zero_stage, deepspeed_overrides=config.critic.deepspeed,
+                   peft=config.critic.peft, num_threads=max(1, int(config.critic.num_cpus)))
+
+
+def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[RewardSpec], pad_id: int) -> RLRoles:
+    """Create every role's actors; if one fails to start, those already started are ended."""
+    colocated = config.placement == "colocated"
+    shared = ({"CPU": config.rollout.num_cpus, "GPU": config.rollout.num_gpus, **config.rollout.resources}
+              if colocated else None)
+    optimizer_steps = config.schedule_steps  # the LR schedule spans every optimizer step
+    trainers = PolicyTrainerGroup(trainer_spec(config, model_path, optimizer_steps), num_cpus=config.trainer.num_cpus,
+                                  num_gpus=config.trainer.num_gpus, shared_bundle=shared,
+                                  resources=config.trainer.resources)
+    roles = RLRoles(trainers, RolloutPool([]), colocated)
+    try:
+        roles.rollout = RolloutPool(_rollout_workers(config, model_path, trainers if colocated else None))
+        if specs:
+            roles.verifiers = VerifierPool(_verifiers(config, specs))
+        if isinstance(config, PPOConfig):
+            rm_path = resolve_model_path(config.reward_model.path)
+            roles.reward_models = RewardModelPool(_reward_models(config, rm_path, pad_id))
+            critic_path = rm_path if config.critic.init == "reward_model" else model_path
+            roles.critic = CriticGroup(critic_spec(config, critic_path, optimizer_steps),
+                                       num_cpus=config.critic.num_cpus, num_gpus=config.critic.num_gpus,
+                                       resources=config.critic.resources,
+                                       role_kwargs={"value_clip": config.critic.value_clip})
+        if needs_reference_model(config):
+            roles.reference = _reference_model(config, model_path)
+    except BaseException:
+        roles.shutdown()
+        raise
+    return roles
+
+
+def _rollout_workers(config: GRPOConfig | PPOConfig, model_path: str,
+                     colocate_with: PolicyTrainerGroup | None) -> list:
+    workers = []
+    for i in range(config.rollout.num_workers):
+        options: dict[str, Any] = {"num_cpus": config.rollout.num_cpus, "num_gpus": config.rollout.num_gpus,
+                                   "resources": dict(config.rollout.resources)}
+        strategy = colocate_with.bundle_strategy(i) if colocate_with is not None else None
+        if strategy is not None:
+            options["scheduling_strategy"] = strategy
+        workers.append(ray.remote(RolloutWorker).options(**options).remote(
+            model_path, backend=config.rollout.backend, dtype=config.rollout.dtype, seed=config.seed + i,
+            kv_cache_gib=config.rollout.kv_cache_gib, num_threads=max(1, int(config.rollout.num_cpus)),
+            # Colocated on GPUs the engine gives its weights and KV cache back while the trainer trains.
+            enable_sleep_mode=colocate_with is not None and config.rollout.num_gpus > 0))
+    return workers
+
+
+def _verifiers(config: GRPOConfig | PPOConfig, specs: list[RewardSpec]) -> list:
+    return [ray.remote(Verifier).options(num_cpus=config.verifier.num_cpus,
+                                         resources=dict(config.verifier.resources)).remote(specs, base_dir=os.getcwd())
+            for _ in range(config.verifier.num_workers)]
+
+
+def _reward_models(config: PPOConfig, path: str, pad_id: int) -> list:
+    section = config.reward_model
+    return [ray.remote(RewardModel).options(num_cpus=section.num_cpus, num_gpus=section.num_gpus,
+                                            resources=dict(section.resources)).remote(
+        path, pad_token_id=pad_id, num_threads=max(1, int(section.num_cpus)), batch_size=config.train.micro_batch_size)
+        for _ in range(section.num_workers)]
+
+
+def _reference_model(config: GRPOConfig | PPOConfig, model_path: str):
+    section = config.reference
+    return ray.remote(ReferenceModel).options(num_cpus=section.num_cpus, num_gpus=section.num_gpus,
+                                              resources=dict(section.resources)).remote(
+        model_path, num_threads=max(1, int(section.num_cpus)))
