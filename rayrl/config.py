@@ -24,8 +24,10 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    # strict: "5" is not silently turned into 5; extra="forbid": typos fail, naming the key.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
+    # strict: "5" is not silently turned into 5; extra="forbid": typos fail, naming the key;
+    # allow_inf_nan=False: an inf or NaN (train.lr=.inf) is an error, not a run that trains to NaN.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True,
+                              allow_inf_nan=False)
 
 
 class PeftConfig(_Strict):

@@ -45,6 +45,19 @@ def test_wrong_type_is_not_coerced(tmp_path):
         load_config(write(tmp_path, "algorithm: sft\n"), ["data.packing=maybe"])
 
 
+def test_non_finite_numbers_are_errors_naming_key_and_line(tmp_path):
+    """train.lr=.inf once passed and exported a model of NaNs; every float of every section refuses it."""
+    path = write(tmp_path, "algorithm: sft\ntrain:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match=rf"key 'train.lr' \({path}:3\): Input should be a finite number"):
+        load_config(path)
+    grpo = write(tmp_path, "algorithm: grpo\n")
+    for override, key in [("rollout.temperature=.nan", "rollout.temperature"), ("grpo.kl_coef=-.inf", "grpo.kl_coef")]:
+        with pytest.raises(ConfigError, match=rf"key '{key}' \(command line\): Input should be a finite number"):
+            load_config(grpo, [override])
+    with pytest.raises(ConfigError, match=r"key 'rewards.0.fallback'.*: Input should be a finite number"):
+        load_config(grpo, ["rewards=[{fn: math_answer, fallback: .nan}]"])
+
+
 def test_contradiction_names_the_keys():
     with pytest.raises(ConfigError, match=r"train.global_batch_size \(64\) must be a multiple of train.micro_batch_size x trainer.world_size"):
         build_config({"algorithm": "sft", "train": {"global_batch_size": 64, "micro_batch_size": 48}})
