@@ -26,10 +26,27 @@ Test forms (see :func:`normalize_tests`):
 
 The child program is :mod:`rayrl.rewards.sandbox_child` (``sandbox_child.py`` next to this
 module; standard library only, nothing from ``rayrl``), run by path (:data:`SANDBOX_CHILD_PATH`)
-as ``python -I -B [-S] sandbox_child.py <payload.json> <result fd>``. This module is the parent
-side: it writes the payload, starts and watches the child, and reads its result pipe.
+as ``python -I -B [-S] sandbox_child.py <payload fd> <result fd>``. This module is the parent
+side: it writes the payload (to an unlinked file whose fd the child reads), starts and watches the
+child, reads its result pipe and, for stdin/stdout and call-based tests, judges the outputs.
 
-Layers of isolation, from the outside in:
+**Isolation** (``isolation=``): ``"strict"`` (the default) runs the child inside the bubblewrap
+sandbox of :mod:`rayrl.rewards.isolation`: an unprivileged uid, fresh user/PID/network/IPC/mount
+namespaces, a read-only view of the runtime only, private size-capped tmpfs work dir and
+``/dev/shm``, no capabilities, a seccomp filter. That is the security boundary, and it holds
+against native code (``ctypes``, crafted bytecode). ``"guard"`` leaves out that layer: what
+follows is then all there is, and it is NOT a boundary against deliberately malicious code.
+
+**The verdict.** For stdin/stdout cases the scorer compares the program's stdout (the expected
+output never enters the child); for call-based cases (:class:`CallCase`) the child sends back
+only each returned value, as JSON, and the scorer compares it (an object whose ``__eq__`` is
+always true does not survive JSON). For assert-style tests the asserts run in the child next to
+the model's code, which can therefore forge their outcome: monkeypatch what they use, compare
+equal to anything, read the tests through frame introspection, or, as native code, read the
+nonce from memory and write a pass line. The sandbox bounds what such code can do to the host,
+not what it can do to its own verdict.
+
+Layers inside the sandbox (and all there is with ``isolation="guard"``), from the outside in:
 
 * **Process**: ``python -I -B`` (isolated mode: no ``PYTHON*`` variables, no user site, no
   script directory on ``sys.path``; no ``.pyc`` writes), ``start_new_session=True`` so the
@@ -38,14 +55,15 @@ Layers of isolation, from the outside in:
 * **Environment**: a minimal ``env`` (``PATH``, ``LANG``, ``HOME``/``TMPDIR`` = the work dir,
   single-threaded BLAS): nothing is inherited, so ``WANDB_API_KEY``, ``HF_TOKEN``, cloud
   credentials and Ray's variables are not visible.
-* **Files**: a fresh temp dir per run (``rayrl-sandbox-*``); its ``work/`` subdir is the cwd and
-  the only place the child may write; stdout/stderr go to files next to it (not inside it) and
+* **Files**: a fresh temp dir per run (``rayrl-sandbox-*``); with ``guard`` its ``work/`` subdir is
+  the cwd and the only place the child may write (with ``strict``, the sandbox's tmpfs ``/sandbox``); stdout/stderr go to files next to it (not inside it) and
   the whole temp dir is removed afterwards (if the owner itself is SIGKILLed, a later run or
   :func:`cleanup_stale_sandbox_dirs` removes it).
 * **Resource limits** set by the child program before any model code runs: ``RLIMIT_AS``
   (``memory_mb``, default 512), ``RLIMIT_CPU`` (``ceil(timeout_s) + 1`` s), ``RLIMIT_NOFILE``
   (64), ``RLIMIT_FSIZE`` (``max_file_mb``, default 16; ``SIGXFSZ`` is ignored so a big write
-  fails with ``EFBIG``), ``RLIMIT_CORE`` 0. (They are set inside the child rather than in a
+  fails with ``EFBIG``), ``RLIMIT_CORE`` 0, and ``RLIMIT_NPROC`` when the sandbox has its own uid
+  (strict, rayrl run as root). (They are set inside the child rather than in a
   ``preexec_fn``: ``preexec_fn`` can deadlock when the parent has threads, and a Ray actor
   always has threads. The effect is the same: they are in force before model code runs.)
 * **Wall clock**: the parent waits at most ``timeout_s`` (default 5 s) and then SIGKILLs the
@@ -75,10 +93,13 @@ Layers of isolation, from the outside in:
   the lexical (``normpath``) and the resolved (``realpath``) path, so ``/proc/self/../PID``,
   ``/proc//PID``, ``/proc/self/root/proc/PID``, a ``chdir`` into ``/proc`` or a ``dir_fd`` do not
   get around it; ``/dev/mem``-like devices; ``sys.settrace``/``setprofile``, ``sys.monitoring``
-  and ``gc.get_objects/get_referrers/get_referents``; loading a native extension module from
+  and ``gc.get_objects/get_referrers/get_referents``; assigning ``__code__`` to the guard's own
+  functions (other functions may get a new ``__code__``: ``types.coroutine`` does, for asyncio); loading a native extension module from
   outside the interpreter's own ``sys.path`` directories (e.g. a ``.so`` written into the work
   dir); ``ctypes`` loading a library or resolving/calling a symbol,
-  ``string_at``/``from_address`` (importing ``ctypes`` itself works, so numpy does); fresh
+  ``string_at``/``from_address`` (importing ``ctypes`` itself works, so numpy does; ``ctypes.memmove``
+  and ``memset`` raise no audit event, so native memory access is possible: strict isolation is
+  what holds then); fresh
   imports of ``_xxsubinterpreters`` (a subinterpreter would not carry the hook) and the
   ``_test*`` C modules. Writes to ``/dev/null`` are allowed. ``_posixsubprocess.fork_exec``,
   ``os.mkfifo`` and ``os.mknod`` have no audit event and are replaced by refusing stubs
@@ -99,14 +120,13 @@ Layers of isolation, from the outside in:
   cut to the child program's path; model code can still write to the pipe, but without the
   nonce such lines count for nothing.
 
-Known limits (this is damage control for buggy or reward-hacking model code, NOT a security
-boundary against deliberately malicious code; the subprocess plus audit hooks are a best-effort
-guard, and model code shares the interpreter with the harness):
+Known limits of the Python-level guard (damage control for buggy or reward-hacking model code,
+NOT a security boundary against deliberately malicious code: model code shares the interpreter
+with the harness; with ``isolation="strict"`` the OS layer bounds what getting past it gains):
 
 * Audit hooks only see what CPython reports. Native code (a C extension already importable,
   hand-made bytecode via ``types.CodeType``/``marshal``, which the stdlib itself needs) can
-  bypass them and could, e.g., read the nonce from the process's memory. Run untrusted code in
-  a container/VM (gVisor, firecracker, nsjail) for real isolation.
+  bypass them and could, e.g., read the nonce from the process's memory (see "The verdict").
 * Model code runs in the same interpreter as the tests: it can read the test code through
   frame introspection (``sys._getframe(1).f_locals``; blocking ``sys._getframe`` would break
   ``collections.namedtuple``, ``typing`` and ``logging``), monkeypatch builtins or modules that
@@ -132,6 +152,7 @@ guard, and model code shares the interpreter with the harness):
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import os
@@ -146,10 +167,21 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import IO, Any, Callable, Iterator, Literal, Sequence
+
+from rayrl.rewards.isolation import (
+    HARNESS_PATH,
+    ISOLATION_MODES,
+    WORK_DIR,
+    Isolation,
+    check_strict_isolation,
+    seccomp_program,
+    strict_command,
+)
 
 __all__ = [
     "SANDBOX_CHILD_PATH",
+    "CallCase",
     "SandboxResult",
     "StdioCase",
     "cleanup_stale_sandbox_dirs",
@@ -344,13 +376,41 @@ class StdioCase:
     output: str
 
 
+@dataclass(frozen=True)
+class CallCase:
+    """One call-based case (APPS/TACO ``fn_name``): call ``fn_name(*args)`` (a top-level function,
+    or a method of ``Solution()`` as LeetCode-style solutions define it) and compare the value it
+    returns with ``expected``. The comparison happens in the scorer, never in the model's process:
+    the child only sends back the returned value as JSON."""
+
+    fn_name: str
+    args: tuple[Any, ...]
+    expected: Any
+
+    def matches(self, returned_json: str) -> bool:
+        """Whether the returned value (JSON from the child) equals ``expected``. Tuples and lists
+        are the same (JSON has no tuples), and APPS's habit of wrapping each output in a
+        one-element list is accepted."""
+        try:
+            got = json.loads(returned_json)
+        except ValueError:
+            return False
+        want = _plain(self.expected)
+        return got == want or (isinstance(want, list) and len(want) == 1 and got == want[0])
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 def _normalize_output(text: str) -> str:
     """Trailing whitespace of each line and trailing blank lines do not count."""
     return "\n".join(line.rstrip() for line in text.split("\n")).rstrip()
 
 
-def _as_tests(tests: Any) -> list[str] | list[StdioCase]:
-    """``tests`` as a list of test strings or of :class:`StdioCase` (mixing is an error)."""
+def _as_tests(tests: Any) -> list[str] | list[StdioCase] | list[CallCase]:
+    """``tests`` as a list of test strings, :class:`StdioCase` or :class:`CallCase` (mixing is an
+    error)."""
     if tests is None:
         return []
     if isinstance(tests, str):
@@ -360,9 +420,9 @@ def _as_tests(tests: Any) -> list[str] | list[StdioCase]:
     items = list(tests)
     if all(isinstance(t, str) for t in items):
         return items
-    if all(isinstance(t, StdioCase) for t in items):
+    if all(isinstance(t, StdioCase) for t in items) or all(isinstance(t, CallCase) for t in items):
         return items
-    raise ValueError("tests must be test strings or StdioCase objects (not mixed), got "
+    raise ValueError("tests must be test strings, StdioCase or CallCase objects (not mixed), got "
                      + ", ".join(sorted({type(t).__name__ for t in items})))
 
 
@@ -374,6 +434,7 @@ def run_python_sandboxed(
     memory_mb: int | None = 512,
     max_file_mb: int = 16,
     network: Literal["auto", "prelude"] = "auto",
+    isolation: Isolation = "strict",
     site_packages: bool = True,
     output_limit: int = 2000,
     python: str | None = None,
@@ -394,8 +455,14 @@ def run_python_sandboxed(
             stdin/stdout cases, for each case.
         memory_mb: ``RLIMIT_AS`` in MiB (None: unlimited).
         max_file_mb: ``RLIMIT_FSIZE`` in MiB (also bounds stdout/stderr).
-        network: ``"auto"`` adds an empty network namespace when ``unshare`` works here;
-            ``"prelude"`` relies on the in-process guards only.
+        network: with ``isolation="guard"``: ``"auto"`` adds an empty network namespace when
+            ``unshare`` works here; ``"prelude"`` relies on the in-process guards only. (Strict
+            isolation always has an empty network namespace.)
+        isolation: ``"strict"`` (default) runs the child in the bubblewrap sandbox of
+            :mod:`rayrl.rewards.isolation`, a security boundary against native code, and raises
+            :class:`~rayrl.rewards.isolation.IsolationUnavailable` where this machine cannot
+            create it; ``"guard"`` runs it under the Python-level guard only (damage control
+            for buggy or reward-hacking code, NOT a boundary against malicious code).
         site_packages: keep the interpreter's site-packages importable (``-S`` otherwise).
         output_limit: characters of stdout/stderr tail to keep.
         python: interpreter (default ``sys.executable``).
@@ -408,10 +475,14 @@ def run_python_sandboxed(
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     if network not in ("auto", "prelude"):
         raise ValueError(f"network must be 'auto' or 'prelude', got {network!r}")
+    if isolation not in ISOLATION_MODES:
+        raise ValueError(f"isolation must be one of {', '.join(ISOLATION_MODES)}, got {isolation!r}")
     kwargs = dict(timeout_s=timeout_s, memory_mb=memory_mb, max_file_mb=max_file_mb, network=network,
-                  site_packages=site_packages, output_limit=output_limit, python=python)
+                  isolation=isolation, site_packages=site_packages, output_limit=output_limit, python=python)
     if test_list and isinstance(test_list[0], StdioCase):
         return _run_stdio_cases(str(code), test_list, **kwargs)
+    if test_list and isinstance(test_list[0], CallCase):
+        return _run_child(str(code), [], calls=test_list, **kwargs)[0]
     return _run_child(str(code), test_list, **kwargs)[0]
 
 
@@ -452,29 +523,55 @@ def _run_child(
     code: str,
     test_list: list[str],
     *,
+    calls: Sequence[CallCase] = (),
     stdin_text: str | None = None,
     timeout_s: float,
     memory_mb: int | None,
     max_file_mb: int,
     network: str,
+    isolation: Isolation,
     site_packages: bool,
     output_limit: int,
     python: str | None,
 ) -> tuple[SandboxResult, bytes]:
-    """One sandboxed child: ``code`` then ``test_list`` (or, with ``stdin_text``, the program
-    as ``__main__`` reading it on stdin). Returns the result and, in stdin mode, all of
-    stdout (bounded by ``RLIMIT_FSIZE``)."""
+    """One sandboxed child: ``code`` then ``test_list`` (or ``calls``, judged here from the
+    values the child returns; or, with ``stdin_text``, the program as ``__main__`` reading it on
+    stdin). Returns the result and, in stdin mode, all of stdout (bounded by ``RLIMIT_FSIZE``)."""
     if time.monotonic() - _last_sweep > _SWEEP_EVERY_S:
         cleanup_stale_sandbox_dirs()
+    strict = isolation == "strict"
+    python = python or sys.executable
+    if strict:
+        check_strict_isolation(python)
     nonce = secrets.token_hex(16)
-    root = _make_run_dir(code, test_list, nonce, stdin_text, timeout_s=timeout_s, memory_mb=memory_mb,
-                         max_file_mb=max_file_mb)
-    argv = _child_argv(os.path.join(root, "payload.json"), python=python, site_packages=site_packages,
-                       network=network)
+    root = _make_run_dir(stdin_text, host_work=not strict)
+    work = WORK_DIR if strict else os.path.join(root, "work")
+    payload = {"code": code, "tests": test_list, "calls": [[c.fn_name, list(c.args)] for c in calls],
+               "nonce": nonce, "work": work, "mode": "tests" if stdin_text is None else "stdio",
+               "memory_bytes": int(memory_mb * 1024 * 1024) if memory_mb else 0,
+               "cpu_s": int(math.ceil(timeout_s)) + 1, "fsize_bytes": int(max_file_mb * 1024 * 1024),
+               "wall_s": float(timeout_s),
+               # The process limit counts every process of the uid: only the sandbox's own uid.
+               "nproc": _SANDBOX_NPROC if strict and os.geteuid() == 0 else 0}
     out_path, err_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
     t0 = time.monotonic()
     try:
-        child = _supervise_child(argv, root, with_stdin=stdin_text is not None, deadline=t0 + timeout_s)
+        with _unlinked_file(json.dumps(payload).encode("utf-8")) as payload_file, \
+                _unlinked_file(seccomp_program() if strict else b"") as seccomp_file:
+            flags = ["-I", "-B"] + ([] if site_packages else ["-S"])
+            if strict:
+                command = strict_command(
+                    [*flags, HARNESS_PATH, str(payload_file.fileno())], python=python,
+                    harness=SANDBOX_CHILD_PATH, env=_child_env(WORK_DIR),
+                    work_bytes=max(64, 4 * max_file_mb) << 20, shm_bytes=max(16, max_file_mb) << 20,
+                    seccomp_fd=seccomp_file.fileno())
+                argv, extra_fds = command.argv, (payload_file.fileno(), *command.pass_fds)
+            else:
+                argv = [python, *flags, SANDBOX_CHILD_PATH, str(payload_file.fileno())]
+                prefix = network_namespace_prefix() if network == "auto" else None
+                argv, extra_fds = (prefix or []) + argv, (payload_file.fileno(),)
+            child = _supervise_child(argv, root, extra_fds=extra_fds, work=work, strict=strict,
+                                     with_stdin=stdin_text is not None, deadline=t0 + timeout_s)
     finally:
         stdout_tail = _tail(out_path, output_limit)
         stderr_tail = _tail(err_path, output_limit)
@@ -482,44 +579,43 @@ def _run_child(
         _rmtree(root)
     duration = time.monotonic() - t0
 
-    report = _ChildReport.parse(child.output, nonce, total=len(test_list))
+    total = len(calls) or len(test_list)
+    report = _ChildReport.parse(child.output, nonce, total=total)
+    report.judge_calls(calls)
     status, error = _status_and_error(report, child, timeout_s, stderr_tail)
-    return SandboxResult(status=status, passed=len(report.passed_ids), total=len(test_list),
+    return SandboxResult(status=status, passed=len(report.passed_ids), total=total,
                          stdout_tail=stdout_tail, stderr_tail=stderr_tail, error=error,
                          returncode=child.returncode, duration_s=duration,
                          violations=tuple(report.violations)), stdout_all
 
 
-def _make_run_dir(code: str, test_list: list[str], nonce: str, stdin_text: str | None, *,
-                  timeout_s: float, memory_mb: int | None, max_file_mb: int) -> str:
-    """A fresh temp dir for one child: ``work/`` (its cwd, the only place it may write), the
-    payload it reads (and deletes) at startup and, in stdin mode, its input; returns its path.
-    The dir name carries the pid namespace and pid for :func:`cleanup_stale_sandbox_dirs`."""
+# Processes (threads included) uid 65534 may have at once, all strict sandboxes of the node
+# together: room for many concurrent children, not for a fork bomb.
+_SANDBOX_NPROC = 512
+
+
+@contextlib.contextmanager
+def _unlinked_file(data: bytes) -> Iterator[IO[bytes]]:
+    """A temp file holding ``data``, already unlinked (only its fd reaches the child), at 0."""
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.seek(0)
+        yield f
+
+
+def _make_run_dir(stdin_text: str | None, *, host_work: bool) -> str:
+    """A fresh temp dir for one child: its stdout/stderr files, in stdin mode its input, and with
+    ``host_work`` (guard isolation) ``work/``, its cwd and the only place it may write (strict
+    isolation has a tmpfs of its own instead); returns its path. The dir name carries the pid
+    namespace and pid for :func:`cleanup_stale_sandbox_dirs`."""
     root = tempfile.mkdtemp(prefix=f"rayrl-sandbox-{_pid_namespace()}-{os.getpid()}-")
-    work = os.path.join(root, "work")
-    os.mkdir(work, 0o700)
-    with open(os.path.join(root, "payload.json"), "w", encoding="utf-8") as f:
-        json.dump({"code": code, "tests": test_list, "nonce": nonce, "work": work,
-                   "mode": "tests" if stdin_text is None else "stdio",
-                   "memory_bytes": int(memory_mb * 1024 * 1024) if memory_mb else 0,
-                   "cpu_s": int(math.ceil(timeout_s)) + 1,
-                   "fsize_bytes": int(max_file_mb * 1024 * 1024), "wall_s": float(timeout_s)}, f)
+    if host_work:
+        os.mkdir(os.path.join(root, "work"), 0o700)
     if stdin_text is not None:
         # Outside work/: the program reads it only as its stdin.
         with open(os.path.join(root, "stdin"), "w", encoding="utf-8") as f:
             f.write(stdin_text)
     return root
-
-
-def _child_argv(payload: str, *, python: str | None, site_packages: bool, network: str) -> list[str]:
-    """The child's command line, without the result pipe's fd (appended once it exists)."""
-    argv = [python or sys.executable, "-I", "-B"] + ([] if site_packages else ["-S"])
-    argv += [SANDBOX_CHILD_PATH, payload]
-    if network == "auto":
-        prefix = network_namespace_prefix()
-        if prefix:
-            argv = prefix + argv
-    return argv
 
 
 @dataclass(frozen=True)
@@ -533,20 +629,28 @@ class _ChildExit:
     cpu_used: float
 
 
-def _supervise_child(argv: list[str], root: str, *, with_stdin: bool, deadline: float) -> _ChildExit:
+def _supervise_child(argv: list[str], root: str, *, extra_fds: Sequence[int], work: str, strict: bool,
+                     with_stdin: bool, deadline: float) -> _ChildExit:
     """Start the child (the result pipe's fd as its last argument), read its result pipe until
     EOF or ``deadline``, then SIGKILL its process group and reap it. The group is killed and
-    the pipe closed whatever happens, so nothing is left behind."""
+    the pipe closed whatever happens, so nothing is left behind. (Under strict isolation the
+    group is bwrap's: the sandbox's PID namespace, and everything in it, dies with it.)"""
     r_fd, w_fd = os.pipe()
     proc = None
     try:
-        proc = _start_child(argv + [str(w_fd)], root, w_fd, with_stdin=with_stdin)
+        proc = _start_child(argv + [str(w_fd)], root, (w_fd, *extra_fds), work=work, strict=strict,
+                            with_stdin=with_stdin)
         fd, w_fd = w_fd, -1
         os.close(fd)  # only the child holds the write end: EOF when it (and its heirs) are gone
         output, killed = _read_result_pipe(r_fd, proc, deadline)
+        if not killed:
+            _await_exit(proc.pid, min(1.0, max(0.0, deadline - time.monotonic())))
         kill_process_group(proc.pid)
         cpu_used = _reap(proc)
-        return _ChildExit(proc.returncode, output, killed, cpu_used)
+        returncode = proc.returncode
+        if strict and returncode is not None and returncode > 128:
+            returncode = -(returncode - 128)  # bwrap reports a child killed by signal N as 128 + N
+        return _ChildExit(returncode, output, killed, cpu_used)
     finally:
         if w_fd >= 0:
             os.close(w_fd)
@@ -559,18 +663,35 @@ def _supervise_child(argv: list[str], root: str, *, with_stdin: bool, deadline: 
                 pass
 
 
-def _start_child(argv: list[str], root: str, w_fd: int, *, with_stdin: bool) -> subprocess.Popen:
-    """Popen the child in ``root``/work, stdout/stderr to files in ``root``, stdin from
-    ``root``/stdin (or ``/dev/null``), passing only the result pipe's write end."""
-    work = os.path.join(root, "work")
+def _await_exit(pid: int, seconds: float) -> None:
+    """Wait up to ``seconds`` for ``pid`` to exit, without reaping it (so its exit status and CPU
+    use are still there for :func:`_reap`): the result pipe reaches EOF when the interpreter
+    exits, a moment before bwrap, its parent, reports how it ended."""
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return
+        except ChildProcessError:
+            return
+        if time.monotonic() >= end:
+            return
+        time.sleep(0.002)
+
+
+def _start_child(argv: list[str], root: str, fds: Sequence[int], *, work: str, strict: bool,
+                 with_stdin: bool) -> subprocess.Popen:
+    """Popen the child, stdout/stderr to files in ``root``, stdin from ``root``/stdin (or
+    ``/dev/null``), passing only ``fds`` (the result pipe, the payload, the seccomp program)."""
     stdin_f = open(os.path.join(root, "stdin"), "rb") if with_stdin else subprocess.DEVNULL
     try:
         with open(os.path.join(root, "stdout"), "wb") as out_f, open(os.path.join(root, "stderr"), "wb") as err_f:
             # A minimal env (nothing inherited) and its own session: the whole process
             # group is SIGKILLed on timeout and after every run.
-            return subprocess.Popen(argv, stdin=stdin_f, stdout=out_f, stderr=err_f, cwd=work,
-                                    env=_child_env(work), close_fds=True, pass_fds=(w_fd,),
-                                    start_new_session=True)
+            return subprocess.Popen(argv, stdin=stdin_f, stdout=out_f, stderr=err_f,
+                                    cwd=root if strict else work,
+                                    env={"PATH": "/usr/bin:/bin"} if strict else _child_env(work),
+                                    close_fds=True, pass_fds=tuple(fds), start_new_session=True)
     finally:
         if with_stdin:
             stdin_f.close()
@@ -621,6 +742,7 @@ class _ChildReport:
     passed_ids: set[int] = field(default_factory=set)
     failed: dict[int, str] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
+    returned: dict[int, str] = field(default_factory=dict)  # call-based: case -> returned value (JSON)
 
     @classmethod
     def parse(cls, output: bytes, nonce: str, total: int) -> _ChildReport:
@@ -642,6 +764,8 @@ class _ChildReport:
         elif kind in ("E", "M"):
             self.solution_error = " ".join(parts[1:])
             self.mem_seen = self.mem_seen or kind == "M"
+        elif kind == "R" and len(parts) >= 3 and parts[1].isdigit() and int(parts[1]) < total:
+            self.returned.setdefault(int(parts[1]), " ".join(parts[2:]))
         elif kind == "T" and len(parts) >= 3 and parts[1].isdigit():
             i = int(parts[1])
             if parts[2] == "1" and i < total:
@@ -650,6 +774,19 @@ class _ChildReport:
                 if len(parts) > 3 and parts[3] == "M":
                     self.mem_seen = True
                 self.failed.setdefault(i, " ".join(parts[4:5]))
+
+
+    def judge_calls(self, calls: Sequence[CallCase]) -> None:
+        """Call-based cases pass here, in the scorer, when the value returned matches (and only
+        so: a pass line claimed by the child counts for nothing in this mode)."""
+        if not calls:
+            return
+        self.passed_ids = set()
+        for i, returned in self.returned.items():
+            if calls[i].matches(returned):
+                self.passed_ids.add(i)
+            else:
+                self.failed.setdefault(i, f"returned {returned[:200]}")
 
 
 def _status_and_error(report: _ChildReport, child: _ChildExit, timeout_s: float,
@@ -739,40 +876,28 @@ def _stdio_cases(tests: Any) -> list[StdioCase]:
     raise ValueError(f"python_tests: cannot interpret tests of type {type(tests).__name__}")
 
 
-def _call_based_tests(tests: dict) -> list[str]:
+def _call_based_tests(tests: dict) -> list[CallCase]:
     """APPS/TACO call-based tests, ``{"fn_name": f, "inputs": [[args...], ...], "outputs": [out, ...]}``,
-    as assert strings: call ``f`` (a top-level function, or a method of ``Solution()`` as LeetCode-style
-    solutions define it) with each argument list and compare with the output. APPS often wraps each
-    output in a one-element list, and JSON has no tuples: both are accepted."""
+    as :class:`CallCase` objects (the returned values are compared in the scorer)."""
     name, ins, outs = tests.get("fn_name"), tests.get("inputs"), tests.get("outputs")
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"python_tests: 'fn_name' must be a Python identifier, got {name!r}")
     if not isinstance(ins, (list, tuple)) or not isinstance(outs, (list, tuple)) or len(ins) != len(outs) or not ins:
         raise ValueError("python_tests: call-based tests need non-empty 'inputs' and 'outputs' lists of the same length")
-    asserts = []
-    for args, expected in zip(ins, outs):
-        args = list(args) if isinstance(args, (list, tuple)) else [args]
-        asserts.append(
-            f"_fn = globals().get({name!r})\n"
-            f"if _fn is None and 'Solution' in globals():\n"
-            f"    _fn = getattr(Solution(), {name!r})\n"
-            f"_got, _want = _fn(*{args!r}), {expected!r}\n"
-            "_norm = lambda v: [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v\n"
-            "assert _norm(_got) == _norm(_want) or (isinstance(_want, list) and len(_want) == 1 "
-            "and _norm(_got) == _norm(_want[0])), f'returned {_got!r}'\n")
-    return asserts
+    return [CallCase(name, tuple(args) if isinstance(args, (list, tuple)) else (args,), expected)
+            for args, expected in zip(ins, outs)]
 
 
 _NOT_DECODED = object()
 
 
-def normalize_tests(tests: Any) -> str | list[str] | list[StdioCase]:
+def normalize_tests(tests: Any) -> str | list[str] | list[StdioCase] | list[CallCase]:
     """Tests from a dataset field: a test string, a list of them, or stdin/stdout cases.
 
     * a string of Python (usually asserts) or a list of such strings;
     * stdin/stdout cases: ``{"inputs": [...], "outputs": [...]}`` (APPS/TACO ``input_output``)
       or a list of ``{"input": ..., "output": ...}`` dicts, as objects or as a JSON string;
-    * call-based ``{"fn_name", "inputs", "outputs"}`` (APPS/TACO), run as asserts;
+    * call-based ``{"fn_name", "inputs", "outputs"}`` (APPS/TACO), as :class:`CallCase` objects;
     * a string holding a JSON (or Python-literal) list of strings is decoded: executed as-is it
       would be a bare list expression.
 
@@ -832,21 +957,32 @@ def score_python_tests(
 
 
 def make_python_tests(
-    *, timeout_s: float = 5.0, memory_mb: int | None = 512, **sandbox_kwargs: Any
+    *, timeout_s: float = 5.0, memory_mb: int | None = 512, isolation: Isolation = "strict", **sandbox_kwargs: Any
 ) -> Callable[..., float]:
-    """Factory: a ``python_tests`` reward with custom sandbox limits.
+    """Factory: a ``python_tests`` reward with custom sandbox limits (the keys of a reward's
+    ``options``: ``timeout_s``, ``memory_mb``, ``isolation``, ``max_file_mb``, ...).
+
+    With ``isolation="strict"`` (the default) it checks at once that this machine can create the
+    sandbox, and raises :class:`~rayrl.rewards.isolation.IsolationUnavailable` saying what to
+    change if not, so a run fails before it starts rather than scoring every completion 0.
 
     The returned function also records its last :class:`SandboxResult` on
     ``fn.last_result`` (per process), for callers that want the failure reason.
     """
+    if isolation not in ISOLATION_MODES:
+        raise ValueError(f"isolation must be one of {', '.join(ISOLATION_MODES)}, got {isolation!r}")
+    if isolation == "strict":
+        check_strict_isolation(sandbox_kwargs.get("python"))
+    return _python_tests_reward(timeout_s=timeout_s, memory_mb=memory_mb, isolation=isolation, **sandbox_kwargs)
 
+
+def _python_tests_reward(**sandbox_kwargs: Any) -> Callable[..., float]:
     def python_tests(prompt: str, completion: str, tests: Any = None, **fields: Any) -> float:
         """Fraction of the row's ``tests`` passed by the completion's code, run sandboxed.
 
-        ``tests``: assert strings (a bare expression such as ``"f(1) == 2"`` is asserted) or
-        stdin/stdout cases (see the module docstring and :func:`normalize_tests`)."""
-        score, result = score_python_tests(completion, tests, timeout_s=timeout_s, memory_mb=memory_mb,
-                                           **sandbox_kwargs)
+        ``tests``: assert strings (a bare expression such as ``"f(1) == 2"`` is asserted),
+        stdin/stdout or call-based cases (see the module docstring and :func:`normalize_tests`)."""
+        score, result = score_python_tests(completion, tests, **sandbox_kwargs)
         python_tests.last_result = result
         return score
 
@@ -854,4 +990,5 @@ def make_python_tests(
     return python_tests
 
 
-python_tests = make_python_tests()
+# The default instance (strict isolation) checks the machine on its first call, not at import.
+python_tests = _python_tests_reward(timeout_s=5.0, memory_mb=512, isolation="strict")

@@ -164,7 +164,8 @@ def load_reward_function(spec: str, *, base_dir: str | None = None, options: Map
     spec = spec.strip()
     if ":" not in spec:
         if spec in BUILTIN_REWARDS:
-            obj: Any = BUILTIN_FACTORIES[spec] if options else BUILTIN_REWARDS[spec]
+            # python_tests always goes through its factory: it checks that the sandbox can start.
+            obj: Any = BUILTIN_FACTORIES[spec] if options or spec == "python_tests" else BUILTIN_REWARDS[spec]
         else:
             close = difflib.get_close_matches(spec, list(BUILTIN_REWARDS), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -191,9 +192,9 @@ def load_reward_function(spec: str, *, base_dir: str | None = None, options: Map
         if options:
             if not callable(obj):
                 raise RewardSpecError(spec, f"options were given but {attr!r} is not a callable factory")
-    if options:
+    if options or obj is BUILTIN_FACTORIES.get(spec):
         try:
-            obj = obj(**dict(options))
+            obj = obj(**dict(options or {}))
         except Exception as exc:
             raise RewardSpecError(spec, f"building the reward with options {dict(options)!r} failed: "
                                         f"{type(exc).__name__}: {exc}") from exc

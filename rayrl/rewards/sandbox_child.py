@@ -1,9 +1,10 @@
 """The sandbox's child program: runs model code and its tests inside the sandboxed interpreter.
 
 :mod:`rayrl.rewards.code_sandbox` starts it as
-``python -I -B [-S] sandbox_child.py <payload.json> <result fd>`` (see that module's docstring
-for the protocol, the isolation layers and their known limits). In the child, :func:`main`
-reads and deletes the payload (code, tests, nonce, limits), moves the result pipe off the fd
+``python -I -B [-S] sandbox_child.py <payload fd> <result fd>`` (see that module's docstring
+for the protocol, the isolation layers and their known limits), under strict isolation inside
+the bubblewrap sandbox of :mod:`rayrl.rewards.isolation`. In the child, :func:`main` reads the
+payload (code, tests, nonce, limits) from its fd and closes it, moves the result pipe off the fd
 named in ``argv``, sets the resource limits, starts the watchdog, installs the reporter and
 policy audit hooks and the network/process prelude, then runs the code and each test,
 reporting ``<nonce> <result>`` lines on the pipe.
@@ -50,8 +51,9 @@ def sandbox_reporter(event, args, _runner=_runner, _fd=_fd, _getframe=_getframe,
     line = args[0]
     if line[:2] != "V " and _getframe(1) is not _runner:
         return
+    line = line.replace("\\n", " ")[:65536 if line[:2] == "R " else 500]
     try:
-        _write(_fd, (NONCE + " " + line.replace("\\n", " ")[:500] + "\\n").encode("utf-8", "replace"))
+        _write(_fd, (NONCE + " " + line + "\\n").encode("utf-8", "replace"))
     except _OSError:
         pass
 """
@@ -82,6 +84,8 @@ def set_limits(P):
     setlim(resource.RLIMIT_NOFILE, 64)
     setlim(resource.RLIMIT_FSIZE, P["fsize_bytes"])
     setlim(resource.RLIMIT_CORE, 0)
+    if P.get("nproc"):  # only with the sandbox's own uid: the limit counts all of the uid's processes
+        setlim(resource.RLIMIT_NPROC, P["nproc"])
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
@@ -131,7 +135,7 @@ def network_and_process_prelude():
     return _AF_UNIX
 
 
-def install_policy(work, af_unix):
+def install_policy(work, af_unix, protected_functions=()):
     """The audit hook that refuses writes outside ``work``, processes, network, ... (see the
     code_sandbox module docstring). It holds no secret, and its tables are immutable."""
     # Only C functions from here on: model code can monkeypatch os/posixpath (e.g.
@@ -284,8 +288,9 @@ def install_policy(work, af_unix):
                     attr == "__code__" and _type(obj) is _FunctionType and obj.__name__ == _name:
                 deny(event, "of the sandbox reporter's code")
             return
-        if event == "object.__setattr__" and args[1] == "__code__":
-            deny(event, "of __code__")  # would let model code rewrite a hook's helper
+        if event == "object.__setattr__" and args[1] == "__code__" and (
+                _type(args[0]) is _FunctionType and (id(args[0]) in protected or args[0].__name__ == _name)):
+            deny(event, "of a sandbox function's __code__")  # would let model code rewrite a hook's helper
         if event == "open":
             path, mode, flags = args
             if type(path) is int or path is None:
@@ -348,6 +353,10 @@ def install_policy(work, af_unix):
         if event.startswith("syslog.") or event.startswith("readline.write") or event.startswith("readline.append"):
             deny(event)
 
+    # The guard's own functions: their code must not be swapped (types.coroutine and friends may
+    # set __code__ on other functions, so asyncio works).
+    protected = frozenset(id(f) for f in (hook, as_str, absolute, lexical, resolve, isdir, inside,
+                                           forbidden_read, deny, *protected_functions))
     sys.addaudithook(hook)
 
 
@@ -385,7 +394,8 @@ def flush_std():
             pass
 
 
-def run(P, result_fd, _exec=exec, _dict=dict, _audit=sys.audit, _compile=compile, _exit=os._exit):
+def run(P, result_fd, _exec=exec, _dict=dict, _audit=sys.audit, _compile=compile, _exit=os._exit,
+        _dumps=json.dumps):
     """Runs the model code, then each test in a copy of its namespace (or, in stdio mode, the
     program as ``__main__``). Results are reported from THIS frame only (see REPORTER_SRC);
     builtins it needs are bound as defaults so model code cannot swap them."""
@@ -398,8 +408,9 @@ def run(P, result_fd, _exec=exec, _dict=dict, _audit=sys.audit, _compile=compile
         except BaseException as e:
             tests.append((i, None, fmt(e)))
     tests = tuple(tests)
+    calls = tuple((name, args) for name, args in P.pop("calls", ()))
     code = P.pop("code")
-    install_policy(P["work"], network_and_process_prelude())
+    install_policy(P["work"], network_and_process_prelude(), (run, fmt, flush_std, compile_test))
     ns = {"__name__": "__main__" if stdio else "__solution__", "__builtins__": __builtins__}
     _audit(REPORT, "S")
     try:
@@ -421,6 +432,22 @@ def run(P, result_fd, _exec=exec, _dict=dict, _audit=sys.audit, _compile=compile
         for t in threading.enumerate():
             if t is not threading.current_thread() and not t.daemon:
                 t.join()
+    for i, (name, args) in enumerate(calls):
+        # Call-based cases: the verdict is the parent's; only the returned value (as JSON) goes
+        # back, and the expected outputs never enter this process.
+        try:
+            fn = ns.get(name)
+            if fn is None and "Solution" in ns:
+                fn = getattr(ns["Solution"](), name)
+            if fn is None:
+                raise NameError("no function %r" % name)
+            out = _dumps(fn(*args))
+        except MemoryError as e:
+            _audit(REPORT, "T %d 0 M %s" % (i, fmt(e)))
+        except BaseException as e:
+            _audit(REPORT, "T %d 0 F %s" % (i, fmt(e)))
+        else:
+            _audit(REPORT, "R %d %s" % (i, out))
     for i, test_code, compile_error in tests:
         if test_code is None:
             _audit(REPORT, "T %d 0 F %s" % (i, compile_error))
@@ -439,15 +466,14 @@ def run(P, result_fd, _exec=exec, _dict=dict, _audit=sys.audit, _compile=compile
 
 
 def main():
-    """The child's entry point: ``sandbox_child.py <payload.json> <result fd>``."""
+    """The child's entry point: ``sandbox_child.py <payload fd> <result fd>``."""
     global install_policy
     # The policy hook's functions get private globals and builtins: model code that
     # monkeypatches builtins (any, isinstance, repr...) or this module does not change them.
     install_policy = FunctionType(install_policy.__code__, dict(globals(), __builtins__=dict(vars(builtins))))
-    payload_path, fd = sys.argv[1], int(sys.argv[2])
-    with open(payload_path, encoding="utf-8") as f:
-        P = json.load(f)
-    os.remove(payload_path)  # the model code must not read the tests (or the nonce)
+    payload_fd, fd = int(sys.argv[1]), int(sys.argv[2])
+    with os.fdopen(payload_fd, "r", encoding="utf-8") as f:  # closed: model code must not read
+        P = json.load(f)  # the tests (or the nonce); the parent has already unlinked the file
     # Move the result pipe off the fd number named in argv, and forget argv.
     result_fd = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 40)
     os.close(fd)

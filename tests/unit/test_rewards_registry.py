@@ -53,7 +53,9 @@ def helper_module(tmp_path):
 def test_builtins_by_bare_name():
     assert load_reward_function("math_answer") is math_answer
     assert load_reward_function("exact_match") is exact_match
-    assert load_reward_function(" python_tests ") is python_tests
+    # python_tests is built by its factory, which checks the sandbox can start here.
+    built = load_reward_function(" python_tests ")
+    assert built.__name__ == python_tests.__name__ and built("p", "```python\nx = 1\n```", tests="assert x == 1") == 1.0
     insensitive = load_reward_function("exact_match", options={"case_sensitive": False})
     assert insensitive("p", "PARIS", answer="paris") == 1.0
 
