@@ -554,6 +554,10 @@ def _run_child(
                # The process limit counts every process of the uid: only the sandbox's own uid.
                "nproc": _SANDBOX_NPROC if strict and os.geteuid() == 0 else 0}
     out_path, err_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
+    # The child's lifeline: this process holds the only write end, so the child sees EOF (and exits)
+    # when this process is gone, even SIGKILLed (bwrap's monitors do not die with their parent).
+    lifeline_r, lifeline_w = os.pipe()
+    payload["lifeline_fd"] = lifeline_r
     t0 = time.monotonic()
     try:
         with _unlinked_file(json.dumps(payload).encode("utf-8")) as payload_file, \
@@ -565,14 +569,16 @@ def _run_child(
                     harness=SANDBOX_CHILD_PATH, env=_child_env(WORK_DIR),
                     work_bytes=max(64, 4 * max_file_mb) << 20, shm_bytes=max(16, max_file_mb) << 20,
                     seccomp_fd=seccomp_file.fileno())
-                argv, extra_fds = command.argv, (payload_file.fileno(), *command.pass_fds)
+                argv, extra_fds = command.argv, (payload_file.fileno(), lifeline_r, *command.pass_fds)
             else:
                 argv = [python, *flags, SANDBOX_CHILD_PATH, str(payload_file.fileno())]
                 prefix = network_namespace_prefix() if network == "auto" else None
-                argv, extra_fds = (prefix or []) + argv, (payload_file.fileno(),)
+                argv, extra_fds = (prefix or []) + argv, (payload_file.fileno(), lifeline_r)
             child = _supervise_child(argv, root, extra_fds=extra_fds, work=work, strict=strict,
                                      with_stdin=stdin_text is not None, deadline=t0 + timeout_s)
     finally:
+        os.close(lifeline_r)
+        os.close(lifeline_w)
         stdout_tail = _tail(out_path, output_limit)
         stderr_tail = _tail(err_path, output_limit)
         stdout_all = _tail(out_path, (max_file_mb << 20) + 1, raw=True) if stdin_text is not None else b""

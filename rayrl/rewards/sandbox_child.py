@@ -23,6 +23,7 @@ import json
 import os
 import posix
 import resource
+import select
 import signal
 import socket
 import sys
@@ -89,14 +90,16 @@ def set_limits(P):
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-def start_watchdog(wall_s):
-    """Exit on the wall deadline or when the parent goes away."""
+def start_watchdog(wall_s, lifeline_fd):
+    """Exit on the wall deadline, when the parent goes away, or when the scorer does: nobody writes
+    to the lifeline pipe, so it turns readable (EOF) only once the scorer's end is closed, also by
+    its death (under bubblewrap the parent is the sandbox's own init, which outlives the scorer)."""
     ppid0 = os.getppid()
     deadline = time.monotonic() + wall_s + 1.0
     def watchdog():
         while True:
-            time.sleep(0.2)
-            if os.getppid() != ppid0 or time.monotonic() > deadline:
+            readable = select.select([lifeline_fd], [], [], 0.2)[0] if lifeline_fd >= 0 else time.sleep(0.2)
+            if readable or os.getppid() != ppid0 or time.monotonic() > deadline:
                 os._exit(124)
     threading.Thread(target=watchdog, name="sandbox-watchdog", daemon=True).start()
 
@@ -479,7 +482,7 @@ def main():
     os.close(fd)
     del sys.argv[1:]
     set_limits(P)
-    start_watchdog(P["wall_s"])
+    start_watchdog(P["wall_s"], P.get("lifeline_fd", -1))
     run(P, result_fd)
 
 
