@@ -51,7 +51,7 @@ def main() -> None:
         config = build_config({
             "algorithm": "dpo", "output_dir": str(work / name.replace(" ", "_")),
             "model": {"path": str(model_dir), "peft": variant["peft"]},
-            "data": {"max_length": 16, "eval": None},
+            "data": {"train": "rayrl:addition/prefs-train", "max_length": 16, "eval": None},
             "dpo": {"reference": variant["reference"]},
             "train": {"max_steps": args.steps, "global_batch_size": 32, "micro_batch_size": 32, "lr": 1e-5,
                       "lr_schedule": "constant"},

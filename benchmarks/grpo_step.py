@@ -99,7 +99,7 @@ def staged(model_path: str, steps: int, backend: str) -> dict[str, float]:
             "algorithm": "grpo", "output_dir": out, "model": {"path": model_path},
             "rollout": {"backend": backend, "num_cpus": 0.5, "group_size": GROUP, "max_new_tokens": NEW_TOKENS},
             "grpo": {"prompts_per_step": PROMPTS}, "train": {"max_steps": steps, "micro_batch_size": 128},
-            "trainer": {"num_cpus": 1}, "verifier": {"num_cpus": 0.25}, "data": {"eval": None},
+            "trainer": {"num_cpus": 1}, "verifier": {"num_cpus": 0.25}, "data": {"train": "rayrl:addition/prompts-train", "eval": None},
             "eval": {"at_start": False}, "tracking": {"progress": False, "wandb": {"mode": "disabled"}},
         })
         run_rl(config)

@@ -102,7 +102,7 @@ def run(kind: str, model: str, reward_model: str, steps: int, kl: float) -> dict
     from rayrl.tracking import read_metrics
 
     common = {
-        "output_dir": None, "model": {"path": model}, "data": {"eval": None},
+        "output_dir": None, "model": {"path": model}, "data": {"train": "rayrl:addition/prompts-train", "eval": None},
         "rollout": {"backend": "vllm", "num_cpus": 0.25, "group_size": GROUP, "max_new_tokens": NEW_TOKENS},
         "train": {"max_steps": steps, "micro_batch_size": MICRO, "lr": 1e-5},
         "trainer": {"num_cpus": 0.5}, "reference": {"num_cpus": 0.25}, "verifier": {"num_cpus": 0.1},

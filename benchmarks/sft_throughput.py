@@ -96,8 +96,8 @@ def bench_stage(steps: int, threads: int) -> tuple[list[float], float, float]:
 
     with tempfile.TemporaryDirectory() as out:
         config = build_config({
-            "algorithm": "sft", "output_dir": out,
-            "data": {"eval": None, "max_length": 16},
+            "algorithm": "sft", "output_dir": out, "model": {"path": "rayrl:tiny-llama"},
+            "data": {"train": "rayrl:addition/sft-train", "eval": None, "max_length": 16},
             "train": {"max_steps": steps, "global_batch_size": 64, "micro_batch_size": 64, "lr": 1e-3,
                       "lr_schedule": "constant"},
             "trainer": {"world_size": 1, "num_cpus": threads},

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rayrl import submit as sub
+from rayrl.checkpoint import CheckpointError
 from rayrl.config import ConfigError, load_config
 from rayrl.data.loading import DataError
 from rayrl.data.synthetic import SPLITS, write_splits
@@ -18,8 +19,9 @@ from rayrl.report import render_report
 from rayrl.rewards.registry import RewardSpecError
 from rayrl.stages import run_stage
 from rayrl.tiny import init_model
+from rayrl.tracking import TrainingDiverged
 
-USER_ERRORS = (ConfigError, DataError, RewardSpecError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, RewardSpecError, FileNotFoundError, CheckpointError)
 
 DESCRIPTION = """\
 rayrl: LLM post-training (SFT, preference optimisation, RL with verifiable rewards) on Ray.
@@ -44,7 +46,13 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(ValueError):
+    """A command's argument that cannot work (the message says which and why)."""
+
+
 def _cmd_init_model(args: argparse.Namespace) -> int:
+    if Path(args.directory).exists() and not Path(args.directory).is_dir():
+        raise UsageError(f"init-model: {args.directory} exists and is not a directory")
     path = init_model(args.directory, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers)
     print(f"wrote a tiny Llama-architecture model and tokenizer to {path}")
     return 0
@@ -127,6 +135,8 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    if not Path(args.output_dir).is_dir():
+        raise UsageError(f"report: {args.output_dir} is not a run's output directory")
     paths = render_report(args.output_dir, destination=args.to)
     for path in paths:
         print(path)
@@ -229,9 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, UsageError) as exc:
         print(f"rayrl: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"rayrl: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rayrl: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +24,8 @@ def ray_session(config: RayConfig) -> Iterator[None]:
     """Start (or join) Ray for the duration of a stage; shut it down only if we started it."""
     import ray  # slow: ray
 
+    if config.address is not None:
+        check_reachable(config.address)  # also when this process already has a Ray session
     if ray.is_initialized():
         yield
         return
@@ -33,12 +36,37 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=config.log_to_driver,
                  runtime_env={"env_vars": env_vars}, configure_logging=False)
     else:
-        ray.init(address=config.address, log_to_driver=config.log_to_driver,
-                 runtime_env={"env_vars": env_vars})
+        try:
+            ray.init(address=config.address, log_to_driver=config.log_to_driver,
+                     runtime_env={"env_vars": env_vars})
+        except (ConnectionError, TimeoutError) as error:
+            raise ConfigError(f"ray.address: cannot join the Ray cluster at {config.address!r}: "
+                              f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}") from None
     try:
         yield
     finally:
         ray.shutdown()
+
+
+# How long joining a cluster may take to answer at all: Ray's own client retries for minutes.
+CONNECT_DEADLINE_S = 10.0
+
+
+def check_reachable(address: str, deadline_s: float = CONNECT_DEADLINE_S) -> None:
+    """A ``host:port`` or ``ray://host:port`` address must accept a TCP connection within the
+    deadline (Ray would retry a dead address for minutes); ``auto`` is left to Ray, which fails fast."""
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=deadline_s):
+            pass
+    except OSError as error:
+        reason = (f"no answer within {deadline_s:g} s" if isinstance(error, TimeoutError)
+                  else (error.strerror or type(error).__name__))
+        raise ConfigError(f"ray.address: no Ray cluster answers at {address!r} ({reason}); "
+                          "start one (`ray start --head`) or fix the address") from None
 
 
 def check_cluster_resources(config: RayConfig, roles: dict[str, tuple[float, float]]) -> None:

@@ -66,8 +66,9 @@ class PeftConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    path: str = "rayrl:tiny-llama"
-    """A Hugging Face model directory or hub name, or ``rayrl:tiny-llama`` (built locally on first use)."""
+    path: str
+    """A Hugging Face model directory or hub name, or ``rayrl:tiny-llama`` (built locally on first use).
+    Required: a run uses only the model its config names."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Training precision. bfloat16 keeps fp32 master weights in the optimizer (DeepSpeed bf16)."""
     gradient_checkpointing: bool = False
@@ -77,9 +78,9 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    train: str = "rayrl:addition/sft-train"
-    """JSONL/JSON/parquet file, a `datasets` name, or a built-in ``rayrl:`` synthetic set."""
-    eval: str | None = "rayrl:addition/sft-eval"
+    train: str
+    """JSONL/JSON/parquet file, a `datasets` name, or a built-in ``rayrl:`` synthetic set (required)."""
+    eval: str | None = None
     max_length: int = Field(default=64, gt=1)
     """Rows longer than this are cut at the end; rows left with no completion token are dropped.
     Both counts are logged (``data/truncated``, ``data/dropped``)."""
@@ -192,7 +193,7 @@ class _CommonBase(_Strict):
 
     output_dir: str = "runs/default"
     seed: int = 0
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -262,7 +263,7 @@ class SFTConfig(_StageBase):
     """Supervised fine-tuning: masked cross-entropy on the completion / assistant tokens."""
 
     algorithm: Literal["sft"]
-    data: DataConfig = DataConfig()
+    data: DataConfig
 
     @model_validator(mode="after")
     def _consistent(self) -> SFTConfig:
@@ -272,9 +273,9 @@ class SFTConfig(_StageBase):
 
 
 class PreferenceDataConfig(_Strict):
-    train: str = "rayrl:addition/prefs-train"
+    train: str
     """prompt/chosen/rejected rows (KTO: prompt/completion/label); prompt may be a chat message list."""
-    eval: str | None = "rayrl:addition/prefs-eval"
+    eval: str | None = None
     max_length: int = Field(default=64, gt=1)
     """Prompt + response tokens; longer rows are cut at the end, rows left without response dropped."""
     shuffle: bool = True
@@ -303,7 +304,7 @@ class DPOConfig(_StageBase):
     """Direct preference optimisation and its successors (IPO, cDPO, robust, hinge, SimPO, ORPO, KTO)."""
 
     algorithm: Literal["dpo"]
-    data: PreferenceDataConfig = PreferenceDataConfig()
+    data: PreferenceDataConfig
     dpo: DPOSettings = DPOSettings()
 
     @model_validator(mode="after")
@@ -327,7 +328,7 @@ class RewardModelConfig(_StageBase):
     """A Bradley-Terry reward model: a one-scalar head on a causal LM, trained on preference pairs."""
 
     algorithm: Literal["rm"]
-    data: PreferenceDataConfig = PreferenceDataConfig()
+    data: PreferenceDataConfig
     rm: RMSettings = RMSettings()
 
     @model_validator(mode="after")
@@ -349,9 +350,13 @@ class RewardFunctionConfig(_Strict):
     timeout_s: float | None = Field(default=10.0, gt=0)
     fallback: float = 0.0
     """The score given when the function raises, times out or returns a non-number (counted)."""
+    allow_all_failures: bool = False
+    """By default a function that fails on every item of the run's first scored batch stops the run
+    with its error (a missing dataset field, a broken sandbox...); true lets such a run go on."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the function's factory (built-ins: math_answer {rel_tol}, exact_match
-    {case_sensitive}, python_tests {timeout_s, memory_mb, ...}; a user's ``file.py:make_fn``)."""
+    {case_sensitive}, python_tests {timeout_s, memory_mb, isolation: strict|guard, ...}; a user's
+    ``file.py:make_fn``)."""
 
     @property
     def metric_name(self) -> str:
@@ -360,10 +365,10 @@ class RewardFunctionConfig(_Strict):
 
 
 class RLDataConfig(_Strict):
-    train: str = "rayrl:addition/prompts-train"
+    train: str
     """Rows with ``prompt`` (text, or a message list for the chat template) plus any fields the
-    reward functions take (e.g. ``answer``)."""
-    eval: str | None = "rayrl:addition/prompts-eval"
+    reward functions take (e.g. ``answer``). Required."""
+    eval: str | None = None
     max_prompt_length: int = Field(default=256, gt=0)
     drop_long_prompts: bool = False
     """Skip prompts over max_prompt_length tokens (counted) instead of stopping with an error."""
@@ -497,7 +502,7 @@ class _RLBase(_CommonBase):
     """What the RL stages (GRPO family, PPO) share: prompts, rollouts, optional verifier rewards,
     a reference model, a policy trainer and the placement of the rollout engines."""
 
-    data: RLDataConfig = RLDataConfig()
+    data: RLDataConfig
     train: RLTrainConfig = RLTrainConfig()
     rollout: RolloutConfig = RolloutConfig()
     verifier: VerifierConfig = VerifierConfig()

@@ -49,13 +49,12 @@ from rayrl.data.batching import StepBatcher
 from rayrl.data.rollout import PromptRow, RolloutBatch, completion_tokens, load_prompts
 from rayrl.evaluation import pass_at_k_metrics
 from rayrl.objectives import PolicyGradientObjective
-from rayrl.rewards.registry import RewardSpecError
+from rayrl.rewards.registry import RewardSpecError, check_import_finishes
 from rayrl.rewards.scoring import RewardScorer, RewardSpec, ScoreResult
 from rayrl.rl_advantages import CriticUpdate, advantage_estimator
 from rayrl.rl_roles import RLRoles, RolloutPool, role_resources, start_roles
-from rayrl.stage_common import StageResult, checkpoint_due, eval_due, prepare_stage, stage_run
-from rayrl.tiny import resolve_model_path
-from rayrl.tracking import Tracker, sample_rows, sample_table_due
+from rayrl.stage_common import StageResult, checkpoint_due, eval_due, prepare_stage, records_resumed_at, stage_run
+from rayrl.tracking import Tracker, check_finite_training, sample_rows, sample_table_due
 from rayrl.trainer_group import PolicyTrainerGroup
 from rayrl.weight_sync import WeightPusher
 
@@ -74,8 +73,8 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
     # Reward functions resolve now, on the driver: a bad spec fails before anything starts or moves.
     specs = reward_specs(config)
     resolve_rewards(specs)
-    check_context_length(config, resolve_model_path(config.model.path))
     setup = prepare_stage(config)
+    check_context_length(config, setup.model_path)
     pad_id = setup.tokenizer.pad_token_id
     data = load_rl_data(config, setup.tokenizer)
     sampling = sampling_plan(config)
@@ -93,7 +92,8 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
         estimator = advantage_estimator(config, roles.critic)
         pusher = WeightPusher(config.resolved_weight_transport, roles.trainers.actors, roles.rollout.workers,
                               bucket_bytes=SYNC_BUCKET_BYTES, wire_dtype=config.rollout.dtype)
-        score = with_overlong_penalty(roles.score, settings, config.rollout.max_new_tokens)
+        score = stop_on_broken_rewards(with_overlong_penalty(roles.score, settings, config.rollout.max_new_tokens),
+                                       config)
 
         # Which node each role's actors landed on: output_dir/placement.json and one console line.
         placed = record_placement(setup.output_dir, config.placement, roles.actors_by_role())
@@ -102,6 +102,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
         if setup.resume_from:
             roles.load_checkpoint(setup.resume_from)
             estimator.load_state(CheckpointManager.load_state(setup.resume_from))
+            records_resumed_at(config, setup.start_step)
             pusher.push(setup.start_step)
             tracker.write(f"resumed from {setup.resume_from} (step {setup.start_step})")
         if data.eval and config.eval.at_start and setup.start_step == 0:
@@ -133,6 +134,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
             train_metrics = train_on_rollout(plan, roles.trainers, estimator.objective(base_objective), batch, step,
                                              estimated.critic_update)
             times["time/train"] = time.perf_counter() - t
+            check_finite_training(step + 1, train_metrics, setup.checkpoints)
             estimator.observe(estimated, len(samples.completions))
 
             # 6. Sync the new weights into the engines.
@@ -225,6 +227,7 @@ def resolve_rewards(specs: list[RewardSpec]) -> None:
     """Load every reward function here, so a bad one is a config error naming ``rewards[i]``."""
     for index, spec in enumerate(specs):
         try:
+            check_import_finishes(spec.fn, base_dir=os.getcwd(), options=spec.options)
             RewardScorer([spec], base_dir=os.getcwd()).load()
         except RewardSpecError as error:
             raise ConfigError(f"rewards[{index}].fn: {error}") from error
@@ -253,6 +256,35 @@ def with_overlong_penalty(score: Score, settings: PolicySettings, max_new_tokens
         return score(rows, completions).with_reward("overlong_penalty", penalty.tolist())
 
     return penalised
+
+
+class BrokenRewardError(ConfigError):
+    """A reward function failed on every item of the run's first scored batch."""
+
+
+def stop_on_broken_rewards(score: Score, config: GRPOConfig | PPOConfig) -> Score:
+    """``score``, checking the first batch it scores: a reward function that failed on every item of it
+    (a dataset without the field it needs, a sandbox that cannot start...) stops the run with its first
+    error, unless its ``rewards[i].allow_all_failures`` is true. Later batches are not checked: one
+    bad batch in a running job is counted (``reward/<name>/failure_rate``), not fatal."""
+    checked = False
+
+    def checked_score(rows: list[PromptRow], completions: list[Completion]) -> ScoreResult:
+        nonlocal checked
+        scores = score(rows, completions)
+        if not checked:
+            checked = True
+            for index, reward in enumerate(config.rewards):
+                failed = scores.failed.get(reward.metric_name, [])
+                if failed and all(failed) and not reward.allow_all_failures:
+                    first = (scores.errors.get(reward.metric_name) or ["no error message"])[0]
+                    raise BrokenRewardError(
+                        f"rewards[{index}] ({reward.fn}) failed on all {len(failed)} items of the first batch: "
+                        f"{first}. Fix the function or the data (the rows' fields are passed as keyword "
+                        f"arguments), or set rewards[{index}].allow_all_failures: true to train anyway")
+        return scores
+
+    return checked_score
 
 
 # ---- 1-2. generate and score ---------------------------------------------------------------------

@@ -5,6 +5,8 @@ of the single-actor stages, schedules and generation eval."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,12 +16,12 @@ from typing import Any
 from rayrl.actors.engine import TrainerSpec
 from rayrl.checkpoint import CheckpointManager
 from rayrl.cluster import check_cluster_resources, ray_session
-from rayrl.config import config_to_dict
+from rayrl.config import ConfigError, config_to_dict
 from rayrl.data.loading import DataError, read_rows, require_field
 from rayrl.evaluation import exact_match_accuracy
 from rayrl.outputs import archive_earlier_run, export_final_model, prepare_output_dir
 from rayrl.tiny import resolve_model_path
-from rayrl.tracking import Tracker, truncate_metrics
+from rayrl.tracking import Tracker, check_finite_training, truncate_metrics
 
 
 def trainer_spec(config, model_path: str, total_steps: int) -> TrainerSpec:
@@ -57,24 +59,104 @@ class StageSetup:
 
 
 def prepare_stage(config) -> StageSetup:
-    """Output dir, model path and tokenizer, and where to resume from (if asked and possible)."""
+    """Model path and tokenizer, and where to resume from (if asked and possible): all checked, nothing
+    written. The output dir is only claimed (:func:`claim_output_dir`, by :func:`stage_run`) once the
+    data, the reward specs, the cluster and its resources have been checked too."""
+    check_output_dir(config.output_dir)
+    model_path = resolve_model_path(config.model.path)
+    tokenizer = load_tokenizer(config.model.path, model_path)
+    checkpoints = CheckpointManager(Path(config.output_dir) / "checkpoints", config.checkpoint.keep_last)
+    resume_from, start_step = None, 0
+    if config.checkpoint.resume:
+        resume_from, skipped = checkpoints.latest_intact()
+        for bad in skipped:
+            print(f"checkpoint {bad.path.name} is damaged ({bad.reason}): "
+                  + (f"resuming from {resume_from.name} instead" if resume_from else "not using it"))
+        if resume_from is None and skipped:
+            raise ConfigError(f"checkpoint.resume: no intact checkpoint in {checkpoints.root} "
+                              f"({len(skipped)} damaged; newest: {skipped[0].reason})")
+        start_step = CheckpointManager.load_state(resume_from)["step"] if resume_from else 0
+    return StageSetup(Path(config.output_dir), model_path, tokenizer, checkpoints, resume_from, start_step)
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """``output_dir`` must be a directory, or creatable as one, and writable."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir: {path} exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir: {path} cannot be created: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {path} cannot be written: no write permission on {existing}")
+
+
+def load_tokenizer(configured: str, model_path: str):
+    """The tokenizer of ``model.path`` (pad token = eos where it has none); a :class:`ConfigError`
+    naming ``model.path`` and what is wrong with it where the model cannot be loaded."""
+    check_model_path(configured, model_path)
     from transformers import AutoTokenizer  # slow import (transformers)
 
-    model_path = resolve_model_path(config.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigError(f"model.path: the tokenizer of {configured!r} cannot be loaded: {first_line(error)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    checkpoints = CheckpointManager(Path(config.output_dir) / "checkpoints", config.checkpoint.keep_last)
-    resume_from = checkpoints.latest() if config.checkpoint.resume else None
-    start_step = CheckpointManager.load_state(resume_from)["step"] if resume_from else 0
-    if resume_from:
-        truncate_metrics(config.output_dir, start_step)
-    else:  # a fresh run: an earlier run's metrics, checkpoints and final model move aside, kept
+    return tokenizer
+
+
+def check_model_path(configured: str, model_path: str) -> None:
+    """A local model directory must hold a readable ``config.json``; a hub name must be in the local
+    cache or reachable (transformers' own error is then reduced to one line)."""
+    from transformers import AutoConfig  # slow import (transformers)
+
+    path = Path(os.path.expanduser(model_path))
+    local = path.exists() or model_path.startswith(("/", ".", "~")) or model_path.count("/") > 1
+    if local:
+        if not path.exists():
+            raise ConfigError(f"model.path: no such directory: {model_path}")
+        if not path.is_dir():
+            raise ConfigError(f"model.path: {model_path} is a file; a Hugging Face model directory is expected")
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ConfigError(f"model.path: {model_path} has no config.json (not a Hugging Face model directory)")
+        try:
+            json.loads(config_file.read_text())
+        except UnicodeDecodeError:
+            raise ConfigError(f"model.path: {config_file}: not UTF-8 text") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"model.path: {config_file}:{error.lineno}: not valid JSON ({error.msg})") from None
+    try:
+        AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError, KeyError) as error:
+        where = "" if local else " (not a local directory; a hub name needs network access or the local cache)"
+        raise ConfigError(f"model.path: {configured!r} cannot be loaded{where}: {first_line(error)}") from None
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def claim_output_dir(config, setup: StageSetup) -> None:
+    """Take ``output_dir`` for this run, once everything that can be checked has been: a fresh run moves
+    an earlier run's records aside (kept under ``earlier_runs/``); then the resolved config is written.
+    A resumed run's records after its checkpoint are cut once that checkpoint has loaded
+    (:func:`records_resumed_at`)."""
+    if setup.resume_from is None:
         archived = archive_earlier_run(Path(config.output_dir))
         if archived is not None:
             print(f"{config.output_dir} held an earlier run: moved to {archived}")
-    output_dir = prepare_output_dir(config)
-    return StageSetup(output_dir, model_path, tokenizer, checkpoints, resume_from, start_step)
+    prepare_output_dir(config)
+
+
+def records_resumed_at(config, step: int) -> None:
+    """After a checkpoint of ``step`` loaded: drop the metrics and samples logged after it, so the
+    resumed run does not log those steps twice."""
+    truncate_metrics(config.output_dir, step)
 
 
 @dataclass(frozen=True)
@@ -97,6 +179,7 @@ def stage_run(config, setup: StageSetup, *, roles: dict[str, tuple[float, float]
     in reverse order (each step runs even if an earlier one raised), then the tracker closes."""
     with ray_session(config.ray):
         check_cluster_resources(config.ray, roles)
+        claim_output_dir(config, setup)
         with contextlib.ExitStack() as cleanup:
             tracker = Tracker(setup.output_dir, config=config_to_dict(config), wandb=config.tracking.wandb,
                               total_steps=total_steps, start_step=setup.start_step,
@@ -160,6 +243,7 @@ def run_training_steps(config, setup: StageSetup, trainers, tracker, *, total_st
     schedules; at the end the final model in Hugging Face format."""
     if setup.resume_from:
         trainers.load_checkpoint(str(setup.resume_from))
+        records_resumed_at(config, setup.start_step)
         tracker.write(f"resumed from {setup.resume_from} (step {setup.start_step})")
     else:
         tracker.log(0, {"data/rows": data_stats.rows, "data/truncated": data_stats.truncated,
@@ -173,6 +257,7 @@ def run_training_steps(config, setup: StageSetup, trainers, tracker, *, total_st
         batches = batcher.step_batches(step)
         data_s = time.perf_counter() - step_start
         metrics, num_tokens = train_step(batches)
+        check_finite_training(step + 1, metrics, setup.checkpoints)
         elapsed = time.perf_counter() - step_start
         metrics.update(tokens_per_s=num_tokens / elapsed, num_tokens=num_tokens, epoch=batcher.epoch_of(step + 1),
                        step_s=elapsed, **{"time/data": data_s})

@@ -16,6 +16,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from rayrl.checkpoint import CheckpointManager
+from rayrl.data.loading import DataError
+
 from rayrl.config import WandbConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -32,17 +35,36 @@ def _clean(value: Any) -> Any:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(output_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_records(Path(output_dir) / METRICS_FILE)
 
 
 def read_samples(output_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(output_dir) / SAMPLES_FILE
+    return read_records(Path(output_dir) / SAMPLES_FILE)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a ``.jsonl`` record file ([] if there is none). A last line without its
+    newline (a run killed mid-write) is left out; any other bad line is a :class:`DataError` naming
+    the file and line."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if number == len(lines) and not raw.endswith(b"\n"):
+                break  # cut short by a crash
+            reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else f"not a JSON object ({error})"
+            raise DataError(f"{path}:{number}: {reason}") from None
+        rows.append(row)
+    return rows
 
 
 def truncate_metrics(output_dir: str | Path, last_step: int) -> None:
@@ -100,7 +122,7 @@ class Tracker:
                  total_steps: int, start_step: int = 0, progress: bool = True, description: str = "train"):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._file = (self.output_dir / METRICS_FILE).open("a")
+        self._file: Any = None  # opened at the first row: a resumed run cuts the file after its checkpoint loads
         self._bar = None
         if progress:
             from tqdm import tqdm  # slow: tqdm, ~60 ms (the CLI imports this module); only for a progress bar
@@ -124,6 +146,8 @@ class Tracker:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        if self._file is None:
+            self._file = (self.output_dir / METRICS_FILE).open("a")
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._wandb is not None:
@@ -156,7 +180,8 @@ class Tracker:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
@@ -171,3 +196,23 @@ def build_wandb_table(step: int, rows: list[dict[str, Any]]):
         columns += [key for key in row if key not in columns]
     data = [[step if column == "step" else row.get(column) for column in columns] for row in rows]
     return wandb.Table(columns=columns, data=data)
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient norm became inf or NaN: the run stops before it saves or exports anything."""
+
+
+# The training metrics that must stay finite (a policy/critic step's loss and gradient norm).
+FINITE_METRICS = ("loss", "grad_norm", "critic/value_loss", "critic/grad_norm")
+
+
+def check_finite_training(step: int, metrics: dict[str, float], checkpoints: CheckpointManager) -> None:
+    """Stop the run at the first optimizer step whose loss or gradient norm is not finite, naming the
+    step and keeping the last checkpoint (nothing after it is saved or exported)."""
+    for key in FINITE_METRICS:
+        value = metrics.get(key)
+        if value is not None and not math.isfinite(value):
+            last = checkpoints.latest()
+            kept = f"the last checkpoint, {last}, is kept" if last else "no checkpoint was saved before it"
+            raise TrainingDiverged(f"step {step}: {key} is {value}: training diverged, the run stops; {kept}. "
+                                   "Lower train.lr, or check the data")

@@ -46,7 +46,7 @@ def read_rows(source: str) -> list[Row]:
 
 
 def _starts_with_object(path: Path) -> bool:
-    with path.open() as f:
+    with path.open(errors="replace") as f:
         head = f.read(64).lstrip()
     return head.startswith("{")
 
@@ -54,8 +54,9 @@ def _starts_with_object(path: Path) -> bool:
 def _read_jsonl(path: Path) -> Iterator[Row]:
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}")
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            line = _utf8_line(raw, path, number)
             if not line.strip():
                 continue
             try:
@@ -67,9 +68,23 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             yield Row(fields, f"{path}:{number}")
 
 
-def _read_json_list(path: Path) -> list[Row]:
+def _utf8_line(raw: bytes, path: Path, number: int) -> str:
     try:
-        data = json.loads(path.read_text())
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                        "datasets must be UTF-8") from None
+
+
+def _read_json_list(path: Path) -> list[Row]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); datasets must be UTF-8") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(data, list):

@@ -31,7 +31,9 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
 import os
+import subprocess
 import sys
 import threading
 from typing import Any, Callable, Mapping
@@ -42,6 +44,8 @@ from rayrl.rewards.math_answer import make_math_answer, math_answer
 
 __all__ = [
     "BUILTIN_FACTORIES",
+    "REWARD_IMPORT_DEADLINE_S",
+    "check_import_finishes",
     "BUILTIN_REWARDS",
     "RewardSpecError",
     "is_batched",
@@ -144,6 +148,35 @@ def _check_signature(spec: str, fn: Any) -> None:
         raise RewardSpecError(
             spec, f"{getattr(fn, '__name__', fn)!s}{signature} must accept (prompt, completion, **fields)"
         ) from None
+
+
+# How long importing a user's reward module may take (checked in a child before the driver imports it).
+REWARD_IMPORT_DEADLINE_S = 60.0
+_IMPORT_CHECK = (
+    "import json, sys\n"
+    "from rayrl.rewards.registry import load_reward_function\n"
+    "args = json.loads(sys.argv[1])\n"
+    "load_reward_function(args['spec'], base_dir=args['base_dir'], options=args['options'])\n"
+)
+
+
+def check_import_finishes(spec: str, *, base_dir: str | None = None, options: Mapping[str, Any] | None = None,
+                          deadline_s: float = REWARD_IMPORT_DEADLINE_S) -> None:
+    """Load a user's reward (``file.py:fn`` or ``module:fn``) once in a child process under a deadline,
+    so that a module that blocks at import (a network call, ``input()``, a lock) is a
+    :class:`RewardSpecError` instead of a driver that hangs. Other failures are left to the real load,
+    which reports them; built-ins are not checked."""
+    if ":" not in str(spec):
+        return
+    argument = json.dumps({"spec": spec, "base_dir": base_dir, "options": dict(options) if options else None},
+                          default=str)
+    try:
+        subprocess.run([sys.executable, "-c", _IMPORT_CHECK, argument], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=deadline_s,
+                       cwd=base_dir or None)
+    except subprocess.TimeoutExpired:
+        raise RewardSpecError(spec, f"loading it did not finish within {deadline_s:g} s (does the module block "
+                                    "at import: a network call, input(), a lock?)") from None
 
 
 def load_reward_function(spec: str, *, base_dir: str | None = None, options: Mapping[str, Any] | None = None) -> RewardFn:

@@ -14,13 +14,15 @@ scores, so a scorer can be shipped to a Ray actor (the VerifierPool) and loaded 
 Failure policy: a reward function that raises, exceeds its ``timeout_s``, or returns something
 that is not a finite real number (None, a string, NaN, inf) gives that item the spec's
 ``fallback`` and is counted, and scoring carries on; it never crashes the run. Only
-configuration errors (an unresolvable spec, mismatched input lengths) raise.
+configuration errors (an unresolvable spec, mismatched input lengths) raise. Finite scores are
+clipped to ``[-MAX_ABS_SCORE, MAX_ABS_SCORE]``: a 1e308 times a weight must not become an inf total.
 
 How timeouts are enforced (``isolation="fork"``, the default):
 
-* Per ``score`` call ONE child process is forked (``multiprocessing`` "fork" context; the
-  functions, prompts and fields are inherited, nothing is pickled on the way in). It evaluates
-  the (function, item) jobs one by one, each under a ``signal.setitimer(ITIMER_REAL,
+* Per ``score`` call up to ``concurrency`` child processes are forked (``multiprocessing`` "fork"
+  context; the functions, prompts and fields are inherited, nothing is pickled on the way in),
+  each taking every ``concurrency``-th job, so that items that time out are paid side by side,
+  not one after another. A child evaluates its (function, item) jobs one by one, each under a ``signal.setitimer(ITIMER_REAL,
   timeout_s)`` alarm whose handler raises :class:`RewardTimeout` (a ``BaseException``, so a
   bare ``except Exception`` in user code does not swallow it), and streams ``(job, status,
   value)`` back through a pipe as each job finishes.
@@ -30,6 +32,10 @@ How timeouts are enforced (``isolation="fork"``, the default):
   the parent SIGKILLs it, records the job in flight as timed out (or failed, if the child
   died), and forks a fresh child for the remaining jobs. So one bad item costs at most
   ``timeout_s + grace_s``; the rest are still scored.
+* A child's stdout and stderr go to a pipe the parent drains: at most ``output_limit`` bytes of
+  it reach the scoring process's own output (a function printing a gigabyte costs the drain, not
+  the logs or the disk). When a child is done or killed, every process it started is killed too:
+  its process group and, walking ``/proc``, descendants that left the group (``setsid``).
 * A batched function (``fn.batched = True``) is one job: ``timeout_s`` applies to the whole
   call, and a failure falls back (and counts) for every item of the batch. Individual
   non-numeric entries of its returned list fall back one by one.
@@ -51,7 +57,10 @@ import multiprocessing.connection
 import numbers
 import os
 import signal
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -64,6 +73,7 @@ logger = logging.getLogger(__name__)
 
 _RESERVED_FIELDS = ("prompt", "completion")
 _MAX_ERROR_SAMPLES = 3
+MAX_ABS_SCORE = 1e6  # finite scores are clipped to +-this
 
 
 class RewardTimeout(BaseException):
@@ -182,7 +192,7 @@ def _to_score(value: Any) -> float | None:
         out = float(value)
     except Exception:
         return None
-    return out if math.isfinite(out) else None
+    return min(max(out, -MAX_ABS_SCORE), MAX_ABS_SCORE) if math.isfinite(out) else None
 
 
 def _bad_value(value: Any) -> str:
@@ -202,6 +212,8 @@ class RewardScorer:
         isolation: ``"fork"`` (timeouts enforced in a forked child) or ``"none"``.
         grace_s: extra seconds the parent waits past a job's ``timeout_s`` before killing a
             child that did not honour the alarm.
+        concurrency: forked children scoring at once (items that time out overlap).
+        output_limit: bytes of the children's stdout/stderr passed on per ``score`` call.
 
     The object holds only plain data until :meth:`load` (called by :meth:`score`), and
     pickles without the loaded functions, so it can be constructed on the driver and used
@@ -215,6 +227,8 @@ class RewardScorer:
         base_dir: str | None = None,
         isolation: Literal["fork", "none"] = "fork",
         grace_s: float = 1.0,
+        concurrency: int = 4,
+        output_limit: int = 64 * 1024,
     ) -> None:
         specs = list(specs)
         if not specs:
@@ -232,6 +246,10 @@ class RewardScorer:
         self.base_dir = base_dir
         self.isolation = isolation
         self.grace_s = float(grace_s)
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.concurrency = int(concurrency)
+        self.output_limit = int(output_limit)
         self._fns: list[Callable[..., Any]] | None = None
         self._warned: set[str] = set()
 
@@ -317,7 +335,22 @@ class RewardScorer:
         for job in inline_jobs:
             record(job, *runner.run(job, timeout_s=None, inline=True))
         if forked_jobs:
-            self._run_forked(runner, forked_jobs, record)
+            lock = threading.Lock()
+
+            def locked_record(job: _Job, status: str, payload: Any) -> None:
+                with lock:
+                    record(job, status, payload)
+
+            shards = [forked_jobs[k::self.concurrency] for k in range(min(self.concurrency, len(forked_jobs)))]
+            output = _CappedOutput(self.output_limit)
+            if len(shards) == 1:
+                self._run_forked(runner, shards[0], locked_record, output)
+            else:
+                with ThreadPoolExecutor(len(shards), thread_name_prefix="rayrl-reward") as pool:
+                    for done in [pool.submit(self._run_forked, runner, shard, locked_record, output)
+                                 for shard in shards]:
+                        done.result()
+            output.flush_note()
 
         per_function: dict[str, list[float]] = {}
         failed: dict[str, list[bool]] = {}
@@ -342,15 +375,20 @@ class RewardScorer:
         return ScoreResult(total=total, per_function=per_function, failures=failures, timeouts=timeouts,
                            failed=failed, errors={k: v for k, v in errors.items() if v})
 
-    def _run_forked(self, runner: "_JobRunner", jobs: list[_Job], record: Callable[[_Job, str, Any], None]) -> None:
+    def _run_forked(self, runner: "_JobRunner", jobs: list[_Job], record: Callable[[_Job, str, Any], None],
+                    output: "_CappedOutput") -> None:
         ctx = multiprocessing.get_context("fork")
         start = 0
         while start < len(jobs):
             reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_child_main, args=(runner, jobs, start, writer), daemon=False,
+            out_r, out_w = os.pipe()
+            proc = ctx.Process(target=_child_main, args=(runner, jobs, start, writer, out_w), daemon=False,
                                name="rayrl-reward-scorer")
             proc.start()
             writer.close()
+            os.close(out_w)
+            drain = threading.Thread(target=output.drain, args=(out_r,), daemon=True, name="rayrl-reward-output")
+            drain.start()
             current = start
             last_progress = time.monotonic()
             try:
@@ -392,12 +430,19 @@ class RewardScorer:
             finally:
                 if current >= len(jobs):
                     proc.join(1.0)  # finished normally: let it exit on its own
+                stray = _descendants(proc.pid)  # before the child dies: orphans lose their parent link
                 killed = proc.is_alive()
                 if killed:
                     proc.kill()
                 proc.join(5)
                 kill_process_group(proc.pid)  # processes a reward function started (timed out or not)
+                for pid in stray:  # ...also those that left the group (setsid, start_new_session)
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
                 reader.close()
+                drain.join(1.0)
             if killed or proc.exitcode not in (0, None):
                 # A killed child cannot clean up after a sandbox run it was in the middle of.
                 cleanup_stale_sandbox_dirs()
@@ -463,12 +508,21 @@ def _raise_timeout(signum, frame):
     raise RewardTimeout()
 
 
-def _child_main(runner: _JobRunner, jobs: list[_Job], start: int, conn) -> None:
+def _child_main(runner: _JobRunner, jobs: list[_Job], start: int, conn, output_fd: int) -> None:
     """Body of the forked scoring child: run jobs[start:], one alarm each, stream results."""
     try:
         os.setsid()  # its own process group: whatever a reward function spawns ends with the child
     except OSError:
         pass
+    # stdout/stderr into the parent's capped drain (not straight into the worker's log).
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed or odd stream: nothing to flush
+            pass
+    os.dup2(output_fd, 1)
+    os.dup2(output_fd, 2)
+    os.close(output_fd)
     try:
         signal.signal(signal.SIGALRM, _raise_timeout)
         use_alarm = True
@@ -484,4 +538,71 @@ def _child_main(runner: _JobRunner, jobs: list[_Job], start: int, conn) -> None:
             if isinstance(exc, (BrokenPipeError, EOFError)):
                 return
             conn.send((k, "error", f"could not report result: {exc}"))
+    for pid in _descendants(os.getpid()):  # what the functions started and left running, setsid or not
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
     conn.close()
+
+
+class _CappedOutput:
+    """Drains the scoring children's stdout/stderr pipes; passes on the first ``limit`` bytes of a
+    ``score`` call (to this process's stderr), counts and drops the rest."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.passed = 0
+        self.dropped = 0
+        self._lock = threading.Lock()
+
+    def drain(self, fd: int) -> None:
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                with self._lock:
+                    keep = chunk[: max(0, self.limit - self.passed)]
+                    self.passed += len(keep)
+                    self.dropped += len(chunk) - len(keep)
+                if keep:
+                    try:
+                        os.write(2, keep)
+                    except OSError:
+                        pass
+        finally:
+            os.close(fd)
+
+    def flush_note(self) -> None:
+        if self.dropped:
+            logger.warning("reward functions printed %d bytes more than the %d passed on; dropped",
+                           self.dropped, self.limit)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from ``/proc``'s parent links; [] where there is no /proc)."""
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    children: dict[int, list[int]] = {}
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ")"
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found

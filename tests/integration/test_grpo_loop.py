@@ -18,6 +18,7 @@ pytestmark = pytest.mark.integration
 def grpo_config(output_dir, model_path, **sections):
     data = {
         "algorithm": "grpo", "output_dir": str(output_dir), "seed": 0, "model": {"path": model_path},
+        "data": {"train": "rayrl:addition/prompts-train", "eval": "rayrl:addition/prompts-eval"},
         "rollout": {"backend": "vllm", "num_cpus": 0.25, "group_size": 4, "max_new_tokens": 4, "kv_cache_gib": 0.25},
         "grpo": {"prompts_per_step": 4},
         "train": {"max_steps": 2, "micro_batch_size": 8, "lr": 1e-3},

@@ -62,6 +62,7 @@ def run_train(tmp_path: Path, address: str, model_path: str, **sections) -> tupl
     out = tmp_path / "run"
     config = {
         "algorithm": "grpo", "output_dir": str(out), "seed": 0, "model": {"path": model_path},
+        "data": {"train": "rayrl:addition/prompts-train"},
         "ray": {"address": address},
         "rollout": {"backend": "vllm", "group_size": 4, "max_new_tokens": 4, "kv_cache_gib": 0.25},
         "grpo": {"prompts_per_step": 4},

@@ -33,6 +33,7 @@ def tiny_reward_model(tmp_path_factory, tiny_model_dir, tokenizer):
 def ppo_config(output_dir, model_path, rm_path, **sections):
     data = {
         "algorithm": "ppo", "output_dir": str(output_dir), "seed": 0, "model": {"path": model_path},
+        "data": {"train": "rayrl:addition/prompts-train", "eval": "rayrl:addition/prompts-eval"},
         "reward_model": {"path": rm_path, "num_workers": 2, "num_cpus": 0.1},
         "rollout": {"backend": "vllm", "num_cpus": 0.25, "group_size": 2, "max_new_tokens": 4, "kv_cache_gib": 0.25},
         "ppo": {"prompts_per_step": 4, "mini_batches": 2, "kl_coef": 0.05},

@@ -150,7 +150,7 @@ def test_peft_methods_train_through_sft(ray_cluster, tmp_path, tiny_model_dir, m
 
     config = build_config({
         "algorithm": "sft", "output_dir": str(tmp_path / method), "model": {"path": tiny_model_dir, "peft": {"method": method}},
-        "data": {"max_length": 16, "eval": "rayrl:addition/sft-eval"},
+        "data": {"train": "rayrl:addition/sft-train", "max_length": 16, "eval": "rayrl:addition/sft-eval"},
         "train": {"max_steps": 3, "global_batch_size": 8, "micro_batch_size": 8, "lr": 1e-2},
         "trainer": {"num_cpus": 0.5}, "eval": {"max_examples": 8, "at_start": False},
         "tracking": {"progress": False, "wandb": {"mode": "disabled"}},

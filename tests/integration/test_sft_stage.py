@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def sft_config(output_dir, **sections):
     data = {
-        "algorithm": "sft", "output_dir": str(output_dir), "seed": 0,
+        "algorithm": "sft", "output_dir": str(output_dir), "seed": 0, "model": {"path": "rayrl:tiny-llama"},
         "data": {"train": "rayrl:addition/sft-train", "eval": "rayrl:addition/sft-eval", "max_length": 16},
         "train": {"max_steps": 6, "global_batch_size": 16, "micro_batch_size": 8, "lr": 1e-3, "warmup_steps": 2},
         "trainer": {"world_size": 1, "num_cpus": 0.5},

@@ -1,12 +1,31 @@
 import pytest
 
-from rayrl.config import ConfigError, SFTConfig, apply_overrides, build_config, load_config
+from builtin_configs import BUILTIN_DATA, BUILTIN_MODEL, build_config
+from rayrl.config import ConfigError, SFTConfig, apply_overrides, load_config
 
 
-def write(tmp_path, text):
+def write(tmp_path, text, builtins=True):
+    """A config file; with ``builtins``, the built-in model and data are named at its end where ``text``
+    has no such section (so the line numbers of ``text`` stay as they are)."""
     path = tmp_path / "run.yaml"
+    if builtins:
+        algorithm = text.split("algorithm:", 1)[1].split()[0] if "algorithm:" in text else "sft"
+        if "\nmodel:" not in "\n" + text:
+            text += f"model:\n  path: {BUILTIN_MODEL}\n"
+        if "\ndata:" not in "\n" + text and algorithm in BUILTIN_DATA:
+            text += f"data:\n  train: {BUILTIN_DATA[algorithm][0]}\n"
     path.write_text(text)
     return path
+
+
+def test_a_run_names_its_model_and_data(tmp_path):
+    """No silent demo defaults: without model.path or data.train the config is an error naming them."""
+    for algorithm in ("sft", "dpo", "rm", "grpo"):
+        with pytest.raises(ConfigError) as err:
+            load_config(write(tmp_path, f"algorithm: {algorithm}\n", builtins=False))
+        assert "key 'model': Field required" in str(err.value) and "key 'data': Field required" in str(err.value)
+        config = load_config(write(tmp_path, f"algorithm: {algorithm}\n"))
+        assert config.data.eval is None  # built-in eval data only where named
 
 
 def test_valid_config_with_overrides(tmp_path):

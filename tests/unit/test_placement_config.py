@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from rayrl.config import ConfigError, build_config
+from builtin_configs import build_config
+from rayrl.config import ConfigError
 
 
 def test_custom_resources_need_a_cluster_and_name_the_key():

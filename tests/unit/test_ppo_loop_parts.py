@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rayrl.algorithms.ppo import AdaptiveKLController, gae_advantages, kl_penalized_rewards
-from rayrl.config import ConfigError, build_config, policy_settings
+from builtin_configs import build_config
+from rayrl.config import ConfigError, policy_settings
 from rayrl.rl_advantages import PPOAdvantageSettings, explained_variance, ppo_advantages
 from rayrl.rl_roles import balanced_slices
 

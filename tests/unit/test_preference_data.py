@@ -5,7 +5,7 @@ import pytest
 from rayrl.data.loading import DataError
 from rayrl.data.preference import collate_pairs, load_kto_examples, load_preference_pairs
 from rayrl.dpo import kto_balance_warning
-from rayrl.config import build_config
+from builtin_configs import build_config
 
 
 def write_rows(path, rows):

@@ -2,6 +2,7 @@
 
 import os
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,18 @@ def test_import_error_inside_file_is_reported(tmp_path):
         load_reward_function("broken.py:fn", base_dir=str(tmp_path))
     with pytest.raises(RewardSpecError, match="options"):
         load_reward_function("exact_match", options={"no_such_option": 1})
+
+
+def test_a_module_that_blocks_at_import_is_an_error_not_a_hang(tmp_path):
+    from rayrl.rewards.registry import check_import_finishes
+
+    blocking = tmp_path / "blocking.py"
+    blocking.write_text("import time\ntime.sleep(1000)\ndef score(prompt, completion, **fields):\n    return 1.0\n")
+    start = time.monotonic()
+    with pytest.raises(RewardSpecError, match="did not finish within 2 s"):
+        check_import_finishes(f"{blocking}:score", deadline_s=2)
+    assert time.monotonic() - start < 10
+    fine = tmp_path / "fine.py"
+    fine.write_text("def score(prompt, completion, **fields):\n    return 1.0\n")
+    check_import_finishes(f"{fine}:score", deadline_s=30)  # passes; a broken one is left to the real load
+    check_import_finishes(f"{tmp_path / 'missing.py'}:score", deadline_s=30)

@@ -1,5 +1,6 @@
 """RewardScorer: weighted totals, fields as kwargs, and failures/timeouts that never crash a run."""
 
+import math
 import pickle
 import textwrap
 import threading
@@ -61,6 +62,21 @@ def spawns(prompt, completion, answer, pid_file, wedge=False, **fields):
     if wedge:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
     time.sleep(100)
+
+def huge(prompt, completion, answer, **fields):
+    if completion == "inf-ish":
+        return 1e300
+    if completion == "print":
+        os.write(1, b"x" * (32 << 20))  # 32 MiB of output
+    return -1e300 if completion == "neg" else 0.5
+
+def daemon(prompt, completion, answer, pid_file, **fields):
+    # A child in a session of its own, left running: it must not outlive the scoring.
+    import subprocess
+    proc = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    with open(pid_file, "a") as f:
+        f.write(f"{proc.pid}\\n")
+    return 1.0
 
 def batch_len(prompts, completions, **fields):
     return [float(len(c)) + float(a) for c, a in zip(completions, fields["answer"])]
@@ -233,3 +249,50 @@ def test_configuration_errors_raise():
     with pytest.raises(ValueError, match="completions"):
         RewardScorer([spec("a", "exact_match")]).score(["P", "P"], ["x"], None)
     assert RewardScorer([spec("a", "exact_match")]).score([], [], []).total == []
+
+
+def test_scores_are_clipped_to_a_finite_range(rewards_file):
+    result = RewardScorer([spec("h", f"{rewards_file}:huge", weight=10.0)]).score(
+        ["P", "P", "P"], ["inf-ish", "neg", "ok"], [{"answer": "0"}] * 3)
+    assert result.per_function["h"] == [1e6, -1e6, 0.5]
+    assert all(math.isfinite(t) for t in result.total) and result.failures["h"] == 0
+
+
+def test_output_of_reward_functions_is_capped(rewards_file, capfd):
+    scorer = RewardScorer([spec("h", f"{rewards_file}:huge")], output_limit=1000)
+    start = time.monotonic()
+    result = scorer.score(["P"] * 2, ["print", "ok"], [{"answer": "0"}] * 2)
+    assert result.per_function["h"] == [0.5, 0.5]
+    captured = capfd.readouterr()
+    assert len(captured.out) + len(captured.err) < 10_000  # 32 MiB printed, 1000 bytes passed on
+    assert time.monotonic() - start < 30
+
+
+def test_items_that_time_out_are_paid_side_by_side(rewards_file):
+    scorer = RewardScorer([spec("s", f"{rewards_file}:sleepy", timeout_s=1.0)], concurrency=4)
+    completions = ["hang", "ok"] * 4  # four hanging items
+    start = time.monotonic()
+    result = scorer.score(["P"] * 8, completions, [{"answer": "0"}] * 8)
+    elapsed = time.monotonic() - start
+    assert result.timeouts["s"] == 4 and result.per_function["s"][1::2] == [0.5] * 4
+    assert elapsed < 3.5, elapsed  # one after another: 4+ s
+
+
+def test_children_in_a_session_of_their_own_are_ended(rewards_file, tmp_path):
+    pid_file = tmp_path / "pids"
+    result = RewardScorer([spec("d", f"{rewards_file}:daemon")]).score(
+        ["P"], ["x"], [{"answer": "0", "pid_file": str(pid_file)}])
+    assert result.per_function["d"] == [1.0]
+    (pid,) = [int(line) for line in pid_file.read_text().split()]
+    deadline = time.monotonic() + 5
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the reward function's daemon outlived the scoring"
+        time.sleep(0.05)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from rayrl.config import build_config, policy_settings
+from builtin_configs import build_config
+from rayrl.config import policy_settings
 from rayrl.rewards.scoring import ScoreResult
 from rayrl.rl import sample_step, zero_variance_groups
 from rayrl.rl_advantages import sequence_advantages

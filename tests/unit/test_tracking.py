@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from rayrl.config import WandbConfig, build_config
+from builtin_configs import build_config
+from rayrl.config import WandbConfig
 from rayrl.tracking import (SAMPLES_FILE, Tracker, build_wandb_table, read_metrics, read_samples, sample_rows,
                             sample_table_due, truncate_metrics)
 

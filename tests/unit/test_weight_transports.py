@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rayrl.config import ConfigError, build_config
+from builtin_configs import build_config
+from rayrl.config import ConfigError
 from rayrl.cuda_transfer import ALIGN_BYTES, merge_handles, pack_bucket, plan_buckets, unpack_bucket
 from rayrl.evaluation import pass_at_k, pass_at_k_metrics
 
