@@ -142,7 +142,8 @@ class EvalConfig(_Strict):
     max_examples: int = Field(default=200, gt=0)
     max_new_tokens: int = Field(default=8, gt=0)
     generation_data: str | None = None
-    """Rows with prompt + answer for held-out task accuracy of greedy generation (SFT uses data.eval)."""
+    """Rows with prompt + answer for held-out task accuracy of greedy generation (DPO; SFT takes them in
+    data.eval too, where rows with a completion also give eval/loss)."""
     samples: int = Field(default=0, ge=0)
     """RL stages: besides the greedy pass, sample this many completions per eval prompt (0: greedy only)
     at eval.temperature and report eval/pass@k (unbiased estimator) for each k in eval.pass_k."""
@@ -267,8 +268,9 @@ class SFTConfig(_StageBase):
 
     @model_validator(mode="after")
     def _consistent(self) -> SFTConfig:
-        if self.eval.every_steps and self.data.eval is None:
-            raise ValueError("eval.every_steps is set but data.eval is null: nothing to evaluate on")
+        if self.eval.every_steps and self.data.eval is None and self.eval.generation_data is None:
+            raise ValueError("eval.every_steps is set but data.eval and eval.generation_data are null: "
+                             "nothing to evaluate on")
         return self
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,6 +207,7 @@ def submit(config_path: str, overrides: list[str], *, address: str | None, pytho
     config = load_config(config_path, overrides)  # same errors as `rayrl train`
     env_vars = job_env(env)
     jobs = client_ or client(address)
+    check_cluster_imports_rayrl(jobs, python, env_vars)
     tmp = Path(keep_staged) if keep_staged else Path(tempfile.mkdtemp(prefix="rayrl-submit-"))
     try:
         staged = stage(config, tmp)
@@ -225,6 +228,45 @@ def submit(config_path: str, overrides: list[str], *, address: str | None, pytho
     finally:
         if not keep_staged:  # the SDK has uploaded its own zip of working_dir by now
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# How long the probe job that checks the cluster's Python may take.
+PROBE_DEADLINE_S = 120.0
+_PROBE = "import rayrl, sys; print('rayrl', rayrl.__file__, 'python', sys.version.split()[0])"
+
+
+def check_cluster_imports_rayrl(jobs, python: str, env_vars: dict[str, str],
+                                deadline_s: float = PROBE_DEADLINE_S) -> None:
+    """Run ``python -c 'import rayrl'`` as a short job on the cluster before the real one, so that a
+    cluster whose Python lacks rayrl is a clear error here, not a job that fails inside the cluster with
+    "No module named 'rayrl'". The probe job is deleted afterwards."""
+    probe_id = f"rayrl-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        jobs.submit_job(entrypoint=f"{python} -c {shlex.quote(_PROBE)}", submission_id=probe_id,
+                        runtime_env={"env_vars": env_vars}, metadata={"rayrl_probe": "1"})
+    except Exception as exc:
+        raise SubmitError(f"job submission failed: {one_line(exc)}") from None
+    try:
+        deadline = time.monotonic() + deadline_s
+        while True:
+            status = jobs.get_job_status(probe_id)
+            status = str(getattr(status, "value", status))
+            if status in TERMINAL:
+                break
+            if time.monotonic() > deadline:
+                raise SubmitError(f"the cluster did not run a {deadline_s:g} s probe job ({python} -c 'import rayrl'); "
+                                  "is it short of CPUs for a job driver?")
+            time.sleep(0.5)
+        if status != "SUCCEEDED":
+            said = [line for line in jobs.get_job_logs(probe_id).splitlines() if line.strip()]
+            raise SubmitError(f"the cluster's {python!r} cannot import rayrl ({mask_secrets(said[-1]) if said else status}); "
+                              "install rayrl on the cluster's nodes, or name their interpreter with --python")
+    finally:
+        try:
+            jobs.stop_job(probe_id)
+            jobs.delete_job(probe_id)
+        except Exception:  # noqa: BLE001 - a probe that cannot be deleted only clutters `rayrl jobs list`
+            pass
 
 
 def mask_secrets(text: str) -> str:

@@ -103,6 +103,17 @@ def test_bad_config_is_rejected_before_submission(head, tmp_path):
     assert rayrl("jobs", "list", "--json", "--address", head.address).stdout == before
 
 
+def test_a_cluster_python_without_rayrl_is_refused_before_submission(head, tmp_path):
+    before = rayrl("jobs", "list", "--json", "--address", head.address).stdout
+    # -I -S: no PYTHONPATH, no site-packages: this interpreter cannot import rayrl (as a cluster without it).
+    proc = rayrl("submit", "examples/sft.yaml", *TINY, f"output_dir={tmp_path / 'x'}", "--address", head.address,
+                 "--python", f"{sys.executable} -I -S")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cannot import rayrl" in proc.stderr and "No module named 'rayrl'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert rayrl("jobs", "list", "--json", "--address", head.address).stdout == before  # probe deleted, no job
+
+
 def test_token_auth_is_on_and_a_wrong_token_is_refused(head):
     assert auth_headers(), "no Ray auth token found (~/.ray/auth_token)"
     from ray.job_submission import JobSubmissionClient

@@ -82,7 +82,7 @@ def test_contradiction_names_the_keys():
         build_config({"algorithm": "sft", "train": {"global_batch_size": 64, "micro_batch_size": 48}})
     with pytest.raises(ConfigError, match="warmup_steps"):
         build_config({"algorithm": "sft", "train": {"max_steps": 5, "warmup_steps": 10}})
-    with pytest.raises(ConfigError, match="data.eval is null"):
+    with pytest.raises(ConfigError, match="data.eval and eval.generation_data are null"):
         build_config({"algorithm": "sft", "data": {"eval": None}, "eval": {"every_steps": 5}})
 
 

@@ -180,3 +180,24 @@ def test_sequences_longer_than_the_models_positions_are_a_config_error(tiny_mode
     long = build_config({"algorithm": "grpo", "data": {"max_prompt_length": 500}, "rollout": {"max_new_tokens": 13}})
     with pytest.raises(ConfigError, match=r"= 513 tokens, over the model's max_position_embeddings \(512"):
         check_context_length(long, tiny_model_dir)
+
+
+def test_a_reward_failing_on_every_item_of_the_first_batch_stops_the_run():
+    from rayrl.rl import BrokenRewardError, stop_on_broken_rewards
+
+    config = build_config({"algorithm": "grpo", "rewards": [{"fn": "math_answer", "name": "correct"},
+                                                            {"fn": "exact_match", "name": "exact"}]})
+    def failing(rows, completions):
+        n = len(completions)
+        return ScoreResult(total=[0.0] * n, per_function={"correct": [0.0] * n, "exact": [0.0] * n},
+                           failures={"correct": n, "exact": 1}, timeouts={"correct": 0, "exact": 0},
+                           failed={"correct": [True] * n, "exact": [True] + [False] * (n - 1)},
+                           errors={"correct": ["ValueError: math_answer needs an 'answer' field in the dataset row"]})
+    score = stop_on_broken_rewards(failing, config)
+    with pytest.raises(BrokenRewardError, match=r"rewards\[0\] \(math_answer\) failed on all 3 items.*'answer' field"):
+        score([None] * 3, [None] * 3)
+    assert score([None] * 3, [None] * 3).failures["correct"] == 3  # later batches are counted, not fatal
+    allowed = build_config({"algorithm": "grpo", "rewards": [{"fn": "math_answer", "name": "correct",
+                                                              "allow_all_failures": True},
+                                                             {"fn": "exact_match", "name": "exact"}]})
+    assert stop_on_broken_rewards(failing, allowed)([None] * 3, [None] * 3).failures["correct"] == 3

@@ -137,3 +137,20 @@ def test_step_batcher_is_deterministic_and_splits_ranks(tokenizer):
     # epoch boundary: 100 rows, 8 per step -> step 12 spans epochs 0 and 1, both permutations complete
     seen = [r[0] for s in range(25) for r in one.step_rows(s)]
     assert sorted(map(tuple, seen[:100])) == sorted(tuple(e.input_ids) for e in examples[:100])
+
+
+def test_sft_eval_takes_prompt_answer_rows_for_accuracy(tokenizer):
+    """prompt/answer rows (the RL and DPO stages' eval form) give held-out accuracy; rows with a
+    completion also give the held-out loss; eval.generation_data names the accuracy set explicitly."""
+    from builtin_configs import build_config
+    from rayrl.sft import load_sft_eval
+
+    answers_only = load_sft_eval(build_config({"algorithm": "sft", "data": {"eval": "rayrl:addition/prompts-eval"},
+                                               "eval": {"max_examples": 10}}), tokenizer)
+    assert answers_only.loss_examples == [] and len(answers_only.accuracy_set.answers) == 10
+    with_completions = load_sft_eval(build_config({"algorithm": "sft", "eval": {"max_examples": 10}}), tokenizer)
+    assert len(with_completions.loss_examples) == 10 and len(with_completions.accuracy_set.answers) == 10
+    named = load_sft_eval(build_config({"algorithm": "sft", "data": {"eval": None},
+                                        "eval": {"generation_data": "rayrl:addition/prompts-eval", "max_examples": 4,
+                                                 "every_steps": 5}}), tokenizer)
+    assert named.loss_examples == [] and len(named.accuracy_set.prompt_ids) == 4

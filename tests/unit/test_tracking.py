@@ -100,3 +100,28 @@ def test_describe_placement_line():
                         "verifier": ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]}}
     assert describe_placement(record) == ("placement (split, 2 node(s)): trainer x2 on n0; rollout x1 on n1; "
                                           "verifier x2 on n0,n1 [n0=aaaaaaaa (head), n1=bbbbbbbb]")
+
+
+def test_a_non_finite_loss_or_gradient_stops_the_run_naming_the_step(tmp_path):
+    from rayrl.checkpoint import CheckpointManager
+    from rayrl.tracking import TrainingDiverged, check_finite_training
+
+    checkpoints = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
+    check_finite_training(3, {"loss": 0.5, "grad_norm": 1.0, "lr": 1e-3}, checkpoints)  # finite: nothing happens
+    with pytest.raises(TrainingDiverged, match=r"step 4: loss is nan.*no checkpoint was saved"):
+        check_finite_training(4, {"loss": float("nan"), "grad_norm": 1.0}, checkpoints)
+    kept = checkpoints.save(5, lambda d: None, {})
+    with pytest.raises(TrainingDiverged, match=rf"step 6: grad_norm is inf.*{kept.name}, is kept"):
+        check_finite_training(6, {"loss": 0.1, "grad_norm": float("inf")}, checkpoints)
+    with pytest.raises(TrainingDiverged, match="critic/value_loss"):
+        check_finite_training(7, {"critic/value_loss": float("-inf")}, checkpoints)
+
+
+def test_metrics_files_name_the_bad_line_and_skip_a_last_line_cut_short(tmp_path):
+    from rayrl.data.loading import DataError
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')  # a crash mid-write
+    assert read_metrics(tmp_path) == [{"step": 1}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n[1, 2]\n{"step": 3}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl:2: not a JSON object"):
+        read_metrics(tmp_path)
