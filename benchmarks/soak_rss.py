@@ -5,8 +5,8 @@ and eval off) in a subprocess, and samples the RSS of every Ray worker process o
 worker, the trainer, the verifier, the driver) every ``--every`` seconds: RSS and USS (the process's own,
 unshared memory; RSS also counts the pages of Ray's shared object store a process has touched, which grow
 as weight pushes land in new places of the store until the whole store has been touched). Reports, per
-process: each at the end of warm-up (the first 10% of the samples) and at the end, and the USS slope over
-the second half (MB per 100 steps, from the run's own step count). A leak shows as a steady USS slope.
+process: each at the end of warm-up (step 10% of the run) and at the last step, and the USS slope over the
+second half (MB per 100 steps, from the run's own step count). A leak shows as a steady USS slope.
 
 Run:  python benchmarks/soak_rss.py [--steps 1000] [--every 2] [--out benchmarks/results/soak_rss.md]
 """
@@ -91,8 +91,11 @@ def main() -> None:
              "| USS slope, 2nd half (MB / 100 steps) |",
              "|---|---|---|---|"]
     for role, series in sorted(samples.items()):
-        series = [sample for sample in series if sample[0] > 0] or series
-        warm = series[max(0, len(series) // 10 - 1)]
+        # While training only: from the end of warm-up (10% of the steps) to before the last step
+        # (start-up loads models, the end exports and shuts down).
+        training = [x for x in series if args.steps // 10 <= x[0] < args.steps] or series
+        warm = training[0]
+        series = training
         half = series[len(series) // 2:]
         slope = 0.0
         if len(half) > 2 and half[-1][0] > half[0][0]:

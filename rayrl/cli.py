@@ -15,6 +15,7 @@ from rayrl.data.loading import DataError
 from rayrl.data.synthetic import SPLITS, write_splits
 from rayrl.pipeline import run_pipeline
 from rayrl.quickstart import run_quickstart
+from rayrl.remote import RemoteCallTimeout, RoleFailed
 from rayrl.report import render_report
 from rayrl.rewards.registry import RewardSpecError
 from rayrl.stages import run_stage
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, UsageError) as exc:
         print(f"rayrl: error: {exc}", file=sys.stderr)
         return 2
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, RemoteCallTimeout, RoleFailed) as exc:
         print(f"rayrl: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

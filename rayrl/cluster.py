@@ -102,6 +102,9 @@ def _actor_node_id(_instance: Any) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+PLACEMENT_ANSWER_S = 60.0
+
+
 def record_placement(output_dir: str | Path, layout: str, roles: dict[str, list]) -> dict[str, Any] | None:
     """Ask every actor of every role which Ray node it runs on and write ``output_dir/placement.json``:
 
@@ -116,7 +119,8 @@ def record_placement(output_dir: str | Path, layout: str, roles: dict[str, list]
     roles = {name: list(actors) for name, actors in roles.items() if actors}
     try:
         refs = {name: [actor.__ray_call__.remote(_actor_node_id) for actor in actors] for name, actors in roles.items()}
-        placed = {name: ray.get(node_refs) for name, node_refs in refs.items()}
+        # All the actors answered their startup already (identify): a short deadline is plenty.
+        placed = {name: ray.get(node_refs, timeout=PLACEMENT_ANSWER_S) for name, node_refs in refs.items()}
         alive = {node["NodeID"]: node for node in ray.nodes() if node.get("Alive")}
     except Exception as exc:  # an actor that failed to start fails the run at its first real call
         print(f"warning: could not record the roles' placement: {exc}", file=sys.stderr)

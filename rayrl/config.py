@@ -189,6 +189,29 @@ class RayConfig(_Strict):
     """Stream the actors' own logs (DeepSpeed, vLLM) to this console."""
 
 
+class TimeoutConfig(_Strict):
+    """Deadlines of the driver's remote calls: an actor that does not answer in time stops the run with
+    an error naming the role, the actor (pid, node), what it was doing and its Python stack. Generous by
+    default (a slow CPU machine must not trip them); lower them to find hangs sooner."""
+
+    startup_s: float = Field(default=1200.0, gt=0)
+    """Starting a role: actor start, model load, DeepSpeed or vLLM initialisation, rendezvous."""
+    trainer_s: float = Field(default=3600.0, gt=0)
+    """Any call to the trainer (or critic) ranks: a train step, log-probs, eval, checkpoint, export."""
+    generate_s: float = Field(default=600.0, gt=0)
+    """A rollout worker's generate call: this, plus generate_per_token_s per token it may generate."""
+    generate_per_token_s: float = Field(default=0.05, ge=0)
+    """... times prompts x samples x max_new_tokens of the call."""
+    score_s: float = Field(default=600.0, gt=0)
+    """A verifier or reward-model call: this, plus each reward's timeout_s per item of the call."""
+    sync_s: float = Field(default=900.0, gt=0)
+    """A weight push into the rollout engines, and the reference model's calls."""
+
+
+class FaultConfig(_Strict):
+    timeouts: TimeoutConfig = TimeoutConfig()
+
+
 class _CommonBase(_Strict):
     """What every stage shares."""
 
@@ -200,6 +223,7 @@ class _CommonBase(_Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+    fault: FaultConfig = FaultConfig()
 
     @property
     def schedule_steps(self) -> int | None:

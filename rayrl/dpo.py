@@ -120,7 +120,8 @@ def run_dpo(config: DPOConfig) -> StageResult:
         # 2. The policy group (plus, for "alongside" without PEFT, a frozen reference copy per rank).
         trainers = PolicyTrainerGroup(trainer_spec(config, setup.model_path, total_steps),
                                       num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,
-                                      resources=config.trainer.resources, separate_reference=separate_reference)
+                                      resources=config.trainer.resources, separate_reference=separate_reference,
+                                      timeouts=config.fault.timeouts)
         run.on_exit(trainers.shutdown)
         tracker = run.tracker
         if warning:

@@ -91,6 +91,8 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
         tracker = run.tracker
         estimator = advantage_estimator(config, roles.critic)
         pusher = WeightPusher(config.resolved_weight_transport, roles.trainers.actors, roles.rollout.workers,
+                              deadline_s=config.fault.timeouts.sync_s, trainer_who=roles.trainers.who,
+                              worker_who=roles.rollout.who,
                               bucket_bytes=SYNC_BUCKET_BYTES, wire_dtype=config.rollout.dtype)
         score = stop_on_broken_rewards(with_overlong_penalty(roles.score, settings, config.rollout.max_new_tokens),
                                        config)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,11 @@ from rayrl.actors.reward_model import RewardModel
 from rayrl.actors.rollout_worker import Completion, RolloutWorker, SamplingSettings
 from rayrl.actors.verifier import Verifier
 from rayrl.cluster import trainer_roles
-from rayrl.config import GRPOConfig, PPOConfig, policy_settings
+from rayrl.config import GRPOConfig, PPOConfig, TimeoutConfig, policy_settings
 from rayrl.data.batch import TokenBatch
 from rayrl.data.rollout import PromptRow
 from rayrl.outputs import export_final_model
+from rayrl.remote import ActorIdentity, RemoteCallTimeout, gather, identify, timeout_message
 from rayrl.rewards.scoring import RewardSpec, ScoreResult
 from rayrl.stage_common import trainer_spec
 from rayrl.tiny import resolve_model_path
@@ -46,49 +48,77 @@ CRITIC_CHECKPOINT_DIR = "critic"  # inside each checkpoint directory
 
 class RolloutPool:
     """Rollout workers; prompts are handed out in chunks to whichever worker is free (balanced by
-    pending work), and weights are pushed to all of them."""
+    pending work), and weights are pushed to all of them. Every call has a deadline
+    (``fault.timeouts``): a generate call's grows with the tokens it may generate."""
 
-    def __init__(self, workers: list):
+    def __init__(self, workers: list, timeouts: TimeoutConfig):
         self.workers = workers
+        self.timeouts = timeouts
+        self.who = identify("rollout", workers, timeouts.startup_s)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
         chunk = max(1, -(-len(prompt_ids) // (2 * len(self.workers))))
         chunks = [(start, prompt_ids[start:start + chunk]) for start in range(0, len(prompt_ids), chunk)]
-        pending: dict[Any, tuple[int, Any]] = {}
+        pending: dict[Any, tuple[int, int, float, float]] = {}  # ref -> (start, worker, due time, budget)
         results: list[Completion] = []
-        idle = list(self.workers)
+        idle = list(range(len(self.workers)))
+        setting = "fault.timeouts.generate_s + generate_per_token_s"
         while chunks or pending:
             while chunks and idle:
                 start, prompts = chunks.pop(0)
-                worker = idle.pop()
-                pending[worker.generate.remote(prompts, replace(sampling, seed_offset=start))] = (start, worker)
-            done, _ = ray.wait(list(pending), num_returns=1)
-            start, worker = pending.pop(done[0])
-            idle.append(worker)
-            for completion in ray.get(done[0]):
+                index = idle.pop()
+                budget = self.generate_deadline_s(len(prompts), sampling)
+                ref = self.workers[index].generate.remote(prompts, replace(sampling, seed_offset=start))
+                pending[ref] = (start, index, time.monotonic() + budget, budget)
+            first_due = min(due for _, _, due, _ in pending.values())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, first_due - time.monotonic()))
+            if not done:
+                late = [info for info in pending.values() if info[2] <= time.monotonic()]
+                if late:
+                    start, index, _, budget = late[0]
+                    raise RemoteCallTimeout(timeout_message([self.who[index]], f"generating (prompts {start}...)",
+                                                            budget, setting))
+                continue
+            start, index, _, budget = pending.pop(done[0])
+            idle.append(index)
+            # Ready: gather returns at once (and names the worker if it died).
+            for completion in gather(done, who=[self.who[index]], doing=f"generating (prompts {start}...)",
+                                     deadline_s=budget, setting=setting)[0]:
                 completion.prompt_index += start
                 results.append(completion)
         results.sort(key=lambda c: (c.prompt_index, c.sample_index))
         return results
 
+    def generate_deadline_s(self, num_prompts: int, sampling: SamplingSettings) -> float:
+        tokens = num_prompts * sampling.n * sampling.max_new_tokens
+        return self.timeouts.generate_s + self.timeouts.generate_per_token_s * tokens
+
     def sleep(self) -> None:
-        ray.get([worker.sleep.remote() for worker in self.workers])
+        gather([worker.sleep.remote() for worker in self.workers], who=self.who, doing="going to sleep",
+               deadline_s=self.timeouts.sync_s, setting="fault.timeouts.sync_s")
 
     def wake_up(self) -> None:
-        ray.get([worker.wake_up.remote() for worker in self.workers])
+        gather([worker.wake_up.remote() for worker in self.workers], who=self.who, doing="waking up",
+               deadline_s=self.timeouts.sync_s, setting="fault.timeouts.sync_s")
 
 
 class VerifierPool:
-    """Verifier actors; a batch is split into equal contiguous slices over them."""
+    """Verifier actors; a batch is split into equal contiguous slices over them. A call's deadline is
+    ``fault.timeouts.score_s`` plus the rewards' per-item timeouts times its items."""
 
-    def __init__(self, verifiers: list):
+    def __init__(self, verifiers: list, timeouts: TimeoutConfig, per_item_s: float):
         self.verifiers = verifiers
+        self.timeouts = timeouts
+        self.per_item_s = per_item_s
+        self.who = identify("verifier", verifiers, timeouts.startup_s)
 
     def score(self, prompts: list[str], completions: list[str], fields: list[dict]) -> ScoreResult:
         size = -(-len(prompts) // len(self.verifiers))
         calls = [v.score.remote(prompts[i:i + size], completions[i:i + size], fields[i:i + size])
                  for v, i in zip(self.verifiers, range(0, len(prompts), size))]
-        return ScoreResult.concat(ray.get(calls))
+        return ScoreResult.concat(gather(calls, who=self.who[:len(calls)], doing=f"scoring {len(prompts)} completions",
+                                         deadline_s=self.timeouts.score_s + self.per_item_s * size,
+                                         setting="fault.timeouts.score_s (plus rewards[i].timeout_s per item)"))
 
 
 def balanced_slices(lengths: list[int], parts: int) -> list[tuple[int, int]]:
@@ -113,13 +143,17 @@ def balanced_slices(lengths: list[int], parts: int) -> list[tuple[int, int]]:
 class RewardModelPool:
     """Several RewardModel actors; a batch is split into token-balanced contiguous slices over them."""
 
-    def __init__(self, workers: list):
+    def __init__(self, workers: list, timeouts: TimeoutConfig):
         self.workers = workers
+        self.timeouts = timeouts
+        self.who = identify("reward_model", workers, timeouts.startup_s)
 
     def score(self, sequences: list[list[int]]) -> list[float]:
         slices = balanced_slices([len(s) for s in sequences], len(self.workers))
         calls = [worker.score.remote(sequences[a:b]) for worker, (a, b) in zip(self.workers, slices)]
-        return [v for part in ray.get(calls) for v in part]
+        parts = gather(calls, who=self.who[:len(calls)], doing=f"scoring {len(sequences)} sequences",
+                       deadline_s=self.timeouts.score_s, setting="fault.timeouts.score_s")
+        return [v for part in parts for v in part]
 
 
 def in_row_chunks(fn: Callable[[TokenBatch], torch.Tensor], tokens: TokenBatch, size: int) -> torch.Tensor:
@@ -140,6 +174,8 @@ class RLRoles:
     reward_models: RewardModelPool | None = None
     critic: CriticGroup | None = None
     reference: Any = None  # a ReferenceModel actor (none with PEFT: the adapter-disabled policy is it)
+    reference_who: ActorIdentity | None = None
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
 
     # ---- the loop's calls --------------------------------------------------------------------
     def score(self, rows: list[PromptRow], completions: list[Completion]) -> ScoreResult:
@@ -164,8 +200,10 @@ class RLRoles:
         """(N, T-1) the reference's token log-probs (the ReferenceModel actor, or with PEFT the
         adapter-disabled policy), at the sampling temperature."""
         if self.reference is not None:
-            return in_row_chunks(lambda b: ray.get(self.reference.token_logprobs.remote(b, temperature=temperature)),
-                                 tokens, micro_batch_size)
+            return in_row_chunks(lambda b: gather(
+                [self.reference.token_logprobs.remote(b, temperature=temperature)],
+                who=[self.reference_who or ActorIdentity("reference", 0)], doing="computing the reference's log-probs",
+                deadline_s=self.timeouts.trainer_s, setting="fault.timeouts.trainer_s")[0], tokens, micro_batch_size)
         return in_row_chunks(lambda b: self.trainers.token_logprobs(b, temperature=temperature, reference=True),
                              tokens, micro_batch_size)
 
@@ -258,24 +296,27 @@ def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[Rew
     shared = ({"CPU": config.rollout.num_cpus, "GPU": config.rollout.num_gpus, **config.rollout.resources}
               if colocated else None)
     optimizer_steps = config.schedule_steps  # the LR schedule spans every optimizer step
+    timeouts = config.fault.timeouts
     trainers = PolicyTrainerGroup(trainer_spec(config, model_path, optimizer_steps), num_cpus=config.trainer.num_cpus,
                                   num_gpus=config.trainer.num_gpus, shared_bundle=shared,
-                                  resources=config.trainer.resources)
-    roles = RLRoles(trainers, RolloutPool([]), colocated)
+                                  resources=config.trainer.resources, timeouts=timeouts)
+    roles = RLRoles(trainers, RolloutPool([], timeouts), colocated, timeouts=timeouts)
     try:
-        roles.rollout = RolloutPool(_rollout_workers(config, model_path, trainers if colocated else None))
+        roles.rollout = RolloutPool(_rollout_workers(config, model_path, trainers if colocated else None), timeouts)
         if specs:
-            roles.verifiers = VerifierPool(_verifiers(config, specs))
+            per_item_s = sum(spec.timeout_s or 0.0 for spec in specs)
+            roles.verifiers = VerifierPool(_verifiers(config, specs), timeouts, per_item_s)
         if isinstance(config, PPOConfig):
             rm_path = resolve_model_path(config.reward_model.path)
-            roles.reward_models = RewardModelPool(_reward_models(config, rm_path, pad_id))
+            roles.reward_models = RewardModelPool(_reward_models(config, rm_path, pad_id), timeouts)
             critic_path = rm_path if config.critic.init == "reward_model" else model_path
             roles.critic = CriticGroup(critic_spec(config, critic_path, optimizer_steps),
                                        num_cpus=config.critic.num_cpus, num_gpus=config.critic.num_gpus,
-                                       resources=config.critic.resources,
+                                       resources=config.critic.resources, timeouts=timeouts,
                                        role_kwargs={"value_clip": config.critic.value_clip})
         if needs_reference_model(config):
             roles.reference = _reference_model(config, model_path)
+            (roles.reference_who,) = identify("reference", [roles.reference], timeouts.startup_s)
     except BaseException:
         roles.shutdown()
         raise

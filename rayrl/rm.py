@@ -49,7 +49,8 @@ def run_rm(config: RewardModelConfig) -> StageResult:
         # 2. The reward-model group: N DeepSpeed ranks, one Ray actor each.
         trainers = RewardTrainerGroup(trainer_spec(config, setup.model_path, total_steps),
                                       num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,
-                                      resources=config.trainer.resources, role_kwargs={"pad_token_id": pad_id})
+                                      resources=config.trainer.resources, role_kwargs={"pad_token_id": pad_id},
+                                      timeouts=config.fault.timeouts)
         run.on_exit(trainers.shutdown)
 
         def train_step(batches) -> tuple[dict[str, Any], int]:

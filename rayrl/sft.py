@@ -83,7 +83,7 @@ def run_sft(config: SFTConfig) -> StageResult:
         # 2. The trainer group: N DeepSpeed ranks, one Ray actor each.
         trainers = PolicyTrainerGroup(trainer_spec(config, setup.model_path, total_steps),
                                       num_cpus=config.trainer.num_cpus, num_gpus=config.trainer.num_gpus,
-                                      resources=config.trainer.resources)
+                                      resources=config.trainer.resources, timeouts=config.fault.timeouts)
         run.on_exit(trainers.shutdown)
 
         def train_step(batches) -> tuple[dict[str, Any], int]:

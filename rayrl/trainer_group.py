@@ -25,7 +25,9 @@ from rayrl.actors.reward_trainer import RewardModelTrainer
 from rayrl.data.batch import TokenBatch
 from rayrl.data.preference import KTOBatch, PreferenceBatch
 from rayrl.data.rollout import RolloutBatch, ValueBatch
+from rayrl.config import TimeoutConfig
 from rayrl.objectives import PolicyGradientObjective, PreferenceObjective
+from rayrl.remote import ActorIdentity, RemoteCallTimeout, RoleFailed, gather, identify
 
 Rank = TypeVar("Rank", bound=TrainerRank)
 
@@ -34,13 +36,17 @@ PLACEMENT_TIMEOUT_S = 300
 
 @dataclass(frozen=True)
 class PendingStep:
-    """An optimizer step started on every rank of a group; ``wait`` gives the ranks' metrics combined.
-    Lets two groups (PPO's policy and critic) train at once."""
+    """An optimizer step started on every rank of a group; ``wait`` gives the ranks' metrics combined
+    (within the group's deadline). Lets two groups (PPO's policy and critic) train at once."""
 
     refs: list
+    who: list[ActorIdentity]
+    doing: str
+    deadline_s: float
 
     def wait(self) -> dict[str, float]:
-        return combine_rank_metrics(ray.get(self.refs))
+        return combine_rank_metrics(gather(self.refs, who=self.who, doing=self.doing, deadline_s=self.deadline_s,
+                                           setting="fault.timeouts.trainer_s"))
 
 
 def combine_rank_metrics(results: list[dict]) -> dict[str, float]:
@@ -62,13 +68,16 @@ class _TrainerGroup(Generic[Rank]):
 
     role: type[Rank]
 
-    def __init__(self, spec: TrainerSpec, *, num_cpus: float, num_gpus: float, separate_reference: bool = False,
-                 role_kwargs: dict[str, Any] | None = None, shared_bundle: dict[str, float] | None = None,
-                 resources: dict[str, float] | None = None):
+    def __init__(self, spec: TrainerSpec, *, num_cpus: float, num_gpus: float, timeouts: TimeoutConfig,
+                 separate_reference: bool = False, role_kwargs: dict[str, Any] | None = None,
+                 shared_bundle: dict[str, float] | None = None, resources: dict[str, float] | None = None):
         """``shared_bundle``: extra resources added to every rank's bundle, for actors the caller
         co-locates with the ranks (``bundle_strategy``), e.g. rollout workers sharing a GPU.
-        ``resources``: custom Ray resources each rank asks for (pins ranks to node groups)."""
+        ``resources``: custom Ray resources each rank asks for (pins ranks to node groups).
+        ``timeouts``: the deadlines of the calls to the ranks (``fault.timeouts``)."""
         self.spec = spec
+        self.timeouts = timeouts
+        self.who: list[ActorIdentity] = []
         extra = shared_bundle or {}
         resources = dict(resources or {})
         bundle = {key: value for key, value in (("CPU", num_cpus + extra.get("CPU", 0.0)),
@@ -91,6 +100,7 @@ class _TrainerGroup(Generic[Rank]):
                     spec, rank, **(role_kwargs or {}))
                 for rank in range(spec.world_size)
             ]
+            self.who = [ActorIdentity(self.role.__name__, rank) for rank in range(spec.world_size)]
             self._setup(separate_reference)
         except BaseException:
             self._release()  # a rank that failed to start (or a bundle never placed) leaks nothing
@@ -101,25 +111,36 @@ class _TrainerGroup(Generic[Rank]):
         """``call(actor, rank)`` on every rank, not waiting: the refs."""
         return [call(actor, rank) for rank, actor in enumerate(self.actors)]
 
-    def _all(self, call: Callable[[Any, int], Any]) -> list:
-        """``call(actor, rank)`` on every rank; every rank's result."""
-        return ray.get(self._start(call))
+    def _all(self, call: Callable[[Any, int], Any], doing: str) -> list:
+        """``call(actor, rank)`` on every rank; every rank's result, within ``fault.timeouts.trainer_s``."""
+        return gather(self._start(call), who=self.who, doing=doing, deadline_s=self.timeouts.trainer_s,
+                      setting="fault.timeouts.trainer_s")
 
-    def _rank0(self, call: Callable[[Any, int], Any]) -> Any:
+    def _rank0(self, call: Callable[[Any, int], Any], doing: str) -> Any:
         """``call(actor, rank)`` on every rank (collectives need them all); rank 0's result."""
-        return self._all(call)[0]
+        return self._all(call, doing)[0]
+
+    def _pending(self, call: Callable[[Any, int], Any], doing: str) -> PendingStep:
+        return PendingStep(self._start(call), self.who, doing, self.timeouts.trainer_s)
 
     def _setup(self, separate_reference: bool) -> None:
-        master_addr, master_port = ray.get(self.actors[0].address.remote())
-        ips = ray.get([actor.node_ip.remote() for actor in self.actors])
+        self.who = identify(self.role.__name__, self.actors, self.timeouts.startup_s)
+
+        def starting(refs: list, who: list[ActorIdentity]) -> list:
+            return gather(refs, who=who, doing="starting up", deadline_s=self.timeouts.startup_s,
+                          setting="fault.timeouts.startup_s")
+
+        master_addr, master_port = starting([self.actors[0].address.remote()], self.who[:1])[0]
+        ips = starting([actor.node_ip.remote() for actor in self.actors], self.who)
         per_node = Counter(ips)
         seen: Counter[str] = Counter()
         local_ranks = []
         for ip in ips:
             local_ranks.append(seen[ip])
             seen[ip] += 1
-        self.setup_info = self._all(lambda actor, rank: actor.setup.remote(
-            master_addr, master_port, local_ranks[rank], per_node[ips[rank]], separate_reference=separate_reference))
+        self.setup_info = starting(self._start(lambda actor, rank: actor.setup.remote(
+            master_addr, master_port, local_ranks[rank], per_node[ips[rank]], separate_reference=separate_reference)),
+            self.who)
 
     # ---- what every trainable role offers ----------------------------------------------------
     def bundle_strategy(self, rank: int):
@@ -129,20 +150,22 @@ class _TrainerGroup(Generic[Rank]):
         return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
 
     def param_group_lrs(self) -> list[dict]:
-        return self._rank0(lambda actor, rank: actor.param_group_lrs.remote())
+        return self._rank0(lambda actor, rank: actor.param_group_lrs.remote(), "reading the learning rates")
 
     def save_checkpoint(self, directory: str) -> None:
-        self._all(lambda actor, rank: actor.save_checkpoint.remote(directory))
+        self._all(lambda actor, rank: actor.save_checkpoint.remote(directory), f"saving a checkpoint to {directory}")
 
     def load_checkpoint(self, directory: str) -> None:
-        self._all(lambda actor, rank: actor.load_checkpoint.remote(directory))
+        self._all(lambda actor, rank: actor.load_checkpoint.remote(directory), f"loading the checkpoint {directory}")
 
     def export_hf(self, directory: str) -> None:
-        self._all(lambda actor, rank: actor.export_hf.remote(directory))
+        self._all(lambda actor, rank: actor.export_hf.remote(directory), f"exporting the model to {directory}")
 
     def shutdown(self) -> None:
         try:
-            self._all(lambda actor, rank: actor.shutdown.remote())
+            self._all(lambda actor, rank: actor.shutdown.remote(), "shutting down")
+        except (RoleFailed, RemoteCallTimeout):
+            pass  # best effort: the actors are killed below either way
         finally:
             self._release()
 
@@ -161,46 +184,49 @@ class PolicyTrainerGroup(_TrainerGroup[PolicyTrainer]):
     def train_sft_step(self, batches: list[list[TokenBatch]], global_num_tokens: int) -> dict[str, float]:
         """``batches[rank]`` are that rank's micro-batches. Returns the global-batch loss and stats."""
         return combine_rank_metrics(self._all(lambda actor, rank: actor.train_sft_step.remote(
-            batches[rank], global_num_tokens=global_num_tokens)))
+            batches[rank], global_num_tokens=global_num_tokens), "an SFT step"))
 
     def train_preference_step(self, batches: list[list[PreferenceBatch]] | list[list[KTOBatch]],
                               global_num_examples: int, objective: PreferenceObjective) -> dict[str, float]:
         return combine_rank_metrics(self._all(lambda actor, rank: actor.train_preference_step.remote(
-            batches[rank], global_num_examples=global_num_examples, objective=objective)))
+            batches[rank], global_num_examples=global_num_examples, objective=objective), "a preference step"))
 
     def start_policy_gradient_step(self, batches: list[list[RolloutBatch]], *, global_num_tokens: int,
                                    global_num_seqs: int, objective: PolicyGradientObjective) -> PendingStep:
         """One optimizer step of the policy-gradient loss, started on every rank (``batches[rank]``)."""
-        return PendingStep(self._start(lambda actor, rank: actor.train_policy_gradient_step.remote(
+        return self._pending(lambda actor, rank: actor.train_policy_gradient_step.remote(
             batches[rank], global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
-            objective=objective)))
+            objective=objective), "a policy-gradient step")
 
     def token_logprobs(self, batch: TokenBatch, *, temperature: float = 1.0, reference: bool = False) -> torch.Tensor:
         """(B, T-1) next-token log-probs under the current weights (or, with PEFT, the reference's)."""
         return self._rank0(lambda actor, rank: actor.token_logprobs.remote(
-            batch, reference=reference, temperature=temperature))
+            batch, reference=reference, temperature=temperature),
+            "computing the reference's log-probs" if reference else "computing log-probs")
 
     def sequence_logprobs(self, batch: TokenBatch, *, reference: bool = False) -> torch.Tensor:
         """(B,) summed log-probs of each row's target tokens."""
-        return self._rank0(lambda actor, rank: actor.sequence_logprobs.remote(batch, reference=reference))
+        return self._rank0(lambda actor, rank: actor.sequence_logprobs.remote(batch, reference=reference),
+                           "computing sequence log-probs")
 
     def eval_preference(self, batches: list[PreferenceBatch] | list[KTOBatch],
                         objective: PreferenceObjective) -> dict[str, float]:
-        return self._rank0(lambda actor, rank: actor.eval_preference.remote(batches, objective))
+        return self._rank0(lambda actor, rank: actor.eval_preference.remote(batches, objective), "evaluating")
 
     def eval_loss(self, batches: list[TokenBatch]) -> float:
         """Token-mean NLL; every rank evaluates the same batches (equal forward counts for ZeRO-3)."""
-        total, count = self._rank0(lambda actor, rank: actor.eval_loss.remote(batches))
+        total, count = self._rank0(lambda actor, rank: actor.eval_loss.remote(batches), "evaluating the loss")
         return total / max(count, 1)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
                  stop_ids: list[int]) -> list[list[int]]:
         return self._rank0(lambda actor, rank: actor.generate.remote(
-            prompts, max_new_tokens=max_new_tokens, pad_id=pad_id, stop_ids=stop_ids))
+            prompts, max_new_tokens=max_new_tokens, pad_id=pad_id, stop_ids=stop_ids), "generating for eval")
 
     def export_weight_buckets(self, bucket_bytes: int) -> list:
         """Object refs of the full weights in numpy buckets (put by rank 0)."""
-        return self._rank0(lambda actor, rank: actor.export_weight_buckets.remote(bucket_bytes))
+        return self._rank0(lambda actor, rank: actor.export_weight_buckets.remote(bucket_bytes),
+                           "exporting weights for a push")
 
 
 class CriticGroup(_TrainerGroup[Critic]):
@@ -210,12 +236,12 @@ class CriticGroup(_TrainerGroup[Critic]):
 
     def values(self, batch: TokenBatch) -> torch.Tensor:
         """(B, T-1) values of each prefix, aligned like log-probs."""
-        return self._rank0(lambda actor, rank: actor.values.remote(batch))
+        return self._rank0(lambda actor, rank: actor.values.remote(batch), "computing values")
 
     def start_value_step(self, batches: list[list[ValueBatch]], *, global_num_tokens: int) -> PendingStep:
         """One optimizer step of the clipped value loss, started on every rank (``batches[rank]``)."""
-        return PendingStep(self._start(lambda actor, rank: actor.train_value_step.remote(
-            batches[rank], global_num_tokens=global_num_tokens)))
+        return self._pending(lambda actor, rank: actor.train_value_step.remote(
+            batches[rank], global_num_tokens=global_num_tokens), "a value step")
 
 
 class RewardTrainerGroup(_TrainerGroup[RewardModelTrainer]):
@@ -226,7 +252,7 @@ class RewardTrainerGroup(_TrainerGroup[RewardModelTrainer]):
     def train_reward_step(self, batches: list[list[PreferenceBatch]], global_num_pairs: int,
                           center_coef: float) -> dict[str, float]:
         return combine_rank_metrics(self._all(lambda actor, rank: actor.train_reward_step.remote(
-            batches[rank], global_num_pairs=global_num_pairs, center_coef=center_coef)))
+            batches[rank], global_num_pairs=global_num_pairs, center_coef=center_coef), "a reward-model step"))
 
     def eval_pairs(self, batches: list[PreferenceBatch], center_coef: float) -> dict[str, float]:
-        return self._rank0(lambda actor, rank: actor.eval_pairs.remote(batches, center_coef))
+        return self._rank0(lambda actor, rank: actor.eval_pairs.remote(batches, center_coef), "evaluating pairs")

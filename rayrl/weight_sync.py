@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from rayrl.cuda_transfer import merge_handles
+from rayrl.remote import ActorIdentity, gather
 
 BF16 = np.dtype([("bfloat16", "<i2")])
 """numpy dtype tag for bfloat16 payloads (raw bits, 2 bytes per element)."""
@@ -106,19 +107,24 @@ class PushStats:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
 
 
-def push_to_workers(workers: Sequence[Any], version: int, buckets: Sequence[Mapping[str, np.ndarray]]) -> PushStats:
+def push_to_workers(workers: Sequence[Any], version: int, buckets: Sequence[Mapping[str, np.ndarray]], *,
+                    deadline_s: float = 900.0) -> PushStats:
     """``ray.put`` each bucket once and have every rollout worker load them as policy ``version``.
 
     The refs travel *inside a list*, so Ray hands them to the actor unresolved and each worker does
     its own (zero-copy) ``ray.get``: the bytes are serialized once however many workers there are.
-    Blocks until all workers have loaded the weights; a worker's failure is raised here.
+    Waits (at most ``deadline_s``) until all workers have loaded the weights; a worker's failure is
+    raised here.
     """
     import ray  # slow: ray
 
     start = time.perf_counter()
     refs = [ray.put(dict(bucket)) for bucket in buckets]
     put_done = time.perf_counter()
-    worker_stats = ray.get([w.update_weights.remote(version, refs) for w in workers])
+    worker_stats = gather([w.update_weights.remote(version, refs) for w in workers],
+                          who=[ActorIdentity("rollout", i) for i in range(len(workers))],
+                          doing=f"loading pushed weights (version {version})", deadline_s=deadline_s,
+                          setting="fault.timeouts.sync_s")
     end = time.perf_counter()
     return PushStats(version=version, seconds=end - start, put_seconds=put_done - start,
                      bytes=bucket_nbytes(buckets), num_buckets=len(buckets), worker_stats=list(worker_stats))
@@ -138,49 +144,63 @@ class WeightPusher:
     """
 
     def __init__(self, transport: str, trainer_actors: Sequence[Any], workers: Sequence[Any], *,
-                 bucket_bytes: int, wire_dtype: str | None = None) -> None:
+                 bucket_bytes: int, wire_dtype: str | None = None, deadline_s: float = 900.0,
+                 trainer_who: Sequence[ActorIdentity] | None = None,
+                 worker_who: Sequence[ActorIdentity] | None = None) -> None:
+        """``deadline_s`` bounds each step of a push (``fault.timeouts.sync_s``); ``trainer_who`` /
+        ``worker_who`` name the actors in its errors."""
         if transport not in ("object_store", "ipc", "nccl"):
             raise ValueError(f"unknown weight transport {transport!r}")
         self.transport = transport
         self.trainers = list(trainer_actors)
         self.workers = list(workers)
+        self.deadline_s = deadline_s
+        self.trainer_who = list(trainer_who or [ActorIdentity("PolicyTrainer", i) for i in range(len(self.trainers))])
+        self.worker_who = list(worker_who or [ActorIdentity("rollout", i) for i in range(len(self.workers))])
         self.bucket_bytes = bucket_bytes
         self.wire_dtype = wire_dtype
         self._connected = transport != "nccl"
+
+    def _gather(self, refs: list, who: Sequence[ActorIdentity], doing: str) -> list:
+        return gather(refs, who=who, doing=doing, deadline_s=self.deadline_s, setting="fault.timeouts.sync_s")
 
     def connect(self) -> None:
         """Form the NCCL group (trainer rank 0 = rank 0, worker i = rank 1 + i); the first push does
         it if the caller has not. No-op for the other transports."""
         if self._connected:
             return
-        import ray  # slow: ray
-
-        host, port = ray.get(self.trainers[0].weight_broadcast_address.remote())
+        host, port = self._gather([self.trainers[0].weight_broadcast_address.remote()], self.trainer_who[:1],
+                                  "opening the weight broadcast")[0]
         world = 1 + len(self.workers)
-        ray.get([self.trainers[0].init_weight_broadcast.remote(host, port, world)]
-                + [w.init_weight_broadcast.remote(host, port, 1 + i, world) for i, w in enumerate(self.workers)])
+        self._gather([self.trainers[0].init_weight_broadcast.remote(host, port, world)]
+                     + [w.init_weight_broadcast.remote(host, port, 1 + i, world) for i, w in enumerate(self.workers)],
+                     self.trainer_who[:1] + self.worker_who, "joining the weight broadcast")
         self._connected = True
 
     def push(self, version: int) -> tuple[float, int]:
-        import ray  # slow: ray
-
         start = time.perf_counter()
         self.connect()
         if self.transport == "object_store":
-            per_rank = ray.get([t.export_weight_buckets.remote(self.bucket_bytes) for t in self.trainers])
-            stats = ray.get([w.update_weights.remote(version, per_rank[0]) for w in self.workers])
+            per_rank = self._gather([t.export_weight_buckets.remote(self.bucket_bytes) for t in self.trainers],
+                                    self.trainer_who, "exporting weights for a push")
+            stats = self._gather([w.update_weights.remote(version, per_rank[0]) for w in self.workers],
+                                 self.worker_who, f"loading pushed weights (version {version})")
             nbytes = stats[0].bytes
         elif self.transport == "ipc":
-            per_rank = ray.get([t.share_weights_ipc.remote(self.bucket_bytes, self.wire_dtype) for t in self.trainers])
+            per_rank = self._gather([t.share_weights_ipc.remote(self.bucket_bytes, self.wire_dtype)
+                                     for t in self.trainers], self.trainer_who, "sharing weights over CUDA IPC")
             handles = merge_handles([[b["handles"] for b in rank] for rank in per_rank])
             shared = [{"handles": h, "layout": b["layout"]} for h, b in zip(handles, per_rank[0])]
             try:
-                ray.get([w.update_weights_ipc.remote(version, shared) for w in self.workers])
+                self._gather([w.update_weights_ipc.remote(version, shared) for w in self.workers], self.worker_who,
+                             f"loading pushed weights over CUDA IPC (version {version})")
             finally:
-                ray.get([t.release_shared_weights.remote() for t in self.trainers])
+                self._gather([t.release_shared_weights.remote() for t in self.trainers], self.trainer_who,
+                             "releasing the shared weight buffers")
             nbytes = sum(b["layout"].nbytes for b in shared)
         else:
-            sent = ray.get([t.broadcast_weights.remote(self.bucket_bytes, self.wire_dtype) for t in self.trainers]
-                           + [w.update_weights_nccl.remote(version) for w in self.workers])
+            sent = self._gather([t.broadcast_weights.remote(self.bucket_bytes, self.wire_dtype) for t in self.trainers]
+                                + [w.update_weights_nccl.remote(version) for w in self.workers],
+                                self.trainer_who + self.worker_who, f"broadcasting weights over NCCL (version {version})")
             nbytes = sent[0]
         return time.perf_counter() - start, nbytes

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rayrl.config import build_config
+from rayrl.config import TimeoutConfig, build_config
 from rayrl.tracking import read_metrics
 
 pytestmark = pytest.mark.integration
@@ -79,7 +79,7 @@ def test_post_sync_engine_logprobs_match_trainer(ray_cluster, tiny_model_dir, to
 
     spec = TrainerSpec(model_path=tiny_model_dir, world_size=2, micro_batch_size=8, grad_accum_steps=1,
                        total_steps=5, lr=1e-2, lr_schedule="constant")
-    trainers = PolicyTrainerGroup(spec, num_cpus=0.25, num_gpus=0)
+    trainers = PolicyTrainerGroup(spec, num_cpus=0.25, num_gpus=0, timeouts=TimeoutConfig())
     worker = ray.remote(RolloutWorker).options(num_cpus=0.25).remote(tiny_model_dir, backend="vllm", kv_cache_gib=0.25)
     try:
         examples, _ = load_sft_examples("rayrl:addition/sft-train", tokenizer, max_length=16)
@@ -132,6 +132,22 @@ def test_user_reward_file_and_failing_reward_function(ray_cluster, tmp_path, tin
         assert 0 < row["reward/flaky/failure_rate"] < 1  # odd answers raised: counted, fell back
         assert row["reward/flaky/mean"] < 1.0
         assert math.isfinite(row["loss"])
+
+
+def test_a_call_past_its_deadline_stops_the_run_naming_the_role(ray_cluster, tmp_path, tiny_model_dir):
+    """fault.timeouts through the config: a generate call that cannot finish in its deadline stops the
+    run with an error naming the rollout worker, what it was doing, the key, and its Python stack."""
+    from rayrl.remote import RemoteCallTimeout
+    from rayrl.rl import run_rl
+
+    config = grpo_config(tmp_path / "late", tiny_model_dir, rollout={"backend": "hf"},
+                         trainer={"world_size": 1, "num_cpus": 0.5}, eval={"at_start": False},
+                         fault={"timeouts": {"generate_s": 0.001, "generate_per_token_s": 0.0}})
+    with pytest.raises(RemoteCallTimeout) as error:
+        run_rl(config)
+    message = str(error.value)
+    assert "rollout[0] (pid " in message and "did not answer within 0.001 s while generating" in message
+    assert "fault.timeouts.generate_s" in message and "is at:" in message
 
 
 def test_bad_reward_spec_fails_before_work(tmp_path, tiny_model_dir):

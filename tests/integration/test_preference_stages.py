@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from rayrl.config import build_config
+from rayrl.config import TimeoutConfig, build_config
 from rayrl.tracking import read_metrics
 
 pytestmark = pytest.mark.integration
@@ -110,7 +110,7 @@ def test_adapter_disabled_reference_equals_base_model(ray_cluster, tiny_model_di
     examples, _ = load_sft_examples("rayrl:addition/sft-train", tokenizer, max_length=16)
     batcher = sft_step_batcher(examples, packing=False, max_length=16, pad_id=tokenizer.pad_token_id,
                                global_batch_size=4, micro_batch_size=4, world_size=1, seed=0, shuffle=False)
-    group = PolicyTrainerGroup(lora_spec(tiny_model_dir), num_cpus=0.5, num_gpus=0)
+    group = PolicyTrainerGroup(lora_spec(tiny_model_dir), num_cpus=0.5, num_gpus=0, timeouts=TimeoutConfig())
     try:
         for step in range(3):  # move the adapter away from its identity start
             batches = batcher.step_batches(step)
@@ -132,7 +132,8 @@ def test_adapter_disabled_reference_equals_base_model(ray_cluster, tiny_model_di
 def test_lora_plus_gives_b_matrices_their_own_learning_rate(ray_cluster, tiny_model_dir):
     from rayrl.trainer_group import PolicyTrainerGroup
 
-    group = PolicyTrainerGroup(lora_spec(tiny_model_dir, lora_plus_ratio=16.0), num_cpus=0.5, num_gpus=0)
+    group = PolicyTrainerGroup(lora_spec(tiny_model_dir, lora_plus_ratio=16.0), num_cpus=0.5, num_gpus=0,
+                               timeouts=TimeoutConfig())
     try:
         groups = group.param_group_lrs()
     finally:

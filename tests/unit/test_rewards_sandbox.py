@@ -239,7 +239,7 @@ def test_killed_owner_leaves_no_process_and_its_dir_is_swept():
     while is_running(sandbox_pid):  # ...but the sandbox notices its dead parent and exits,
         assert time.monotonic() < deadline, "orphaned sandbox still running"
         time.sleep(0.05)
-    assert cleanup_stale_sandbox_dirs() >= 1  # ...and the dir is swept.
+    cleanup_stale_sandbox_dirs()  # ...and the dir is swept (by this sweep, or by another process's)
     assert not stdout_file.parent.exists()
 
 
