@@ -2,7 +2,8 @@
 
 Runs ``rayrl train examples/grpo.yaml`` for ``--steps`` steps (the built-in tiny model and task, checkpoints
 and eval off) in a subprocess, and samples the RSS of every Ray worker process of the run (the rollout
-worker, the trainer, the verifier, the driver) every ``--every`` seconds: RSS and USS (the process's own,
+worker, the trainer, the verifier, the driver; the driver's descendants only, so other Ray jobs on the
+machine do not count) every ``--every`` seconds: RSS and USS (the process's own,
 unshared memory; RSS also counts the pages of Ray's shared object store a process has touched, which grow
 as weight pushes land in new places of the store until the whole store has been touched). Reports, per
 process: each at the end of warm-up (step 10% of the run) and at the last step, and the USS slope over the
@@ -69,7 +70,11 @@ def main() -> None:
         while driver.poll() is None:
             step = steps_done(out)
             seen: dict[str, tuple[float, float]] = {}
-            for process in psutil.process_iter():
+            try:  # this run's processes only: the driver and what it started (its embedded cluster)
+                ours = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for process in ours:
                 role = role_of(process, driver.pid)
                 if role is None:
                     continue

@@ -262,11 +262,25 @@ def check_cluster_imports_rayrl(jobs, python: str, env_vars: dict[str, str],
             raise SubmitError(f"the cluster's {python!r} cannot import rayrl ({mask_secrets(said[-1]) if said else status}); "
                               "install rayrl on the cluster's nodes, or name their interpreter with --python")
     finally:
-        try:
+        _delete_probe(jobs, probe_id)
+
+
+def _delete_probe(jobs, probe_id: str) -> None:
+    """Stop the probe job if it still runs, wait (briefly) for it to end, and delete it. Best effort: a
+    probe that cannot be deleted only clutters `rayrl jobs list`."""
+    try:
+        status = jobs.get_job_status(probe_id)
+        if str(getattr(status, "value", status)) not in TERMINAL:
             jobs.stop_job(probe_id)
-            jobs.delete_job(probe_id)
-        except Exception:  # noqa: BLE001 - a probe that cannot be deleted only clutters `rayrl jobs list`
-            pass
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                status = jobs.get_job_status(probe_id)
+                if str(getattr(status, "value", status)) in TERMINAL:
+                    break
+                time.sleep(0.5)
+        jobs.delete_job(probe_id)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        print(f"rayrl: note: could not delete the probe job {probe_id}: {one_line(exc)}", file=sys.stderr)
 
 
 def mask_secrets(text: str) -> str:
