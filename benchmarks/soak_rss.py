@@ -56,14 +56,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--every", type=float, default=2.0, help="seconds between samples")
     parser.add_argument("--out", default=None, help="append a result section to this markdown file")
+    parser.add_argument("--as-example", action="store_true",
+                        help="keep the example's eval, checkpoint and sample-table settings (default: all off)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         command = [sys.executable, "-m", "rayrl.cli", "train", "examples/grpo.yaml", f"output_dir={out}",
-                   f"train.max_steps={args.steps}", "checkpoint.every_steps=0", "eval.every_steps=0",
-                   "eval.at_start=false", "tracking.progress=false", "tracking.wandb.mode=disabled",
-                   "tracking.sample_table_every=0"]
+                   f"train.max_steps={args.steps}", "tracking.progress=false", "tracking.wandb.mode=disabled"]
+        if not args.as_example:
+            command += ["checkpoint.every_steps=0", "eval.every_steps=0", "eval.at_start=false",
+                        "tracking.sample_table_every=0"]
         started = time.time()
         driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         samples: dict[str, list[tuple[int, float, float]]] = {}
@@ -114,7 +117,8 @@ def main() -> None:
     print(report)
     if args.out:
         with open(args.out, "a") as f:
-            f.write(f"\n## {time.strftime('%Y-%m-%d')}: `python benchmarks/soak_rss.py --steps {args.steps}`\n\n{report}\n")
+            f.write(f"\n## {time.strftime('%Y-%m-%d')}: `python benchmarks/soak_rss.py --steps {args.steps}"
+                    f"{' --as-example' if args.as_example else ''}`\n\n{report}\n")
 
 
 if __name__ == "__main__":
