@@ -210,6 +210,10 @@ class TimeoutConfig(_Strict):
 
 class FaultConfig(_Strict):
     timeouts: TimeoutConfig = TimeoutConfig()
+    max_restarts: int = Field(default=3, ge=0)
+    """Per stateless role (rollout, verifier, reward_model, reference) over the whole run: how many
+    times an actor that died or missed its deadline is replaced (its work re-issued) before the run
+    stops. 0: the first failure stops the run."""
 
 
 class _CommonBase(_Strict):

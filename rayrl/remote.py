@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ActorIdentity", "RemoteCallTimeout", "RoleFailed", "gather", "identify", "python_stack", "timeout_message"]
+__all__ = ["ActorIdentity", "RemoteCallTimeout", "RoleFailed", "first_line", "gather", "identify", "python_stack", "timeout_message"]
 
 STACK_LINES = 60  # of a stuck actor's Python stack, in the error
 
@@ -35,11 +35,22 @@ class ActorIdentity:
         return f"{self.role}[{self.index}] ({where})"
 
 
-class RemoteCallTimeout(TimeoutError):
+class _ActorFailure:
+    """``who``: the actors that failed (a stateless role replaces them, see ``rayrl.recovery``)."""
+
+    def __init__(self, message: str, who: Sequence[ActorIdentity] = ()):
+        super().__init__(message)
+        self.who = list(who)
+
+    def __reduce__(self):  # keep ``who`` across pickling (Ray ships exceptions between processes)
+        return (type(self), (str(self), self.who))
+
+
+class RemoteCallTimeout(_ActorFailure, TimeoutError):
     """An actor did not answer within its deadline (the message names it and where it is stuck)."""
 
 
-class RoleFailed(RuntimeError):
+class RoleFailed(_ActorFailure, RuntimeError):
     """An actor died during a remote call (the message names it and what it was doing)."""
 
 
@@ -76,15 +87,15 @@ def gather(refs: Sequence[Any], *, who: Sequence[ActorIdentity], doing: str, dea
     if pending:
         waiting = set(pending)
         stuck = [who[i] for i, ref in enumerate(refs) if ref in waiting]
-        raise RemoteCallTimeout(timeout_message(stuck, doing, deadline_s, setting))
+        raise RemoteCallTimeout(timeout_message(stuck, doing, deadline_s, setting), who=stuck)
     results = []
     for ref, actor in zip(refs, who):
         try:
             results.append(ray.get(ref, timeout=deadline_s))
         except RayActorError as error:
-            raise RoleFailed(f"{actor.describe()} died while {doing}: {_first_line(error)}") from error
+            raise RoleFailed(f"{actor.describe()} died while {doing}: {first_line(error)}", who=[actor]) from error
         except GetTimeoutError as error:  # ready a moment ago: only a lost object store entry gets here
-            raise RemoteCallTimeout(timeout_message([actor], doing, deadline_s, setting)) from error
+            raise RemoteCallTimeout(timeout_message([actor], doing, deadline_s, setting), who=[actor]) from error
     return results
 
 
@@ -106,6 +117,8 @@ def python_stack(actor: ActorIdentity) -> str:
 
     if actor.node_ip != ray.util.get_node_ip_address():
         return f"  (on another node: run `py-spy dump --pid {actor.pid}` on {actor.node_ip}, or `ray stack` there)"
+    if _stopped(actor.pid):
+        return f"  (pid {actor.pid} is stopped (SIGSTOP or a debugger): it cannot run)"
     spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     try:
         done = subprocess.run([spy, "dump", "--pid", str(actor.pid)], capture_output=True, text=True, timeout=30)
@@ -118,6 +131,15 @@ def python_stack(actor: ActorIdentity) -> str:
     return "\n".join("  " + line for line in shown)
 
 
-def _first_line(error: BaseException) -> str:
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line (at most 300 characters), for one-line reports."""
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:300]

@@ -94,6 +94,8 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                               deadline_s=config.fault.timeouts.sync_s, trainer_who=roles.trainers.who,
                               worker_who=roles.rollout.who,
                               bucket_bytes=SYNC_BUCKET_BYTES, wire_dtype=config.rollout.dtype)
+        roles.rollout.actors.after_restart.append(pusher.catch_up)  # a restarted worker serves the current policy
+        push = roles.rollout.actors.retry  # a push that loses a worker is redone once it is replaced
         score = stop_on_broken_rewards(with_overlong_penalty(roles.score, settings, config.rollout.max_new_tokens),
                                        config)
 
@@ -105,7 +107,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
             roles.load_checkpoint(setup.resume_from)
             estimator.load_state(CheckpointManager.load_state(setup.resume_from))
             records_resumed_at(config, setup.start_step)
-            pusher.push(setup.start_step)
+            push(lambda: pusher.push(setup.start_step))
             tracker.write(f"resumed from {setup.resume_from} (step {setup.start_step})")
         if data.eval and config.eval.at_start and setup.start_step == 0:
             tracker.log(0, evaluate_policy(config, roles, data.eval, sampling))
@@ -141,14 +143,16 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
 
             # 6. Sync the new weights into the engines.
             roles.resume_engines()
-            sync_s, sync_bytes = pusher.push(step + 1)
-            times["time/sync"] = sync_s
+            t = time.perf_counter()
+            _, sync_bytes = push(lambda: pusher.push(step + 1))
+            sync_s = times["time/sync"] = time.perf_counter() - t  # a worker's replacement included
             times["time/step"] = time.perf_counter() - step_start
 
             # 7. Metrics, eval, checkpoint.
             done = step + 1
             tracker.log(done, {**train_metrics, **estimated.metrics, **sampling_stats, **times,
                                **rollout_metrics(samples, sampler_logps, old_logps, tokens.loss_mask[:, 1:]),
+                               **roles.fault_metrics(), "samples/trained": float(len(samples.completions)),
                                "policy_version": done, "sync/bytes": sync_bytes,
                                "sync/gb_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9,
                                "tokens_per_s": tokens.num_tokens / times["time/step"]})

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +34,8 @@ from rayrl.config import GRPOConfig, PPOConfig, TimeoutConfig, policy_settings
 from rayrl.data.batch import TokenBatch
 from rayrl.data.rollout import PromptRow
 from rayrl.outputs import export_final_model
-from rayrl.remote import ActorIdentity, RemoteCallTimeout, gather, identify, timeout_message
+from rayrl.recovery import Call, RestartingActors
+from rayrl.remote import ActorIdentity
 from rayrl.rewards.scoring import RewardSpec, ScoreResult
 from rayrl.stage_common import trainer_spec
 from rayrl.tiny import resolve_model_path
@@ -49,44 +49,41 @@ CRITIC_CHECKPOINT_DIR = "critic"  # inside each checkpoint directory
 class RolloutPool:
     """Rollout workers; prompts are handed out in chunks to whichever worker is free (balanced by
     pending work), and weights are pushed to all of them. Every call has a deadline
-    (``fault.timeouts``): a generate call's grows with the tokens it may generate."""
+    (``fault.timeouts``): a generate call's grows with the tokens it may generate. A worker that dies
+    or misses its deadline is restarted and its chunk re-issued (``rayrl.recovery``); the chunk's
+    sampling seed goes with it, so the re-issued samples are the ones the lost worker would have drawn."""
 
-    def __init__(self, workers: list, timeouts: TimeoutConfig):
-        self.workers = workers
+    def __init__(self, actors: RestartingActors, timeouts: TimeoutConfig):
+        self.actors = actors
         self.timeouts = timeouts
-        self.who = identify("rollout", workers, timeouts.startup_s)
+
+    @property
+    def workers(self) -> list:
+        return self.actors.actors
+
+    @property
+    def who(self) -> list[ActorIdentity]:
+        return self.actors.who
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
         chunk = max(1, -(-len(prompt_ids) // (2 * len(self.workers))))
-        chunks = [(start, prompt_ids[start:start + chunk]) for start in range(0, len(prompt_ids), chunk)]
-        pending: dict[Any, tuple[int, int, float, float]] = {}  # ref -> (start, worker, due time, budget)
+        starts = range(0, len(prompt_ids), chunk)
+        parts = self.actors.map([
+            Call(lambda worker, start=start: worker.generate.remote(prompt_ids[start:start + chunk],
+                                                                   replace(sampling, seed_offset=start)),
+                 deadline_s=self.generate_deadline_s(len(prompt_ids[start:start + chunk]), sampling),
+                 doing=f"generating (prompts {start}...)")
+            for start in starts])
         results: list[Completion] = []
-        idle = list(range(len(self.workers)))
-        setting = "fault.timeouts.generate_s + generate_per_token_s"
-        while chunks or pending:
-            while chunks and idle:
-                start, prompts = chunks.pop(0)
-                index = idle.pop()
-                budget = self.generate_deadline_s(len(prompts), sampling)
-                ref = self.workers[index].generate.remote(prompts, replace(sampling, seed_offset=start))
-                pending[ref] = (start, index, time.monotonic() + budget, budget)
-            first_due = min(due for _, _, due, _ in pending.values())
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, first_due - time.monotonic()))
-            if not done:
-                late = [info for info in pending.values() if info[2] <= time.monotonic()]
-                if late:
-                    start, index, _, budget = late[0]
-                    raise RemoteCallTimeout(timeout_message([self.who[index]], f"generating (prompts {start}...)",
-                                                            budget, setting))
-                continue
-            start, index, _, budget = pending.pop(done[0])
-            idle.append(index)
-            # Ready: gather returns at once (and names the worker if it died).
-            for completion in gather(done, who=[self.who[index]], doing=f"generating (prompts {start}...)",
-                                     deadline_s=budget, setting=setting)[0]:
+        for start, part in zip(starts, parts):
+            for completion in part:
                 completion.prompt_index += start
                 results.append(completion)
         results.sort(key=lambda c: (c.prompt_index, c.sample_index))
+        expected = [(p, s) for p in range(len(prompt_ids)) for s in range(sampling.n)]
+        if [(c.prompt_index, c.sample_index) for c in results] != expected:
+            raise RuntimeError(f"the rollout workers returned {len(results)} completions for {len(prompt_ids)} "
+                               f"prompts x {sampling.n} samples, not one per (prompt, sample)")
         return results
 
     def generate_deadline_s(self, num_prompts: int, sampling: SamplingSettings) -> float:
@@ -94,31 +91,30 @@ class RolloutPool:
         return self.timeouts.generate_s + self.timeouts.generate_per_token_s * tokens
 
     def sleep(self) -> None:
-        gather([worker.sleep.remote() for worker in self.workers], who=self.who, doing="going to sleep",
-               deadline_s=self.timeouts.sync_s, setting="fault.timeouts.sync_s")
+        self.actors.call_all(lambda worker: worker.sleep.remote(), "going to sleep", self.timeouts.sync_s)
 
     def wake_up(self) -> None:
-        gather([worker.wake_up.remote() for worker in self.workers], who=self.who, doing="waking up",
-               deadline_s=self.timeouts.sync_s, setting="fault.timeouts.sync_s")
+        self.actors.call_all(lambda worker: worker.wake_up.remote(), "waking up", self.timeouts.sync_s)
 
 
 class VerifierPool:
     """Verifier actors; a batch is split into equal contiguous slices over them. A call's deadline is
-    ``fault.timeouts.score_s`` plus the rewards' per-item timeouts times its items."""
+    ``fault.timeouts.score_s`` plus the rewards' per-item timeouts times its items; a verifier that
+    dies or misses it is restarted and its slice re-scored."""
 
-    def __init__(self, verifiers: list, timeouts: TimeoutConfig, per_item_s: float):
-        self.verifiers = verifiers
+    def __init__(self, actors: RestartingActors, timeouts: TimeoutConfig, per_item_s: float):
+        self.actors = actors
         self.timeouts = timeouts
         self.per_item_s = per_item_s
-        self.who = identify("verifier", verifiers, timeouts.startup_s)
 
     def score(self, prompts: list[str], completions: list[str], fields: list[dict]) -> ScoreResult:
-        size = -(-len(prompts) // len(self.verifiers))
-        calls = [v.score.remote(prompts[i:i + size], completions[i:i + size], fields[i:i + size])
-                 for v, i in zip(self.verifiers, range(0, len(prompts), size))]
-        return ScoreResult.concat(gather(calls, who=self.who[:len(calls)], doing=f"scoring {len(prompts)} completions",
-                                         deadline_s=self.timeouts.score_s + self.per_item_s * size,
-                                         setting="fault.timeouts.score_s (plus rewards[i].timeout_s per item)"))
+        size = -(-len(prompts) // len(self.actors))
+        return ScoreResult.concat(self.actors.map([
+            Call(lambda verifier, i=i: verifier.score.remote(prompts[i:i + size], completions[i:i + size],
+                                                             fields[i:i + size]),
+                 deadline_s=self.timeouts.score_s + self.per_item_s * size,
+                 doing=f"scoring completions {i}-{min(len(prompts), i + size) - 1}")
+            for i in range(0, len(prompts), size)]))
 
 
 def balanced_slices(lengths: list[int], parts: int) -> list[tuple[int, int]]:
@@ -141,18 +137,18 @@ def balanced_slices(lengths: list[int], parts: int) -> list[tuple[int, int]]:
 
 
 class RewardModelPool:
-    """Several RewardModel actors; a batch is split into token-balanced contiguous slices over them."""
+    """Several RewardModel actors; a batch is split into token-balanced contiguous slices over them
+    (a failed actor is restarted and its slice re-scored)."""
 
-    def __init__(self, workers: list, timeouts: TimeoutConfig):
-        self.workers = workers
+    def __init__(self, actors: RestartingActors, timeouts: TimeoutConfig):
+        self.actors = actors
         self.timeouts = timeouts
-        self.who = identify("reward_model", workers, timeouts.startup_s)
 
     def score(self, sequences: list[list[int]]) -> list[float]:
-        slices = balanced_slices([len(s) for s in sequences], len(self.workers))
-        calls = [worker.score.remote(sequences[a:b]) for worker, (a, b) in zip(self.workers, slices)]
-        parts = gather(calls, who=self.who[:len(calls)], doing=f"scoring {len(sequences)} sequences",
-                       deadline_s=self.timeouts.score_s, setting="fault.timeouts.score_s")
+        slices = balanced_slices([len(s) for s in sequences], len(self.actors))
+        parts = self.actors.map([Call(lambda worker, a=a, b=b: worker.score.remote(sequences[a:b]),
+                                      deadline_s=self.timeouts.score_s, doing=f"scoring sequences {a}-{b - 1}")
+                                 for a, b in slices])
         return [v for part in parts for v in part]
 
 
@@ -173,8 +169,7 @@ class RLRoles:
     verifiers: VerifierPool | None = None
     reward_models: RewardModelPool | None = None
     critic: CriticGroup | None = None
-    reference: Any = None  # a ReferenceModel actor (none with PEFT: the adapter-disabled policy is it)
-    reference_who: ActorIdentity | None = None
+    reference: RestartingActors | None = None  # a ReferenceModel actor (none with PEFT: the adapter-disabled policy is it)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
 
     # ---- the loop's calls --------------------------------------------------------------------
@@ -200,10 +195,12 @@ class RLRoles:
         """(N, T-1) the reference's token log-probs (the ReferenceModel actor, or with PEFT the
         adapter-disabled policy), at the sampling temperature."""
         if self.reference is not None:
-            return in_row_chunks(lambda b: gather(
-                [self.reference.token_logprobs.remote(b, temperature=temperature)],
-                who=[self.reference_who or ActorIdentity("reference", 0)], doing="computing the reference's log-probs",
-                deadline_s=self.timeouts.trainer_s, setting="fault.timeouts.trainer_s")[0], tokens, micro_batch_size)
+            rows = tokens.input_ids.shape[0]
+            return torch.cat(self.reference.map([
+                Call(lambda reference, b=tokens.select(slice(start, start + micro_batch_size)):
+                     reference.token_logprobs.remote(b, temperature=temperature),
+                     deadline_s=self.timeouts.trainer_s, doing=f"computing the reference's log-probs (rows {start}...)")
+                for start in range(0, rows, micro_batch_size)]))
         return in_row_chunks(lambda b: self.trainers.token_logprobs(b, temperature=temperature, reference=True),
                              tokens, micro_batch_size)
 
@@ -238,10 +235,17 @@ class RLRoles:
     # ---- bookkeeping -------------------------------------------------------------------------
     def actors_by_role(self) -> dict[str, list]:
         return {"trainer": self.trainers.actors, "rollout": self.rollout.workers,
-                "verifier": self.verifiers.verifiers if self.verifiers is not None else [],
-                "reference": [self.reference] if self.reference is not None else [],
-                "reward_model": self.reward_models.workers if self.reward_models is not None else [],
+                **{role.role: role.actors for role in self.stateless()},
                 "critic": self.critic.actors if self.critic is not None else []}
+
+    def stateless(self) -> list[RestartingActors]:
+        """The roles that are restarted when an actor fails (rollout, verifier, reward model, reference)."""
+        return [self.rollout.actors] + [pool.actors for pool in (self.verifiers, self.reward_models) if pool is not None] \
+            + ([self.reference] if self.reference is not None else [])
+
+    def fault_metrics(self) -> dict[str, float]:
+        """``faults/<role>/restarts`` and ``faults/<role>/reissued``, counted since the run started."""
+        return {key: value for role in self.stateless() for key, value in role.metrics().items()}
 
     def shutdown(self) -> None:
         """Release the process groups, then end every actor (also on an existing, shared cluster).
@@ -297,61 +301,73 @@ def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[Rew
               if colocated else None)
     optimizer_steps = config.schedule_steps  # the LR schedule spans every optimizer step
     timeouts = config.fault.timeouts
+
+    def stateless(role: str, start_actor: Callable[[int], Any], count: int, setting: str) -> RestartingActors:
+        return RestartingActors(role, start_actor, count, max_restarts=config.fault.max_restarts,
+                                startup_s=timeouts.startup_s, setting=setting)
+
     trainers = PolicyTrainerGroup(trainer_spec(config, model_path, optimizer_steps), num_cpus=config.trainer.num_cpus,
                                   num_gpus=config.trainer.num_gpus, shared_bundle=shared,
                                   resources=config.trainer.resources, timeouts=timeouts)
-    roles = RLRoles(trainers, RolloutPool([], timeouts), colocated, timeouts=timeouts)
+    roles = RLRoles(trainers, RolloutPool(stateless("rollout", lambda i: None, 0, ""), timeouts), colocated,
+                    timeouts=timeouts)
     try:
-        roles.rollout = RolloutPool(_rollout_workers(config, model_path, trainers if colocated else None), timeouts)
+        roles.rollout = RolloutPool(stateless(
+            "rollout", _rollout_worker_starter(config, model_path, trainers if colocated else None),
+            config.rollout.num_workers, "fault.timeouts.generate_s + generate_per_token_s"), timeouts)
         if specs:
             per_item_s = sum(spec.timeout_s or 0.0 for spec in specs)
-            roles.verifiers = VerifierPool(_verifiers(config, specs), timeouts, per_item_s)
+            roles.verifiers = VerifierPool(stateless(
+                "verifier", lambda i: _verifier(config, specs), config.verifier.num_workers,
+                "fault.timeouts.score_s (plus rewards[i].timeout_s per item)"), timeouts, per_item_s)
         if isinstance(config, PPOConfig):
             rm_path = resolve_model_path(config.reward_model.path)
-            roles.reward_models = RewardModelPool(_reward_models(config, rm_path, pad_id), timeouts)
+            roles.reward_models = RewardModelPool(stateless(
+                "reward_model", lambda i: _reward_model(config, rm_path, pad_id), config.reward_model.num_workers,
+                "fault.timeouts.score_s"), timeouts)
             critic_path = rm_path if config.critic.init == "reward_model" else model_path
             roles.critic = CriticGroup(critic_spec(config, critic_path, optimizer_steps),
                                        num_cpus=config.critic.num_cpus, num_gpus=config.critic.num_gpus,
                                        resources=config.critic.resources, timeouts=timeouts,
                                        role_kwargs={"value_clip": config.critic.value_clip})
         if needs_reference_model(config):
-            roles.reference = _reference_model(config, model_path)
-            (roles.reference_who,) = identify("reference", [roles.reference], timeouts.startup_s)
+            roles.reference = stateless("reference", lambda i: _reference_model(config, model_path), 1,
+                                        "fault.timeouts.trainer_s")
     except BaseException:
         roles.shutdown()
         raise
     return roles
 
 
-def _rollout_workers(config: GRPOConfig | PPOConfig, model_path: str,
-                     colocate_with: PolicyTrainerGroup | None) -> list:
-    workers = []
-    for i in range(config.rollout.num_workers):
+def _rollout_worker_starter(config: GRPOConfig | PPOConfig, model_path: str,
+                            colocate_with: PolicyTrainerGroup | None) -> Callable[[int], Any]:
+    """Starts rollout worker ``i`` (colocated: in trainer rank i's bundle), first or after a failure."""
+
+    def start(i: int):
         options: dict[str, Any] = {"num_cpus": config.rollout.num_cpus, "num_gpus": config.rollout.num_gpus,
                                    "resources": dict(config.rollout.resources)}
         strategy = colocate_with.bundle_strategy(i) if colocate_with is not None else None
         if strategy is not None:
             options["scheduling_strategy"] = strategy
-        workers.append(ray.remote(RolloutWorker).options(**options).remote(
+        return ray.remote(RolloutWorker).options(**options).remote(
             model_path, backend=config.rollout.backend, dtype=config.rollout.dtype, seed=config.seed + i,
             kv_cache_gib=config.rollout.kv_cache_gib, num_threads=max(1, int(config.rollout.num_cpus)),
             # Colocated on GPUs the engine gives its weights and KV cache back while the trainer trains.
-            enable_sleep_mode=colocate_with is not None and config.rollout.num_gpus > 0))
-    return workers
+            enable_sleep_mode=colocate_with is not None and config.rollout.num_gpus > 0)
+
+    return start
 
 
-def _verifiers(config: GRPOConfig | PPOConfig, specs: list[RewardSpec]) -> list:
-    return [ray.remote(Verifier).options(num_cpus=config.verifier.num_cpus,
-                                         resources=dict(config.verifier.resources)).remote(specs, base_dir=os.getcwd())
-            for _ in range(config.verifier.num_workers)]
+def _verifier(config: GRPOConfig | PPOConfig, specs: list[RewardSpec]):
+    return ray.remote(Verifier).options(num_cpus=config.verifier.num_cpus,
+                                        resources=dict(config.verifier.resources)).remote(specs, base_dir=os.getcwd())
 
 
-def _reward_models(config: PPOConfig, path: str, pad_id: int) -> list:
+def _reward_model(config: PPOConfig, path: str, pad_id: int):
     section = config.reward_model
-    return [ray.remote(RewardModel).options(num_cpus=section.num_cpus, num_gpus=section.num_gpus,
-                                            resources=dict(section.resources)).remote(
+    return ray.remote(RewardModel).options(num_cpus=section.num_cpus, num_gpus=section.num_gpus,
+                                           resources=dict(section.resources)).remote(
         path, pad_token_id=pad_id, num_threads=max(1, int(section.num_cpus)), batch_size=config.train.micro_batch_size)
-        for _ in range(section.num_workers)]
 
 
 def _reference_model(config: GRPOConfig | PPOConfig, model_path: str):

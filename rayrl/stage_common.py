@@ -20,6 +20,7 @@ from rayrl.config import ConfigError, config_to_dict
 from rayrl.data.loading import DataError, read_rows, require_field
 from rayrl.evaluation import exact_match_accuracy
 from rayrl.outputs import archive_earlier_run, export_final_model, prepare_output_dir
+from rayrl.remote import first_line
 from rayrl.tiny import resolve_model_path
 from rayrl.tracking import Tracker, check_finite_training, truncate_metrics
 
@@ -134,11 +135,6 @@ def check_model_path(configured: str, model_path: str) -> None:
     except (OSError, ValueError, KeyError) as error:
         where = "" if local else " (not a local directory; a hub name needs network access or the local cache)"
         raise ConfigError(f"model.path: {configured!r} cannot be loaded{where}: {first_line(error)}") from None
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
 def claim_output_dir(config, setup: StageSetup) -> None:

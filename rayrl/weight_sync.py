@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from rayrl.cuda_transfer import merge_handles
-from rayrl.remote import ActorIdentity, gather
+from rayrl.remote import ActorIdentity, RoleFailed, gather
 
 BF16 = np.dtype([("bfloat16", "<i2")])
 """numpy dtype tag for bfloat16 payloads (raw bits, 2 bytes per element)."""
@@ -153,10 +153,13 @@ class WeightPusher:
             raise ValueError(f"unknown weight transport {transport!r}")
         self.transport = transport
         self.trainers = list(trainer_actors)
-        self.workers = list(workers)
+        # Not copied: a rollout pool replaces a failed worker in these lists (``rayrl.recovery``).
+        self.workers = workers if isinstance(workers, list) else list(workers)
         self.deadline_s = deadline_s
         self.trainer_who = list(trainer_who or [ActorIdentity("PolicyTrainer", i) for i in range(len(self.trainers))])
-        self.worker_who = list(worker_who or [ActorIdentity("rollout", i) for i in range(len(self.workers))])
+        self.worker_who = (worker_who if isinstance(worker_who, list)
+                           else list(worker_who or [ActorIdentity("rollout", i) for i in range(len(self.workers))]))
+        self.version: int | None = None  # the last version pushed (None: the engines serve the initial weights)
         self.bucket_bytes = bucket_bytes
         self.wire_dtype = wire_dtype
         self._connected = transport != "nccl"
@@ -177,14 +180,23 @@ class WeightPusher:
                      self.trainer_who[:1] + self.worker_who, "joining the weight broadcast")
         self._connected = True
 
-    def push(self, version: int) -> tuple[float, int]:
+    def push(self, version: int, only: Sequence[int] | None = None) -> tuple[float, int]:
+        """The trainers' current weights into every worker (or the workers ``only``) as ``version``."""
         start = time.perf_counter()
+        self.version = version
+        indices = range(len(self.workers)) if only is None else list(only)
+        workers = [self.workers[i] for i in indices]
+        worker_who = [self.worker_who[i] for i in indices]
+        if only is not None and self.transport == "nccl":
+            raise RoleFailed(f"{', '.join(w.describe() for w in worker_who)} restarted, but the nccl weight "
+                             "transport cannot add a worker to its broadcast group yet; use rollout.weight_transport: "
+                             "object_store, or fault.max_restarts: 0")
         self.connect()
         if self.transport == "object_store":
             per_rank = self._gather([t.export_weight_buckets.remote(self.bucket_bytes) for t in self.trainers],
                                     self.trainer_who, "exporting weights for a push")
-            stats = self._gather([w.update_weights.remote(version, per_rank[0]) for w in self.workers],
-                                 self.worker_who, f"loading pushed weights (version {version})")
+            stats = self._gather([w.update_weights.remote(version, per_rank[0]) for w in workers],
+                                 worker_who, f"loading pushed weights (version {version})")
             nbytes = stats[0].bytes
         elif self.transport == "ipc":
             per_rank = self._gather([t.share_weights_ipc.remote(self.bucket_bytes, self.wire_dtype)
@@ -192,7 +204,7 @@ class WeightPusher:
             handles = merge_handles([[b["handles"] for b in rank] for rank in per_rank])
             shared = [{"handles": h, "layout": b["layout"]} for h, b in zip(handles, per_rank[0])]
             try:
-                self._gather([w.update_weights_ipc.remote(version, shared) for w in self.workers], self.worker_who,
+                self._gather([w.update_weights_ipc.remote(version, shared) for w in workers], worker_who,
                              f"loading pushed weights over CUDA IPC (version {version})")
             finally:
                 self._gather([t.release_shared_weights.remote() for t in self.trainers], self.trainer_who,
@@ -204,3 +216,9 @@ class WeightPusher:
                                 self.trainer_who + self.worker_who, f"broadcasting weights over NCCL (version {version})")
             nbytes = sent[0]
         return time.perf_counter() - start, nbytes
+
+    def catch_up(self, index: int) -> None:
+        """Give a restarted worker ``index`` the last pushed version (before the first push it has the
+        initial weights already: it loaded them from the model directory)."""
+        if self.version is not None:
+            self.push(self.version, only=[index])

@@ -145,7 +145,7 @@ def seccomp_program() -> bytes:
         return _SECCOMP_BPF
 
 
-def _runtime_dirs(python: str) -> list[str]:
+def runtime_dirs(python: str) -> list[str]:
     """The directories the interpreter needs: its prefixes (the environment's packages included)
     and, for another interpreter, the installation its real path lies in."""
     dirs = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix)}
@@ -215,7 +215,7 @@ def strict_command(child_args: Sequence[str], *, python: str, harness: str, env:
     system = _system_view()
     dirs = _Dirs(["/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/dev"])
     view = list(system)
-    runtime = _runtime_dirs(python)
+    runtime = runtime_dirs(python)
     for d in runtime:
         view += dirs.parents(d) + ["--ro-bind", d, d]
     bwrap_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(bwrap))))  # site-packages

@@ -142,7 +142,7 @@ def test_a_call_past_its_deadline_stops_the_run_naming_the_role(ray_cluster, tmp
 
     config = grpo_config(tmp_path / "late", tiny_model_dir, rollout={"backend": "hf"},
                          trainer={"world_size": 1, "num_cpus": 0.5}, eval={"at_start": False},
-                         fault={"timeouts": {"generate_s": 0.001, "generate_per_token_s": 0.0}})
+                         fault={"timeouts": {"generate_s": 0.001, "generate_per_token_s": 0.0}, "max_restarts": 0})
     with pytest.raises(RemoteCallTimeout) as error:
         run_rl(config)
     message = str(error.value)

@@ -1,0 +1,89 @@
+"""Fault tolerance with real processes killed for real: a GRPO run on the embedded cluster whose rollout
+worker is SIGKILLed, whose verifier is SIGKILLed and whose replacement rollout worker is then SIGSTOPped
+(it stops answering) keeps going: every step trains on a full batch and the restarts are counted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from test_grpo_loop import grpo_config
+
+from rayrl.tracking import read_metrics
+
+pytestmark = pytest.mark.integration
+
+
+def actor_pids(class_name: str) -> list[int]:
+    """Live processes of Ray actors of ``class_name`` (Ray titles them ``ray::ClassName[.method]``)."""
+    pids = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline and cmdline[0].split(".")[0] == f"ray::{class_name}" and process.info["status"] != "zombie":
+            pids.append(process.pid)
+    return pids
+
+
+def steps_logged(output_dir) -> int:
+    try:
+        return max([r["step"] for r in read_metrics(output_dir) if "loss" in r], default=0)
+    except FileNotFoundError:
+        return 0
+
+
+class Chaos(threading.Thread):
+    """After step n is logged, do something to a process of an actor class: (n, class, signal)."""
+
+    def __init__(self, output_dir, plan):
+        super().__init__(daemon=True)
+        self.output_dir, self.plan, self.done, self.stop = output_dir, list(plan), [], threading.Event()
+
+    def run(self):
+        for after_step, class_name, sig in self.plan:
+            while steps_logged(self.output_dir) < after_step:
+                if self.stop.wait(0.2):
+                    return
+            pids = [p for p in actor_pids(class_name) if p not in [pid for _, pid, _ in self.done]]
+            assert len(pids) == 1, (class_name, pids)
+            os.kill(pids[0], sig)
+            self.done.append((class_name, pids[0], sig))
+
+
+def test_grpo_survives_dead_and_stuck_stateless_actors(ray_cluster, tmp_path, tiny_model_dir):
+    from rayrl.rl import run_rl
+
+    output_dir = tmp_path / "chaos"
+    config = grpo_config(output_dir, tiny_model_dir, train={"max_steps": 5, "micro_batch_size": 8, "lr": 1e-3},
+                         rollout={"num_workers": 1}, verifier={"num_workers": 1, "num_cpus": 0.1},
+                         trainer={"world_size": 1, "num_cpus": 0.5}, eval={"at_start": False},
+                         # short enough to find the stopped worker soon, long enough for a first (compiling) step
+                         fault={"timeouts": {"generate_s": 60.0, "generate_per_token_s": 0.0, "sync_s": 30.0}})
+    chaos = Chaos(output_dir, [(1, "RolloutWorker", signal.SIGKILL), (2, "Verifier", signal.SIGKILL),
+                               (3, "RolloutWorker", signal.SIGSTOP)])
+    chaos.start()
+    try:
+        started = time.monotonic()
+        run_rl(config)
+    finally:
+        chaos.stop.set()
+        for _, pid, sig in chaos.done:  # never leave a stopped process behind
+            if sig == signal.SIGSTOP:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    assert [name for name, _, _ in chaos.done] == ["RolloutWorker", "Verifier", "RolloutWorker"]
+    steps = [r for r in read_metrics(output_dir) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert all(r["samples/trained"] == 16 for r in steps)  # 4 prompts x 4 samples, every step
+    last = steps[-1]
+    assert last["faults/rollout/restarts"] == 2 and last["faults/rollout/reissued"] >= 2
+    assert last["faults/verifier/restarts"] == 1 and last["faults/verifier/reissued"] >= 1
+    # the killed processes are gone; the stopped one was ended by the run, not left stopped
+    for _, pid, _ in chaos.done:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert time.monotonic() - started < 600
