@@ -379,7 +379,11 @@ class RewardFunctionConfig(_Strict):
     weight: float = 1.0
     timeout_s: float | None = Field(default=10.0, gt=0)
     fallback: float = 0.0
-    """The score given when the function raises, times out or returns a non-number (counted)."""
+    """The score given when the function raises, times out, returns a non-number or returns None
+    (None: "does not apply to this item"); counted as reward/<name>/failure_rate or not_applicable_rate."""
+    on_failure: Literal["fallback", "exclude"] = "fallback"
+    """fallback: such an item scores ``fallback``. exclude (TRL's semantics for None): the completion is
+    left out of its group's statistics and gets advantage 0 (GRPO family only)."""
     allow_all_failures: bool = False
     """By default a function that fails on every item of the run's first scored batch stops the run
     with its error (a missing dataset field, a broken sandbox...); true lets such a run go on."""
@@ -702,6 +706,10 @@ class PPOConfig(_RLBase):
             raise ValueError(
                 f"each optimizer step's {per_step} sequences must be a multiple of train.micro_batch_size x "
                 f"critic.world_size ({self.train.micro_batch_size} x {self.critic.world_size})")
+        for index, reward in enumerate(self.rewards):
+            if reward.on_failure == "exclude":
+                raise ValueError(f"rewards[{index}].on_failure: exclude needs a group baseline (the GRPO family); "
+                                 "PPO's critic has no group to leave a completion out of: use fallback")
         return self
 
     @property

@@ -129,7 +129,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
             times["time/reference"] = time.perf_counter() - t
 
             # 4. Advantages: per sequence (GRPO family), or GAE per token over the critic's values (PPO).
-            estimated = estimator.estimate(samples.rewards, tokens, old_logps, ref_logps)
+            estimated = estimator.estimate(samples.rewards, tokens, old_logps, ref_logps, samples.valid)
 
             # 5. Train: mini_batches x epochs optimizer steps (the engines sleep if colocated).
             t = time.perf_counter()
@@ -226,7 +226,7 @@ def warn_if_truncated_sampling(config: GRPOConfig | PPOConfig) -> None:
 
 def reward_specs(config: GRPOConfig | PPOConfig) -> list[RewardSpec]:
     return [RewardSpec(name=r.metric_name, fn=r.fn, weight=r.weight, timeout_s=r.timeout_s, fallback=r.fallback,
-                       options=r.options or None) for r in config.rewards]
+                       options=r.options or None, on_failure=r.on_failure) for r in config.rewards]
 
 
 def resolve_rewards(specs: list[RewardSpec]) -> None:
@@ -307,6 +307,11 @@ class Rollout:
         return torch.tensor(self.scores.total, dtype=torch.float32)
 
     @property
+    def valid(self) -> torch.Tensor:
+        """(N,) bool: False where a reward with ``on_failure: exclude`` has no score (advantage 0)."""
+        return ~torch.tensor(self.scores.excluded_mask, dtype=torch.bool)
+
+    @property
     def overlong(self) -> torch.Tensor:
         """(N,) bool: cut at max_new_tokens."""
         return torch.tensor([c.finish_reason == "length" for c in self.completions])
@@ -343,7 +348,8 @@ def sample_step(settings: PolicySettings, group_size: int, seed: int, step: int,
         scores = score([p for p in prompts for _ in range(group_size)], completions)
         times["time/reward"] += time.perf_counter() - t
         scored.append(scores)
-        zero = zero_variance_groups(torch.tensor(scores.total), group_size)
+        zero = zero_variance_groups(torch.tensor(scores.total), group_size,
+                                    ~torch.tensor(scores.excluded_mask, dtype=torch.bool))
         if round_index == 0:
             first_zero_frac = float(zero.float().mean())
         for g, prompt in enumerate(prompts):
@@ -366,7 +372,7 @@ def sample_step(settings: PolicySettings, group_size: int, seed: int, step: int,
                       ScoreResult.concat([group_scores for _, _, group_scores in filled]))
     # failure and timeout rates over everything scored this step (dropped groups included)
     stats = {k: v for k, v in ScoreResult.concat(scored).metrics().items()
-             if k.endswith(("failure_rate", "timeout_rate"))}
+             if k.endswith(("failure_rate", "timeout_rate", "not_applicable_rate"))}
     if group_size > 1:
         stats["groups/zero_variance_frac"] = first_zero_frac
     if settings.dynamic_sampling:
@@ -374,10 +380,13 @@ def sample_step(settings: PolicySettings, group_size: int, seed: int, step: int,
     return samples, stats, times
 
 
-def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(num_groups,) True where every sample of a group got the same reward (no learning signal)."""
+def zero_variance_groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(num_groups,) True where every (valid) sample of a group got the same reward (no learning signal)."""
     grouped = rewards.view(-1, group_size)
-    return (grouped.max(-1).values - grouped.min(-1).values) == 0
+    if valid is None:
+        return (grouped.max(-1).values - grouped.min(-1).values) == 0
+    kept = valid.view(-1, group_size)
+    return ~(grouped.masked_fill(~kept, -math.inf).amax(-1) > grouped.masked_fill(~kept, math.inf).amin(-1))
 
 
 def sampling_seed(seed: int, step: int, round_index: int) -> int:
@@ -490,7 +499,7 @@ def rollout_metrics(samples: Rollout, sampler_logps: torch.Tensor, old_logps: to
     # Failure and timeout rates come from sample_step, over everything scored (dropped groups too):
     # the kept groups' slices count no timeouts.
     reward_stats = {k: v for k, v in samples.scores.metrics().items()
-                    if not k.endswith(("failure_rate", "timeout_rate"))}
+                    if not k.endswith(("failure_rate", "timeout_rate", "not_applicable_rate"))}
     return {**reward_stats,
             **({"accuracy": correct} if correct is not None else {}),
             "reward/mean": float(rewards.mean()),

@@ -49,7 +49,9 @@ class AdvantageEstimator(Protocol):
     """What the loop asks of an algorithm family's advantages (see the module docstring)."""
 
     def estimate(self, rewards: torch.Tensor, tokens: TokenBatch, old_logps: torch.Tensor,
-                 ref_logps: torch.Tensor | None) -> StepAdvantages: ...
+                 ref_logps: torch.Tensor | None, valid: torch.Tensor | None = None) -> StepAdvantages:
+        """``valid`` (N,) bool: False for completions left out of the statistics (GRPO family only)."""
+        ...
 
     def objective(self, base: PolicyGradientObjective) -> PolicyGradientObjective:
         """This step's policy loss settings (PPO's KL coefficient may adapt)."""
@@ -67,21 +69,25 @@ class AdvantageEstimator(Protocol):
 
 
 def sequence_advantages(rewards: torch.Tensor, group_size: int, mask: torch.Tensor, *, advantage: str,
-                        scale: str) -> torch.Tensor:
+                        scale: str, valid: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) sequence advantages (group, rloo), or (N, T-1) token advantages for REINFORCE++: each
     completion's score at its last token, returns over tokens (gamma 1: the score at every token),
     whitened over all tokens of the batch (Hu 2025; the KL stays a loss term here). The "baseline"
-    variant subtracts each group's mean score first."""
+    variant subtracts each group's mean score first. ``valid`` (N,) bool: False for completions left
+    out of the statistics (advantage 0; ``rewards[i].on_failure: exclude``)."""
     if advantage == "rloo":
-        return rloo_advantages(rewards, group_size)
+        return rloo_advantages(rewards, group_size, valid=valid)
     if advantage in ("reinforce_pp", "reinforce_pp_baseline"):
-        scores = group_advantages(rewards, group_size, scale="none") if advantage == "reinforce_pp_baseline" else rewards
+        scores = (group_advantages(rewards, group_size, scale="none", valid=valid)
+                  if advantage == "reinforce_pp_baseline" else rewards)
+        if valid is not None:
+            mask = mask & valid.bool()[:, None]  # no returns, no part in the whitening, advantage 0
         token_rewards = torch.zeros(mask.shape, dtype=torch.float32)
         last = mask.long().cumsum(-1).argmax(-1)  # each row's last completion token
         token_rewards[torch.arange(len(rewards)), last] = scores.float()
         advantages, _ = reinforce_pp_advantages(token_rewards, mask)
         return advantages
-    return group_advantages(rewards, group_size, scale=scale)
+    return group_advantages(rewards, group_size, scale=scale, valid=valid)
 
 
 class GroupAdvantages:
@@ -91,9 +97,9 @@ class GroupAdvantages:
         self.group_size, self.advantage, self.scale = group_size, advantage, scale
 
     def estimate(self, rewards: torch.Tensor, tokens: TokenBatch, old_logps: torch.Tensor,
-                 ref_logps: torch.Tensor | None) -> StepAdvantages:
+                 ref_logps: torch.Tensor | None, valid: torch.Tensor | None = None) -> StepAdvantages:
         advantages = sequence_advantages(rewards, self.group_size, tokens.loss_mask[:, 1:], advantage=self.advantage,
-                                         scale=self.scale)
+                                         scale=self.scale, valid=valid)
         return StepAdvantages(advantages, None, {})
 
     def objective(self, base: PolicyGradientObjective) -> PolicyGradientObjective:
@@ -172,7 +178,8 @@ class GAEAdvantages:
         return self.kl_controller.value if self.kl_controller is not None else self.settings.kl_coef
 
     def estimate(self, rewards: torch.Tensor, tokens: TokenBatch, old_logps: torch.Tensor,
-                 ref_logps: torch.Tensor | None) -> StepAdvantages:
+                 ref_logps: torch.Tensor | None, valid: torch.Tensor | None = None) -> StepAdvantages:
+        assert valid is None or bool(valid.all()), "PPO has no group to leave a completion out of (config refuses it)"
         started = time.perf_counter()
         values = in_row_chunks(self.critic.values, tokens, self.micro_batch_size)
         values_s = time.perf_counter() - started

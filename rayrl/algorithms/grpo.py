@@ -38,7 +38,8 @@ def _groups(rewards: Tensor, group_size: int) -> Tensor:
 
 
 def group_advantages(
-    rewards: Tensor, group_size: int, *, scale: Literal["group", "batch", "none"] = "group", eps: float = 1e-6
+    rewards: Tensor, group_size: int, *, scale: Literal["group", "batch", "none"] = "group", eps: float = 1e-6,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Group-relative advantages (GRPO, Shao et al. 2024, "outcome supervision").
 
@@ -53,7 +54,13 @@ def group_advantages(
     A group of equal rewards gets advantage exactly 0 (in float32, ``0.7 - mean([0.7] * 7)`` is not 0,
     and dividing that by ``0 + eps`` would push the whole group one way). ``eps`` 1e-6 as verl (TRL
     uses 1e-4). Returns (N,) in the rewards' dtype; broadcast to tokens by ``policy_gradient_loss``.
+
+    ``valid`` (N,) bool: completions without a reward (``rewards[i].on_failure: exclude``) are False:
+    they take no part in their group's mean and std (nor the batch std) and get advantage 0; a group
+    with fewer than two valid completions has no baseline, so all its advantages are 0.
     """
+    if valid is not None and not bool(valid.all()):
+        return _valid_group_advantages(rewards, group_size, scale, eps, valid)
     g = _groups(rewards, group_size).double()
     centered = g - g.mean(-1, keepdim=True)
     if scale == "group":
@@ -70,13 +77,44 @@ def _zero_equal_groups(groups: Tensor, advantages: Tensor) -> Tensor:
     return torch.where(equal, torch.zeros_like(advantages), advantages)
 
 
-def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+def _valid_groups(rewards: Tensor, group_size: int, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(groups in float64, their valid mask, valid count per group (G, 1))."""
+    g = _groups(rewards, group_size).double()
+    v = valid.reshape(g.shape).bool()
+    return g, v, v.sum(-1, keepdim=True)
+
+
+def _zero_equal_valid(g: Tensor, v: Tensor, count: Tensor, advantages: Tensor) -> Tensor:
+    """0 outside ``v``, and for groups whose valid rewards are all equal or that have < 2 of them."""
+    spread = g.masked_fill(~v, -math.inf).amax(-1, keepdim=True) > g.masked_fill(~v, math.inf).amin(-1, keepdim=True)
+    return torch.where(v & spread & (count >= 2), advantages, torch.zeros_like(advantages))
+
+
+def _valid_group_advantages(rewards: Tensor, group_size: int, scale: str, eps: float, valid: Tensor) -> Tensor:
+    g, v, count = _valid_groups(rewards, group_size, valid)
+    mean = (g * v).sum(-1, keepdim=True) / count.clamp_min(1)
+    centered = (g - mean) * v
+    if scale == "group":  # unbiased std over the valid members, as torch.std over them
+        centered = centered / (((centered ** 2).sum(-1, keepdim=True) / (count - 1).clamp_min(1)).sqrt() + eps)
+    elif scale == "batch":
+        centered = centered / (rewards.double()[valid.bool()].std() + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown scale {scale!r}")
+    return _zero_equal_valid(g, v, count, centered).reshape(-1).to(rewards.dtype)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int, *, valid: Tensor | None = None) -> Tensor:
     """REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics"; Kool et al. 2019).
 
     ``A_i = r_i - 1/(k-1) sum_{j != i} r_j = (k r_i - sum_j r_j) / (k - 1)`` within each group of
     k samples: each sample's baseline is the mean of the *other* samples, so it is unbiased.
+    With ``valid`` (N,) bool, k and the sum run over a group's valid completions; the others get 0.
     Returns (N,).
     """
+    if valid is not None and not bool(valid.all()):
+        g, v, count = _valid_groups(rewards, group_size, valid)
+        loo = (count * g - (g * v).sum(-1, keepdim=True)) / (count - 1).clamp_min(1)
+        return _zero_equal_valid(g, v, count, loo).reshape(-1).to(rewards.dtype)
     g = _groups(rewards, group_size).double()
     k = group_size
     return _zero_equal_groups(g, (k * g - g.sum(-1, keepdim=True)) / (k - 1)).reshape(-1).to(rewards.dtype)

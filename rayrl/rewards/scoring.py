@@ -7,13 +7,18 @@ scores, so a scorer can be shipped to a Ray actor (the VerifierPool) and loaded 
 ``score(prompts, completions, fields)`` returns a :class:`ScoreResult`::
 
     total[i]               = sum(spec.weight * per_function[spec.name][i] for spec in specs)
-    per_function[name][i]  = the function's score, or spec.fallback if it failed
-    failures[name]         = items that fell back (raised, timed out, or returned a non-number)
+    per_function[name][i]  = the function's score, or spec.fallback if it failed or returned None
+    failures[name]         = items that failed (raised, timed out, or returned a non-number)
     timeouts[name]         = the subset of failures that were timeouts
+    not_applicable[name]   = items the function returned None for ("does not apply", as in TRL)
+    excluded[i]            = a function with ``on_failure="exclude"`` has no score for item i
 
 Failure policy: a reward function that raises, exceeds its ``timeout_s``, or returns something
-that is not a finite real number (None, a string, NaN, inf) gives that item the spec's
-``fallback`` and is counted, and scoring carries on; it never crashes the run. Only
+that is not a finite real number (a string, NaN, inf) fails for that item; ``None`` means the
+function does not apply to it. Either way the item gets the spec's ``fallback`` and is counted
+(``on_failure="fallback"``, the default), or, with ``on_failure="exclude"``, it is marked
+``excluded``: the RL loop leaves it out of its group's statistics and gives it advantage 0. Scoring
+carries on; it never crashes the run. Only
 configuration errors (an unresolvable spec, mismatched input lengths) raise. Finite scores are
 clipped to ``[-MAX_ABS_SCORE, MAX_ABS_SCORE]``: a 1e308 times a weight must not become an inf total.
 
@@ -91,7 +96,8 @@ class RewardSpec:
         weight: multiplier in the total.
         timeout_s: per-item limit in seconds (whole call for batched functions); None runs the
             function in-process without a timeout.
-        fallback: score used when the function fails for an item.
+        fallback: score used when the function fails for an item (or returns None).
+        on_failure: "fallback" (use ``fallback``) or "exclude" (mark the item ``excluded``).
         options: if set, ``fn`` names a factory called with these keyword arguments (e.g.
             ``RewardSpec("em", "exact_match", options={"case_sensitive": False})``).
     """
@@ -102,8 +108,12 @@ class RewardSpec:
     timeout_s: float | None = 10.0
     fallback: float = 0.0
     options: Mapping[str, Any] | None = None
+    on_failure: str = "fallback"
 
     def __post_init__(self) -> None:
+        if self.on_failure not in ("fallback", "exclude"):
+            raise ValueError(f"RewardSpec {self.name!r}: on_failure must be 'fallback' or 'exclude', "
+                             f"got {self.on_failure!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"RewardSpec.name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.fn, str) or not self.fn.strip():
@@ -128,6 +138,13 @@ class ScoreResult:
     timeouts: dict[str, int]
     failed: dict[str, list[bool]] = field(default_factory=dict)
     errors: dict[str, list[str]] = field(default_factory=dict)
+    not_applicable: dict[str, int] = field(default_factory=dict)
+    excluded: list[bool] = field(default_factory=list)  # empty: none
+
+    @property
+    def excluded_mask(self) -> list[bool]:
+        """Per item: left out of its group's statistics (advantage 0)."""
+        return self.excluded or [False] * len(self.total)
 
     @classmethod
     def from_reward(cls, name: str, values: list[float]) -> ScoreResult:
@@ -140,7 +157,9 @@ class ScoreResult:
         return ScoreResult(total=[a + b for a, b in zip(self.total, other.total, strict=True)],
                            per_function={**self.per_function, **other.per_function},
                            failures={**self.failures, **other.failures}, timeouts={**self.timeouts, **other.timeouts},
-                           failed={**self.failed, **other.failed}, errors={**self.errors, **other.errors})
+                           failed={**self.failed, **other.failed}, errors={**self.errors, **other.errors},
+                           not_applicable={**self.not_applicable, **other.not_applicable},
+                           excluded=_either(self.excluded, other.excluded))
 
     def with_reward(self, name: str, values: list[float]) -> ScoreResult:
         """One more reward (that cannot fail) added to every item's total."""
@@ -153,7 +172,7 @@ class ScoreResult:
         return ScoreResult(total=self.total[start:stop],
                            per_function={k: v[start:stop] for k, v in self.per_function.items()},
                            failures={k: sum(v) for k, v in failed.items()}, timeouts=dict.fromkeys(failed, 0),
-                           failed=failed)
+                           failed=failed, excluded=self.excluded[start:stop])
 
     @classmethod
     def concat(cls, parts: list[ScoreResult]) -> ScoreResult:
@@ -165,7 +184,10 @@ class ScoreResult:
             failures={n: sum(part.failures.get(n, 0) for part in parts) for n in names},
             timeouts={n: sum(part.timeouts.get(n, 0) for part in parts) for n in names},
             failed={n: [f for part in parts for f in part.failed.get(n, [False] * len(part.total))] for n in names},
-            errors={n: [e for part in parts for e in part.errors.get(n, [])][:_MAX_ERROR_SAMPLES] for n in names})
+            errors={n: [e for part in parts for e in part.errors.get(n, [])][:_MAX_ERROR_SAMPLES] for n in names},
+            not_applicable={n: sum(part.not_applicable.get(n, 0) for part in parts) for n in names},
+            excluded=([e for part in parts for e in part.excluded_mask]
+                      if any(part.excluded for part in parts) else []))
 
     def metrics(self, prefix: str = "reward") -> dict[str, float]:
         """Flat scalars for logging: per-function mean and std, failure and timeout rates, total mean."""
@@ -178,8 +200,22 @@ class ScoreResult:
             out[f"{prefix}/{name}/std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
             out[f"{prefix}/{name}/failure_rate"] = self.failures.get(name, 0) / n if n else 0.0
             out[f"{prefix}/{name}/timeout_rate"] = self.timeouts.get(name, 0) / n if n else 0.0
+            if name in self.not_applicable:
+                out[f"{prefix}/{name}/not_applicable_rate"] = self.not_applicable[name] / n if n else 0.0
         out[f"{prefix}/total/mean"] = sum(self.total) / n if n else 0.0
+        if self.excluded:
+            out[f"{prefix}/excluded_frac"] = sum(self.excluded) / n if n else 0.0
         return out
+
+
+def _either(a: list[bool], b: list[bool]) -> list[bool]:
+    if not a or not b:
+        return list(a or b)
+    return [x or y for x, y in zip(a, b, strict=True)]
+
+
+NOT_APPLICABLE = "not applicable"
+"""What a scoring job records for an item its function returned None for."""
 
 
 def _to_score(value: Any) -> float | None:
@@ -356,14 +392,20 @@ class RewardScorer:
         failed: dict[str, list[bool]] = {}
         failures: dict[str, int] = {}
         timeouts: dict[str, int] = {}
+        not_applicable: dict[str, int] = {}
+        excluded = [False] * n
         total = [0.0] * n
         for si, spec in enumerate(self.specs):
-            scores = [spec.fallback if v is None else v for v in values[si]]
+            missing = [v is None or v == NOT_APPLICABLE for v in values[si]]
+            scores = [spec.fallback if m else v for v, m in zip(values[si], missing)]
             mask = [v is None for v in values[si]]
             per_function[spec.name] = scores
             failed[spec.name] = mask
             failures[spec.name] = sum(mask)
             timeouts[spec.name] = sum(timed_out[si])
+            not_applicable[spec.name] = sum(missing) - sum(mask)
+            if spec.on_failure == "exclude":
+                excluded = [e or m for e, m in zip(excluded, missing)]
             for i, s in enumerate(scores):
                 total[i] += spec.weight * s
             if failures[spec.name]:
@@ -373,7 +415,9 @@ class RewardScorer:
                     failures[spec.name], n, spec.fallback, timeouts[spec.name],
                     (errors[spec.name] or ["?"])[0])
         return ScoreResult(total=total, per_function=per_function, failures=failures, timeouts=timeouts,
-                           failed=failed, errors={k: v for k, v in errors.items() if v})
+                           failed=failed, errors={k: v for k, v in errors.items() if v},
+                           not_applicable=not_applicable,
+                           excluded=excluded if any(spec.on_failure == "exclude" for spec in self.specs) else [])
 
     def _run_forked(self, runner: "_JobRunner", jobs: list[_Job], record: Callable[[_Job, str, Any], None],
                     output: "_CappedOutput") -> None:
@@ -474,8 +518,10 @@ class _JobRunner:
                 return "error", f"batched function returned {type(out).__name__}, expected a list of {n} floats"
             if len(out) != n:
                 return "error", f"batched function returned {len(out)} scores for {n} items"
-            return "ok", [_to_score(v) for v in out]
+            return "ok", [NOT_APPLICABLE if v is None else _to_score(v) for v in out]
         out = fn(self.prompts[item], self.completions[item], **self.rows[item])
+        if out is None:
+            return "ok", NOT_APPLICABLE
         score = _to_score(out)
         if score is None:
             return "error", _bad_value(out)

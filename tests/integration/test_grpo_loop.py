@@ -120,10 +120,13 @@ def test_user_reward_file_and_failing_reward_function(ray_cluster, tmp_path, tin
         "def flaky(prompt, completion, answer, **fields):\n"
         "    if int(answer) % 2:\n"
         "        raise RuntimeError('boom')\n"
-        "    return 1.0\n")
+        "    return 1.0\n\n"
+        "def tens_only(prompt, completion, answer, **fields):\n"
+        "    return None if int(answer) >= 20 else float(completion.strip() == answer)\n")
     config = grpo_config(tmp_path / "user", tiny_model_dir, data={"train": str(data), "eval": str(data)},
                          rewards=[{"fn": f"{rewards}:starts_right", "name": "right"},
-                                  {"fn": f"{rewards}:flaky", "name": "flaky", "weight": 0.5, "fallback": -1.0}],
+                                  {"fn": f"{rewards}:flaky", "name": "flaky", "weight": 0.5, "fallback": -1.0},
+                                  {"fn": f"{rewards}:tens_only", "name": "tens", "on_failure": "exclude"}],
                          trainer={"world_size": 1, "num_cpus": 0.5})
     result = run_rl(config)
     steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
@@ -132,6 +135,9 @@ def test_user_reward_file_and_failing_reward_function(ray_cluster, tmp_path, tin
         assert 0 < row["reward/flaky/failure_rate"] < 1  # odd answers raised: counted, fell back
         assert row["reward/flaky/mean"] < 1.0
         assert math.isfinite(row["loss"])
+        # None ("does not apply") is not a failure; on_failure: exclude leaves those completions out
+        assert row["reward/tens/failure_rate"] == 0
+        assert row["reward/tens/not_applicable_rate"] == row["reward/excluded_frac"] > 0
 
 
 def test_a_call_past_its_deadline_stops_the_run_naming_the_role(ray_cluster, tmp_path, tiny_model_dir):

@@ -206,3 +206,26 @@ def test_overlong_penalty_hand_values():
     assert overlong_penalty(lengths, 20, 4).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
     with pytest.raises(ValueError, match="buffer must be in"):
         overlong_penalty(lengths, 20, 0)
+
+
+def test_excluded_completions_leave_the_group_statistics():
+    """rewards[i].on_failure: exclude. Group [1, 0, (5), 0.5] with the 5 excluded: mean 0.5, unbiased std
+    0.5 over the other three: advantages [1, -1, 0, 0]; RLOO over k=3: (3 r_i - 1.5) / 2."""
+    rewards = torch.tensor([1.0, 0.0, 5.0, 0.5, 2.0, 7.0, 3.0, 3.0], dtype=torch.float64)
+    valid = torch.tensor([True, True, False, True, False, True, False, False])
+    adv = group_advantages(rewards, 4, valid=valid)
+    torch.testing.assert_close(adv[:4], torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64), atol=1e-5, rtol=0)
+    assert (adv[4:] == 0).all()  # one valid completion: no baseline, no signal
+    # the same as the group of the valid ones alone
+    torch.testing.assert_close(adv[torch.tensor([0, 1, 3])],
+                               group_advantages(torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64), 3))
+    loo = rloo_advantages(rewards, 4, valid=valid)
+    torch.testing.assert_close(loo, torch.tensor([0.75, -0.75, 0, 0, 0, 0, 0, 0], dtype=torch.float64))
+    none = group_advantages(rewards, 4, scale="none", valid=valid)
+    assert float(none[valid].sum()) == pytest.approx(0.0) and none[2] == 0
+    batch = group_advantages(rewards, 4, scale="batch", valid=valid)
+    torch.testing.assert_close(batch[:4], none[:4] / (rewards[valid].std() + 1e-6))
+    # all valid: exactly the plain estimators
+    everyone = torch.ones(8, dtype=torch.bool)
+    assert torch.equal(group_advantages(rewards, 4, valid=everyone), group_advantages(rewards, 4))
+    assert torch.equal(rloo_advantages(rewards, 4, valid=everyone), rloo_advantages(rewards, 4))

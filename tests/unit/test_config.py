@@ -140,6 +140,12 @@ def test_rl_settings_that_would_train_wrongly_are_errors():
     assert build_config(ppo).ppo.kl_kind == "k1"  # in the reward, k1 is the per-token KL
     with pytest.raises(ConfigError, match="ppo.kl_kind=k1 as a loss term"):
         build_config({**ppo, "ppo": {"kl_in": "loss", "kl_kind": "k1"}})
+    exclude = [{"fn": "math_answer", "on_failure": "exclude"}]
+    assert build_config({"algorithm": "grpo", "rewards": exclude}).rewards[0].on_failure == "exclude"
+    with pytest.raises(ConfigError, match=r"rewards\[0\].on_failure: exclude needs a group baseline"):
+        build_config({**ppo, "rewards": exclude})
+    with pytest.raises(ConfigError, match="on_failure"):
+        build_config({"algorithm": "grpo", "rewards": [{"fn": "math_answer", "on_failure": "skip"}]})
     with pytest.raises(ConfigError, match="prefix/prompt tuning has none to merge"):
         build_config({"algorithm": "grpo", "model": {"peft": {"method": "prefix"}}})
     with pytest.raises(ConfigError, match=r"model.peft.dropout=0.05: .*off-policy"):

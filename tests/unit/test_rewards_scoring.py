@@ -82,6 +82,13 @@ def batch_len(prompts, completions, **fields):
     return [float(len(c)) + float(a) for c, a in zip(completions, fields["answer"])]
 batch_len.batched = True
 
+def applies_to_even(prompt, completion, answer, **fields):
+    return float(len(completion)) if len(completion) % 2 == 0 else None
+
+def batch_applies_to_even(prompts, completions, **fields):
+    return [float(len(c)) if len(c) % 2 == 0 else None for c in completions]
+batch_applies_to_even.batched = True
+
 def batch_boom(prompts, completions, **fields):
     raise ValueError("batched boom")
 batch_boom.batched = True
@@ -193,8 +200,32 @@ def test_non_numbers_are_counted_failures(rewards_file, isolation):
     completions = ["none", "str", "nan", "inf", "int", "bool"]
     result = scorer.score(["P"] * 6, completions, [{"answer": 0}] * 6)
     assert result.per_function["bad"] == [-2.0, -2.0, -2.0, -2.0, 1.0, 1.0]
-    assert result.failures["bad"] == 4
+    assert result.failures["bad"] == 3  # None is "does not apply", counted on its own
+    assert result.not_applicable["bad"] == 1 and result.failed["bad"] == [False, True, True, True, False, False]
     assert "expected a finite float" in result.errors["bad"][0]
+    assert result.excluded == [] and result.excluded_mask == [False] * 6
+
+
+@pytest.mark.parametrize("fn", ["applies_to_even", "batch_applies_to_even"])
+def test_none_and_failures_excluded_with_on_failure_exclude(rewards_file, fn):
+    """TRL's semantics on request: an item a function returns None for (or fails on) is marked
+    excluded; the other function's fallback items are not."""
+    scorer = RewardScorer([spec("even", f"{rewards_file}:{fn}", fallback=-1.0, on_failure="exclude"),
+                           spec("flaky", f"{rewards_file}:flaky", fallback=0.0)])
+    completions = ["ab", "abc", "raise", "abcd"]
+    result = scorer.score(["P"] * 4, completions, [{"answer": 0}] * 4)
+    assert result.per_function["even"] == [2.0, -1.0, -1.0, 4.0]  # odd lengths: None -> fallback value, kept finite
+    assert result.not_applicable["even"] == 2 and result.failures["even"] == 0
+    assert result.failures["flaky"] == 1  # "raise" fails flaky, which falls back: not excluded for it
+    assert result.excluded == [False, True, True, False]
+    metrics = result.metrics()
+    assert metrics["reward/even/not_applicable_rate"] == 0.5 and metrics["reward/excluded_frac"] == 0.5
+    # slices and joins keep the mask
+    assert type(result).concat([result.slice(0, 1), result.slice(1, 4)]).excluded == result.excluded
+    assert type(result).concat([result, result]).not_applicable == {"even": 4, "flaky": 0}
+    assert result.with_reward("penalty", [0.0] * 4).excluded == result.excluded
+    with pytest.raises(ValueError, match="on_failure must be 'fallback' or 'exclude'"):
+        spec("x", "exact_match", on_failure="skip")
 
 
 def test_batched_functions(rewards_file):

@@ -42,6 +42,10 @@ def test_reinforce_pp_whitens_over_tokens_not_sequences():
 def test_zero_variance_groups():
     rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5])
     assert zero_variance_groups(rewards, 2).tolist() == [True, False, True]
+    # excluded completions do not count: a group whose valid rewards agree has no signal
+    three = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 2.0])
+    valid = torch.tensor([True, False, True, True, True, False])
+    assert zero_variance_groups(three, 3, valid).tolist() == [True, False]
 
 
 def test_scores_slice_and_merge_keep_failures():
@@ -99,6 +103,31 @@ def test_dynamic_sampling_on_a_small_dataset_stops_when_no_prompt_is_left():
     assert pool.calls == [6, 1]  # one prompt left to draw, then nothing: no error
     assert stats["groups/unfilled"] == 4  # p2, p5 kept; the step is topped up with zero-variance groups
     assert len(rollout.completions) == 6 * 4
+
+
+def test_excluded_completions_reach_the_advantages_through_sample_step():
+    """A reward with on_failure: exclude: the step's Rollout marks the completion invalid, and the group
+    estimator leaves it out (advantage 0) while its group-mates are normalised among themselves."""
+    from types import SimpleNamespace
+
+    from rayrl.rl_advantages import GroupAdvantages
+
+    _, prompts, pool, _, sampling = _dynamic_sampling_setup(2)
+
+    def score(rows, completions):  # sample 3 of every group has no score
+        total = [float(c.sample_index % 2) for c in completions]
+        return ScoreResult(total=total, per_function={"f": total}, failures={"f": 0}, timeouts={"f": 0},
+                           failed={"f": [False] * 8}, excluded=[c.sample_index == 3 for c in completions])
+
+    settings = SimpleNamespace(prompts_per_step=2, dynamic_sampling=False, max_sampling_rounds=1)
+    rollout, _, _ = sample_step(settings, 4, 0, 0, prompts, prompts, pool, score, sampling)
+    assert rollout.valid.tolist() == [True, True, True, False] * 2
+    tokens, _ = rollout.token_batch(pad_id=0)
+    estimated = GroupAdvantages(group_size=4, advantage="group", scale="group").estimate(
+        rollout.rewards, tokens, None, None, rollout.valid)
+    # valid rewards [0, 1, 0]: mean 1/3, std sqrt(1/3)
+    expected = torch.tensor([-1 / 3, 2 / 3, -1 / 3, 0.0]) / (1 / 3) ** 0.5
+    torch.testing.assert_close(estimated.advantages, torch.cat([expected, expected]), atol=1e-5, rtol=0)
 
 
 def test_accuracy_counts_positive_first_verifier_rewards():
