@@ -20,7 +20,7 @@ from rayrl.data.preference import KTOBatch, PreferenceBatch
 from rayrl.data.rollout import RolloutBatch
 from rayrl.objectives import (PolicyGradientObjective, PreferenceObjective, ResponseLogprobs,
                               policy_gradient_objective_loss, preference_loss)
-from rayrl.weight_sync import bucket_state_dict
+from rayrl.weight_sync import ExportedWeights, bucket_state_dict, tensor_checksums
 
 __all__ = ["PolicyTrainer", "TrainerSpec"]
 
@@ -188,18 +188,21 @@ class PolicyTrainer(TrainerRank):
                 return self._token_logprobs(batch, model, temperature).cpu()
         return self._token_logprobs(batch, temperature=temperature).cpu()
 
-    def export_weight_buckets(self, bucket_bytes: int) -> list:
-        """The policy's full weights (LoRA merged in) as object-store refs of numpy buckets, from
-        rank 0 (all ranks must call: ZeRO-3 gathers). Other ranks return an empty list."""
+    def export_weight_buckets(self, bucket_bytes: int) -> ExportedWeights:
+        """The policy's full weights (LoRA merged in) as object-store refs of numpy buckets with their
+        tensors' checksums, from rank 0 (all ranks must call: ZeRO-3 gathers). Other ranks return
+        none."""
         import ray  # slow import (Ray)
 
         state = self.train_engine.full_state_dict(self.rank)
-        refs = []
+        exported = ExportedWeights([], [])
         if self.rank == 0:
             named = merged_named_weights(self.train_engine.module, state, self.spec.peft)
-            refs = [ray.put(bucket) for bucket in bucket_state_dict(named, bucket_bytes=bucket_bytes)]
+            for bucket in bucket_state_dict(named, bucket_bytes=bucket_bytes):
+                exported.checksums.append(tensor_checksums(bucket))  # before the put: what was sent
+                exported.refs.append(ray.put(bucket))
         self.train_engine.barrier()
-        return refs
+        return exported
 
     # ---- GPU weight transports (rayrl.cuda_transfer) ------------------------------------------
     def _engine_weights(self, state: dict[str, torch.Tensor], bucket_bytes: int, wire_dtype: str | None):

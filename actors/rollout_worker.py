@@ -36,7 +36,7 @@ import torch
 
 from rayrl.actors.rollout_engines import (Completion, HFEngine, LogprobsMode, RolloutEngine, SamplingSettings,
                                           VLLMEngine)
-from rayrl.weight_sync import numpy_to_tensor
+from rayrl.weight_sync import check_checksums, numpy_to_tensor
 
 # Completion and SamplingSettings are re-exported: callers import them from here with the worker.
 __all__ = ["Backend", "Completion", "RolloutWorker", "SamplingSettings", "SyncStats", "bucket_to_tensors"]
@@ -133,6 +133,7 @@ class RolloutWorker:
         self.logprobs_mode: LogprobsMode = logprobs_mode
         self.hf_batch_size = hf_batch_size
         self._version = initial_version
+        self._damage_pushes = 0  # damage_next_pushes_for_test
         self._asleep = False
 
         from transformers import AutoTokenizer, GenerationConfig  # slow: transformers
@@ -186,21 +187,33 @@ class RolloutWorker:
                 raise ValueError(f"prompt_len must be in [1, len(seq)], got {plen} for a sequence of {len(seq)}")
         return self._engine.sequence_logprobs(token_ids, prompt_lens)
 
-    def update_weights(self, version: int, buckets: list) -> SyncStats:
+    def update_weights(self, version: int, buckets: list, checksums: list[dict[str, int]] | None = None) -> SyncStats:
         """Load new weights (HF names, any subset of the model) and set the policy version.
 
         ``buckets``: a list of ``{hf_name: numpy array}`` dicts or of ObjectRefs to them (the
         controller passes refs *inside a list*, so this actor fetches them itself, zero-copy from the
-        node's object store). One engine call per bucket, never one per parameter.
+        node's object store). One engine call per bucket, never one per parameter. ``checksums``
+        (per bucket, the CRC-32 of each tensor as sent) are checked before the engine is touched:
+        a damaged tensor raises ``WeightChecksumError`` naming it, and the engine keeps its weights.
         """
         self._check_push(version)
         start = time.perf_counter()
         resolved = _resolve_buckets(buckets)
+        if self._damage_pushes > 0:
+            self._damage_pushes -= 1
+            resolved = _flip_first_byte(resolved)
+        if checksums is not None:
+            check_checksums(resolved, checksums, version)
         fetched = time.perf_counter()
         nbytes = sum(int(a.nbytes) for b in resolved for a in b.values())
         ntensors = sum(len(b) for b in resolved)
         self._engine.load_weights([bucket_to_tensors(b) for b in resolved])
         return self._pushed(version, start, fetched, nbytes, len(resolved), ntensors)
+
+    def damage_next_pushes_for_test(self, count: int) -> None:
+        """Test hook: flip a byte of the first tensor of the next ``count`` object-store pushes after
+        they arrive, as a faulty transfer would (the checksum guard must catch it)."""
+        self._damage_pushes = count
 
     def update_weights_ipc(self, version: int, shared: list[dict]) -> SyncStats:
         """Load weights a colocated trainer packed on this GPU: ``shared`` holds one
@@ -275,6 +288,16 @@ class RolloutWorker:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _flip_first_byte(buckets: list[Mapping[str, np.ndarray]]) -> list[Mapping[str, np.ndarray]]:
+    """A copy of ``buckets`` whose first tensor has its first byte inverted (``damage_next_pushes_for_test``)."""
+    first = dict(buckets[0])
+    name = next(iter(first))
+    damaged = np.array(first[name], copy=True)
+    damaged.view(np.uint8).reshape(-1)[0] ^= 0xFF
+    first[name] = damaged
+    return [first, *buckets[1:]]
 
 
 def _eos_ids(model_path: str, tokenizer: Any, generation_config_cls: Any) -> list[int]:

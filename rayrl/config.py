@@ -532,6 +532,26 @@ class PPOSettings(_PolicyGradientSettings):
 
 
 
+class SyncConfig(_Strict):
+    """The weight-sync guard. Every object-store push is checksummed per tensor (always on); after
+    every ``verify_every``-th push each engine's log-probs of a fixed probe batch (a few training
+    prompts) are compared with the trainer's. A mismatch re-pushes once, then stops the run naming
+    the worker. Logged: ``sync/verify_max_abs_diff``."""
+
+    verify_every: int = Field(default=1, ge=0)
+    """Pushes between probe checks (0: never)."""
+    verify_tolerance: float | None = Field(default=None, gt=0)
+    """Largest allowed |engine - trainer| token log-prob (raw, T=1) on the probe. Default: 0.01 for a
+    float32 engine, 0.5 for a bfloat16 one (its rounding alone moves log-probs by a few hundredths)."""
+    probe_prompts: int = Field(default=2, gt=0)
+    """Training prompts (the first ones of data.train) in the probe batch."""
+
+    def tolerance(self, engine_dtype: str) -> float:
+        if self.verify_tolerance is not None:
+            return self.verify_tolerance
+        return 0.01 if engine_dtype == "float32" else 0.5
+
+
 class _RLBase(_CommonBase):
     """What the RL stages (GRPO family, PPO) share: prompts, rollouts, optional verifier rewards,
     a reference model, a policy trainer and the placement of the rollout engines."""
@@ -539,6 +559,7 @@ class _RLBase(_CommonBase):
     data: RLDataConfig
     train: RLTrainConfig = RLTrainConfig()
     rollout: RolloutConfig = RolloutConfig()
+    sync: SyncConfig = SyncConfig()
     verifier: VerifierConfig = VerifierConfig()
     reference: ReferenceConfig = ReferenceConfig()
     placement: Literal["split", "colocated"] = "split"

@@ -140,6 +140,8 @@ def _stopped(pid: int) -> bool:
 
 
 def first_line(error: BaseException) -> str:
-    """An error's first line (at most 300 characters), for one-line reports."""
-    text = str(error).strip()
+    """An error's first line (at most 300 characters), for one-line reports; for an error Ray raises
+    on behalf of an actor's method, the method's own error (not Ray's header)."""
+    cause = getattr(error, "cause", None)
+    text = str(cause if isinstance(cause, BaseException) else error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:300]

@@ -54,6 +54,7 @@ from rayrl.rewards.scoring import RewardScorer, RewardSpec, ScoreResult
 from rayrl.rl_advantages import CriticUpdate, advantage_estimator
 from rayrl.rl_roles import RLRoles, RolloutPool, role_resources, start_roles
 from rayrl.stage_common import StageResult, checkpoint_due, eval_due, prepare_stage, records_resumed_at, stage_run
+from rayrl.sync_guard import ProbeBatch, SyncGuard
 from rayrl.tracking import Tracker, check_finite_training, sample_rows, sample_table_due
 from rayrl.trainer_group import PolicyTrainerGroup
 from rayrl.weight_sync import WeightPusher
@@ -96,6 +97,10 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                               bucket_bytes=SYNC_BUCKET_BYTES, wire_dtype=config.rollout.dtype)
         roles.rollout.actors.after_restart.append(pusher.catch_up)  # a restarted worker serves the current policy
         push = roles.rollout.actors.retry  # a push that loses a worker is redone once it is replaced
+        guard = SyncGuard(ProbeBatch.from_prompts(data.train, config.sync.probe_prompts),
+                          tolerance=config.sync.tolerance(config.rollout.dtype), every=config.sync.verify_every,
+                          trainers=roles.trainers, rollout=roles.rollout, pad_id=pad_id,
+                          deadline_s=config.fault.timeouts.sync_s)
         score = stop_on_broken_rewards(with_overlong_penalty(roles.score, settings, config.rollout.max_new_tokens),
                                        config)
 
@@ -146,6 +151,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
             t = time.perf_counter()
             _, sync_bytes = push(lambda: pusher.push(step + 1))
             sync_s = times["time/sync"] = time.perf_counter() - t  # a worker's replacement included
+            times.update(guard.check(step + 1, repush=lambda: push(lambda: pusher.push(step + 1))))
             times["time/step"] = time.perf_counter() - step_start
 
             # 7. Metrics, eval, checkpoint.

@@ -28,6 +28,7 @@ from rayrl.data.rollout import RolloutBatch, ValueBatch
 from rayrl.config import TimeoutConfig
 from rayrl.objectives import PolicyGradientObjective, PreferenceObjective
 from rayrl.remote import ActorIdentity, RemoteCallTimeout, RoleFailed, gather, identify
+from rayrl.weight_sync import ExportedWeights
 
 Rank = TypeVar("Rank", bound=TrainerRank)
 
@@ -223,8 +224,8 @@ class PolicyTrainerGroup(_TrainerGroup[PolicyTrainer]):
         return self._rank0(lambda actor, rank: actor.generate.remote(
             prompts, max_new_tokens=max_new_tokens, pad_id=pad_id, stop_ids=stop_ids), "generating for eval")
 
-    def export_weight_buckets(self, bucket_bytes: int) -> list:
-        """Object refs of the full weights in numpy buckets (put by rank 0)."""
+    def export_weight_buckets(self, bucket_bytes: int) -> ExportedWeights:
+        """Object refs of the full weights in numpy buckets (put by rank 0), with their checksums."""
         return self._rank0(lambda actor, rank: actor.export_weight_buckets.remote(bucket_bytes),
                            "exporting weights for a push")
 

@@ -11,6 +11,10 @@ the whole model. A tensor larger than ``bucket_bytes`` gets a bucket of its own 
 Order is preserved (``named_parameters`` order keeps each decoder layer's tensors together, which lets
 vLLM's layerwise reload process a layer as soon as it is complete).
 
+Checksums: the trainer takes a CRC-32 of every tensor's bytes before ``ray.put`` (about 4 GB/s); the
+worker checks them after its fetch, before the engine is touched, so a bucket damaged in transit is
+named (tensor, bucket, version) instead of silently loaded.
+
 bf16: numpy has no bfloat16. Widening to float32 would double the bytes and is lossless but pointless;
 instead a bf16 tensor travels as its raw 2-byte words in an array whose dtype is the structured dtype
 :data:`BF16` (one ``int16`` field named ``"bfloat16"``). The tag lives in the array's own dtype, so a
@@ -20,7 +24,9 @@ without copying. Any other dtype numpy knows (float32, float16, ...) travels as 
 
 from __future__ import annotations
 
+import logging
 import time
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +35,9 @@ import numpy as np
 import torch
 
 from rayrl.cuda_transfer import merge_handles
-from rayrl.remote import ActorIdentity, RoleFailed, gather
+from rayrl.remote import ActorIdentity, RoleFailed, first_line, gather
+
+_log = logging.getLogger(__name__)
 
 BF16 = np.dtype([("bfloat16", "<i2")])
 """numpy dtype tag for bfloat16 payloads (raw bits, 2 bytes per element)."""
@@ -85,6 +93,44 @@ def bucket_state_dict(
     if current:
         buckets.append(current)
     return buckets
+
+
+def tensor_checksums(bucket: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """CRC-32 of each array's bytes (any dtype, bf16's tagged words included)."""
+    return {name: zlib.crc32(np.ascontiguousarray(array).view(np.uint8)) for name, array in bucket.items()}
+
+
+class WeightChecksumError(RuntimeError):
+    """A pushed tensor's bytes differ from the ones the trainer sent."""
+
+
+class WeightSyncError(RuntimeError):
+    """A push that could not be delivered intact, or an engine whose log-probs disagree with the
+    trainer's after a push, even after one re-push: the run stops (the message names the worker)."""
+
+
+def check_checksums(buckets: Sequence[Mapping[str, np.ndarray]], checksums: Sequence[Mapping[str, int]],
+                    version: int) -> None:
+    """Raise :class:`WeightChecksumError` naming the first tensor whose bytes do not match."""
+    if len(checksums) != len(buckets):
+        raise WeightChecksumError(f"push of version {version}: {len(buckets)} buckets arrived, {len(checksums)} sent")
+    for index, (bucket, sent) in enumerate(zip(buckets, checksums)):
+        if set(bucket) != set(sent):
+            raise WeightChecksumError(f"push of version {version}: bucket {index} holds {sorted(bucket)}, "
+                                      f"the trainer sent {sorted(sent)}")
+        for name, got in tensor_checksums(bucket).items():
+            if got != sent[name]:
+                raise WeightChecksumError(f"push of version {version}: tensor {name!r} (bucket {index}) arrived "
+                                          f"corrupted (crc32 {got:#010x}, sent {sent[name]:#010x})")
+
+
+@dataclass(frozen=True)
+class ExportedWeights:
+    """A trainer's weights in the object store: refs of ``{hf_name: numpy}`` buckets and, per bucket,
+    the CRC-32 of each tensor taken before the put (empty on ranks other than 0)."""
+
+    refs: list
+    checksums: list[dict[str, int]]
 
 
 def bucket_nbytes(buckets: Sequence[Mapping[str, np.ndarray]]) -> int:
@@ -193,10 +239,17 @@ class WeightPusher:
                              "object_store, or fault.max_restarts: 0")
         self.connect()
         if self.transport == "object_store":
-            per_rank = self._gather([t.export_weight_buckets.remote(self.bucket_bytes) for t in self.trainers],
-                                    self.trainer_who, "exporting weights for a push")
-            stats = self._gather([w.update_weights.remote(version, per_rank[0]) for w in workers],
-                                 worker_who, f"loading pushed weights (version {version})")
+            try:
+                stats = self._push_object_store(version, workers, worker_who)
+            except WeightChecksumError as damaged:  # once more from the trainer; a second failure stops the run
+                _log.warning("a weight push arrived damaged, pushing again: %s", first_line(damaged))
+                stats = []
+                for worker, who in zip(workers, worker_who):
+                    try:
+                        stats += self._push_object_store(version, [worker], [who])
+                    except WeightChecksumError as again:
+                        raise WeightSyncError(f"{who.describe()}: {first_line(again)}; the weights were pushed "
+                                              "twice and arrived damaged both times") from again
             nbytes = stats[0].bytes
         elif self.transport == "ipc":
             per_rank = self._gather([t.share_weights_ipc.remote(self.bucket_bytes, self.wire_dtype)
@@ -216,6 +269,13 @@ class WeightPusher:
                                 self.trainer_who + self.worker_who, f"broadcasting weights over NCCL (version {version})")
             nbytes = sent[0]
         return time.perf_counter() - start, nbytes
+
+    def _push_object_store(self, version: int, workers: Sequence[Any], worker_who: Sequence[ActorIdentity]) -> list:
+        per_rank = self._gather([t.export_weight_buckets.remote(self.bucket_bytes) for t in self.trainers],
+                                self.trainer_who, "exporting weights for a push")
+        exported = per_rank[0]
+        return self._gather([w.update_weights.remote(version, exported.refs, exported.checksums) for w in workers],
+                            worker_who, f"loading pushed weights (version {version})")
 
     def catch_up(self, index: int) -> None:
         """Give a restarted worker ``index`` the last pushed version (before the first push it has the

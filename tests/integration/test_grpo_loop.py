@@ -98,12 +98,52 @@ def test_post_sync_engine_logprobs_match_trainer(ray_cluster, tiny_model_dir, to
 
         before = engine_logps()
         assert not torch.allclose(before, trainer_logps, atol=1e-3)  # the check can fail
-        stats = ray.get(worker.update_weights.remote(1, trainers.export_weight_buckets(1 << 20)))
+        exported = trainers.export_weight_buckets(1 << 20)
+        stats = ray.get(worker.update_weights.remote(1, exported.refs, exported.checksums))
         assert stats.version == 1 and stats.num_buckets >= 2  # bucketed, not one call per tensor
         torch.testing.assert_close(engine_logps(), trainer_logps, atol=1e-4, rtol=1e-4)
+        check_sync_guard(trainers, worker, exported, tokenizer)
     finally:
         ray.kill(worker)
         trainers.shutdown()
+
+
+def check_sync_guard(trainers, worker, exported, tokenizer):
+    """The weight-sync guard on the real trainer and engine: a push damaged in transit is caught by
+    its checksum and pushed again; damaged twice, the run stops naming the tensor and the worker. An
+    engine serving other weights than the trainer's fails the probe check until a re-push fixes it."""
+    import numpy as np
+    import ray
+
+    from rayrl.data.rollout import PromptRow
+    from rayrl.recovery import RestartingActors
+    from rayrl.rl_roles import RolloutPool
+    from rayrl.sync_guard import ProbeBatch, SyncGuard
+    from rayrl.weight_sync import WeightPusher, WeightSyncError
+
+    pool = RolloutPool(RestartingActors("rollout", lambda i: worker, 1, max_restarts=0, startup_s=60, setting="-"),
+                       TimeoutConfig())
+    pusher = WeightPusher("object_store", trainers.actors, pool.workers, worker_who=pool.who, bucket_bytes=1 << 20)
+    probe = ProbeBatch.from_prompts([PromptRow("p", tokenizer("37+45=82")["input_ids"], {})], 2)
+    guard = SyncGuard(probe, tolerance=0.01, every=1, trainers=trainers, rollout=pool,
+                      pad_id=tokenizer.pad_token_id, deadline_s=60)
+    assert guard.check(1, repush=lambda: None)["sync/verify_max_abs_diff"] < 1e-4
+
+    ray.get(worker.damage_next_pushes_for_test.remote(1))
+    pusher.push(2)  # damaged once: caught by the checksum, pushed again
+    assert ray.get(worker.policy_version.remote()) == 2
+    ray.get(worker.damage_next_pushes_for_test.remote(2))
+    with pytest.raises(WeightSyncError, match=r"rollout\[0\] \(pid \d+.*tensor '.*' \(bucket 0\) arrived corrupted"):
+        pusher.push(3)
+    assert ray.get(worker.policy_version.remote()) == 2  # the engine kept its weights
+
+    # An engine that serves something else (one tensor zeroed behind the trainer's back)
+    name, array = next(iter(ray.get(exported.refs[0]).items()))
+    ray.get(worker.update_weights.remote(3, [{name: np.zeros_like(array)}]))
+    with pytest.raises(WeightSyncError, match=r"rollout\[0\].*differ from the trainer's by up to"):
+        guard.check(3, repush=lambda: None)
+    repaired = guard.check(3, repush=lambda: pusher.push(3))  # one re-push, then it agrees
+    assert repaired["sync/verify_max_abs_diff"] < 1e-4
 
 
 def test_user_reward_file_and_failing_reward_function(ray_cluster, tmp_path, tiny_model_dir):
