@@ -210,6 +210,11 @@ class RolloutWorker:
         self._engine.load_weights([bucket_to_tensors(b) for b in resolved])
         return self._pushed(version, start, fetched, nbytes, len(resolved), ntensors)
 
+    def rewind_version(self, version: int) -> None:
+        """Set the policy version back (the run went back to a checkpoint): the weights of that
+        version are pushed next."""
+        self._version = min(self._version, version)
+
     def damage_next_pushes_for_test(self, count: int) -> None:
         """Test hook: flip a byte of the first tensor of the next ``count`` object-store pushes after
         they arrive, as a faulty transfer would (the checksum guard must catch it)."""

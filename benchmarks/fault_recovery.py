@@ -47,20 +47,21 @@ def step_rows(output_dir: Path) -> list[dict]:
 
 
 def actor_pids(driver: int, class_name: str) -> list[int]:
-    """This run's processes of an actor class (Ray titles them ``ray::Class[.method]``)."""
+    """This run's live processes of an actor class (Ray titles them ``ray::Class[.method]``), not their
+    forked helpers (the verifier's scoring children inherit the title)."""
+    def titled(process) -> bool:
+        try:
+            cmdline = process.cmdline()
+            return bool(cmdline) and cmdline[0].split(".")[0] == f"ray::{class_name}" \
+                and process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_STOPPED)
+        except psutil.Error:
+            return False
+
     try:
         processes = psutil.Process(driver).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    pids = []
-    for process in processes:
-        try:
-            if process.cmdline() and process.cmdline()[0].split(".")[0] == f"ray::{class_name}" \
-                    and process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_STOPPED):
-                pids.append(process.pid)
-        except psutil.NoSuchProcess:
-            continue
-    return pids
+    return [p.pid for p in processes if titled(p) and not (p.parent() and titled(p.parent()))]
 
 
 def run(steps: int, kill_every: int, out: Path) -> tuple[list[dict], list[tuple[str, int, float, int]], float]:

@@ -214,6 +214,10 @@ class FaultConfig(_Strict):
     """Per stateless role (rollout, verifier, reward_model, reference) over the whole run: how many
     times an actor that died or missed its deadline is replaced (its work re-issued) before the run
     stops. 0: the first failure stops the run."""
+    max_trainer_restarts: int = Field(default=1, ge=0)
+    """RL runs with placement: split: how many times a failed policy or critic rank (dead, or past
+    its deadline) makes the run rebuild the trainer groups and continue from the newest intact
+    checkpoint (from the start without one). 0: the failure stops the run."""
 
 
 class _CommonBase(_Strict):

@@ -76,22 +76,30 @@ def gather(refs: Sequence[Any], *, who: Sequence[ActorIdentity], doing: str, dea
     Raises :class:`RemoteCallTimeout` naming the actors that did not answer (with the Python stack of
     the first, where it runs on this node) and ``setting``, the key that sets the deadline; or
     :class:`RoleFailed` when an actor died. An exception raised by the actor's method propagates as
-    Ray raises it (the original type, with the actor's traceback)."""
+    Ray raises it (the original type, with the actor's traceback).
+
+    Results are taken as they arrive: the first death or error is raised at once, not after the other
+    calls finish (a rank whose peer died may wait in a collective that never completes)."""
+    import time
+
     import ray  # slow: ray (the CLI imports this module for its exception types)
     from ray.exceptions import GetTimeoutError, RayActorError
 
     refs = list(refs)
-    if not refs:
-        return []
-    _, pending = ray.wait(refs, num_returns=len(refs), timeout=deadline_s)
-    if pending:
-        waiting = set(pending)
-        stuck = [who[i] for i, ref in enumerate(refs) if ref in waiting]
-        raise RemoteCallTimeout(timeout_message(stuck, doing, deadline_s, setting), who=stuck)
-    results = []
-    for ref, actor in zip(refs, who):
+    position = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    pending = list(refs)
+    due = time.monotonic() + deadline_s
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, due - time.monotonic()))
+        if not ready:
+            waiting = set(pending)
+            stuck = [who[i] for i, ref in enumerate(refs) if ref in waiting]
+            raise RemoteCallTimeout(timeout_message(stuck, doing, deadline_s, setting), who=stuck)
+        index = position[ready[0]]
+        actor = who[index]
         try:
-            results.append(ray.get(ref, timeout=deadline_s))
+            results[index] = ray.get(ready[0], timeout=deadline_s)
         except RayActorError as error:
             raise RoleFailed(f"{actor.describe()} died while {doing}: {first_line(error)}", who=[actor]) from error
         except GetTimeoutError as error:  # ready a moment ago: only a lost object store entry gets here

@@ -51,7 +51,8 @@ from rayrl.evaluation import pass_at_k_metrics
 from rayrl.objectives import PolicyGradientObjective
 from rayrl.rewards.registry import RewardSpecError, check_import_finishes
 from rayrl.rewards.scoring import RewardScorer, RewardSpec, ScoreResult
-from rayrl.rl_advantages import CriticUpdate, advantage_estimator
+from rayrl.remote import RemoteCallTimeout, RoleFailed, first_line
+from rayrl.rl_advantages import AdvantageEstimator, CriticUpdate, advantage_estimator
 from rayrl.rl_roles import RLRoles, RolloutPool, role_resources, start_roles
 from rayrl.stage_common import StageResult, checkpoint_due, eval_due, prepare_stage, records_resumed_at, stage_run
 from rayrl.sync_guard import ProbeBatch, SyncGuard
@@ -118,63 +119,100 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
             tracker.log(0, evaluate_policy(config, roles, data.eval, sampling))
 
         final_eval: dict[str, float] = {}
-        for step in range(setup.start_step, total_steps):
-            step_start = time.perf_counter()
+        step, trainer_restarts = setup.start_step, 0
+        while step < total_steps:
+            try:
+                step_start = time.perf_counter()
 
-            # 1-2. Generate and score, topping up zero-variance groups (DAPO) if asked.
-            samples, sampling_stats, times = sample_step(
-                settings, config.rollout.group_size, config.seed, step, data.order.step_rows(step), data.train,
-                roles.rollout, score, sampling.train)
+                # 1-2. Generate and score, topping up zero-variance groups (DAPO) if asked.
+                samples, sampling_stats, times = sample_step(
+                    settings, config.rollout.group_size, config.seed, step, data.order.step_rows(step), data.train,
+                    roles.rollout, score, sampling.train)
 
-            # 3. Log-probs: the trainer's before any update, and the reference's for the KL term.
-            t = time.perf_counter()
-            tokens, sampler_logps = samples.token_batch(pad_id)
-            old_logps = roles.policy_logprobs(tokens, micro, temperature)
-            ref_logps = roles.reference_logprobs(tokens, micro, temperature) if settings.kl_coef else None
-            times["time/reference"] = time.perf_counter() - t
+                # 3. Log-probs: the trainer's before any update, and the reference's for the KL term.
+                t = time.perf_counter()
+                tokens, sampler_logps = samples.token_batch(pad_id)
+                old_logps = roles.policy_logprobs(tokens, micro, temperature)
+                ref_logps = roles.reference_logprobs(tokens, micro, temperature) if settings.kl_coef else None
+                times["time/reference"] = time.perf_counter() - t
 
-            # 4. Advantages: per sequence (GRPO family), or GAE per token over the critic's values (PPO).
-            estimated = estimator.estimate(samples.rewards, tokens, old_logps, ref_logps, samples.valid)
+                # 4. Advantages: per sequence (GRPO family), or GAE per token over the critic's values (PPO).
+                estimated = estimator.estimate(samples.rewards, tokens, old_logps, ref_logps, samples.valid)
 
-            # 5. Train: mini_batches x epochs optimizer steps (the engines sleep if colocated).
-            t = time.perf_counter()
-            roles.pause_engines()
-            batch = RolloutBatch(tokens, estimated.advantages, old_logps, sampler_logps, ref_logps, samples.overlong)
-            train_metrics = train_on_rollout(plan, roles.trainers, estimator.objective(base_objective), batch, step,
-                                             estimated.critic_update)
-            times["time/train"] = time.perf_counter() - t
-            check_finite_training(step + 1, train_metrics, setup.checkpoints)
-            estimator.observe(estimated, len(samples.completions))
+                # 5. Train: mini_batches x epochs optimizer steps (the engines sleep if colocated).
+                t = time.perf_counter()
+                roles.pause_engines()
+                batch = RolloutBatch(tokens, estimated.advantages, old_logps, sampler_logps, ref_logps, samples.overlong)
+                train_metrics = train_on_rollout(plan, roles.trainers, estimator.objective(base_objective), batch, step,
+                                                 estimated.critic_update)
+                times["time/train"] = time.perf_counter() - t
+                check_finite_training(step + 1, train_metrics, setup.checkpoints)
+                estimator.observe(estimated, len(samples.completions))
 
-            # 6. Sync the new weights into the engines.
-            roles.resume_engines()
-            t = time.perf_counter()
-            _, sync_bytes = push(lambda: pusher.push(step + 1))
-            sync_s = times["time/sync"] = time.perf_counter() - t  # a worker's replacement included
-            times.update(guard.check(step + 1, repush=lambda: push(lambda: pusher.push(step + 1))))
-            times["time/step"] = time.perf_counter() - step_start
+                # 6. Sync the new weights into the engines.
+                roles.resume_engines()
+                t = time.perf_counter()
+                _, sync_bytes = push(lambda: pusher.push(step + 1))
+                sync_s = times["time/sync"] = time.perf_counter() - t  # a worker's replacement included
+                times.update(guard.check(step + 1, repush=lambda: push(lambda: pusher.push(step + 1))))
+                times["time/step"] = time.perf_counter() - step_start
 
-            # 7. Metrics, eval, checkpoint.
-            done = step + 1
-            tracker.log(done, {**train_metrics, **estimated.metrics, **sampling_stats, **times,
-                               **rollout_metrics(samples, sampler_logps, old_logps, tokens.loss_mask[:, 1:]),
-                               **roles.fault_metrics(), "samples/trained": float(len(samples.completions)),
-                               "policy_version": done, "sync/bytes": sync_bytes,
-                               "sync/gb_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9,
-                               "tokens_per_s": tokens.num_tokens / times["time/step"]})
-            if sample_table_due(config.tracking.sample_table_every, done):
-                log_sample_table(tracker, config, done, samples)
-            tracker.advance()
-            if data.eval and eval_due(config, done, total_steps):
-                final_eval = evaluate_policy(config, roles, data.eval, sampling)
-                tracker.log(done, final_eval)
-            if checkpoint_due(config, done, total_steps):
-                setup.checkpoints.save(done, roles.save_checkpoint, {"total_steps": total_steps, **estimator.state()})
+                # 7. Metrics, eval, checkpoint.
+                done = step + 1
+                tracker.log(done, {**train_metrics, **estimated.metrics, **sampling_stats, **times,
+                                   **rollout_metrics(samples, sampler_logps, old_logps, tokens.loss_mask[:, 1:]),
+                                   **roles.fault_metrics(), "faults/trainer/restarts": float(trainer_restarts),
+                                   "samples/trained": float(len(samples.completions)),
+                                   "policy_version": done, "sync/bytes": sync_bytes,
+                                   "sync/gb_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9,
+                                   "tokens_per_s": tokens.num_tokens / times["time/step"]})
+                if sample_table_due(config.tracking.sample_table_every, done):
+                    log_sample_table(tracker, config, done, samples)
+                tracker.advance()
+                if data.eval and eval_due(config, done, total_steps):
+                    final_eval = evaluate_policy(config, roles, data.eval, sampling)
+                    tracker.log(done, final_eval)
+                if checkpoint_due(config, done, total_steps):
+                    setup.checkpoints.save(done, roles.save_checkpoint, {"total_steps": total_steps, **estimator.state()})
+            except (RoleFailed, RemoteCallTimeout) as failure:
+                # A policy or critic rank failed: rebuild the groups and go back to the newest checkpoint.
+                if not roles.trainer_failed(failure) or roles.colocated or \
+                        trainer_restarts >= config.fault.max_trainer_restarts:
+                    raise
+                trainer_restarts += 1
+                tracker.write(f"{first_line(failure)}; rebuilding the trainer group ({trainer_restarts} of "
+                              f"fault.max_trainer_restarts={config.fault.max_trainer_restarts})")
+                step, estimator = restart_trainers(config, roles, setup.checkpoints, tracker)
+                pusher.use_trainers(roles.trainers.actors, roles.trainers.who)
+                guard.trainers = roles.trainers
+                pusher.rewind(step)
+                push(lambda: pusher.push(step))
+                continue
+            step += 1
 
         # The policy as output_dir/final (PPO: the critic as output_dir/final_critic too).
         final_model = roles.export(setup.tokenizer, setup.output_dir)
     return StageResult(setup.output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)
 
+
+
+def restart_trainers(config: GRPOConfig | PPOConfig, roles: RLRoles, checkpoints: CheckpointManager,
+                     tracker: Tracker) -> tuple[int, AdvantageEstimator]:
+    """Fresh trainer groups with the newest intact checkpoint loaded (the initial weights without one);
+    the metrics after it are dropped, as for a resumed run. Returns the step to continue from and the
+    advantage estimator (its state, e.g. PPO's adaptive KL coefficient, from the checkpoint)."""
+    roles.restart_trainers()
+    estimator = advantage_estimator(config, roles.critic)
+    latest, _ = checkpoints.latest_intact()
+    step = 0
+    if latest is not None:
+        roles.load_checkpoint(latest)
+        state = CheckpointManager.load_state(latest)
+        estimator.load_state(state)
+        step = state["step"]
+    tracker.rewind(step)
+    tracker.write(f"trainer group rebuilt; continuing from {latest.name if latest else 'the start'} (step {step})")
+    return step, estimator
 
 
 # ---- set-up --------------------------------------------------------------------------------------

@@ -171,6 +171,8 @@ class RLRoles:
     critic: CriticGroup | None = None
     reference: RestartingActors | None = None  # a ReferenceModel actor (none with PEFT: the adapter-disabled policy is it)
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    start_trainers: Callable[[], PolicyTrainerGroup] | None = None  # a fresh policy group (restart_trainers)
+    start_critic: Callable[[], CriticGroup] | None = None
 
     # ---- the loop's calls --------------------------------------------------------------------
     def score(self, rows: list[PromptRow], completions: list[Completion]) -> ScoreResult:
@@ -214,6 +216,25 @@ class RLRoles:
             self.rollout.wake_up()
 
     # ---- the trainable roles' state ------------------------------------------------------------
+    def restart_trainers(self) -> None:
+        """End the policy (and critic) groups, one of whose ranks failed, and start fresh ones (with
+        the initial weights: the caller loads a checkpoint into them)."""
+        for group in (self.trainers, self.critic):
+            if group is not None:
+                try:
+                    group.abandon()
+                except Exception as error:  # noqa: BLE001 - a dead rank's group ends as far as it can
+                    _log.warning("ending the failed trainer group: %r", error)
+        assert self.start_trainers is not None, "start_roles sets how to start the trainers"
+        self.trainers = self.start_trainers()
+        if self.critic is not None and self.start_critic is not None:
+            self.critic = self.start_critic()
+
+    def trainer_failed(self, failure: Exception) -> bool:
+        """Whether ``failure`` names a policy or critic rank."""
+        roles = {PolicyTrainerGroup.role.__name__, CriticGroup.role.__name__}
+        return any(who.role in roles for who in getattr(failure, "who", ()))
+
     def save_checkpoint(self, directory: Path) -> None:
         self.trainers.save_checkpoint(str(directory))
         if self.critic is not None:
@@ -306,11 +327,14 @@ def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[Rew
         return RestartingActors(role, start_actor, count, max_restarts=config.fault.max_restarts,
                                 startup_s=timeouts.startup_s, setting=setting)
 
-    trainers = PolicyTrainerGroup(trainer_spec(config, model_path, optimizer_steps), num_cpus=config.trainer.num_cpus,
+    def start_trainers() -> PolicyTrainerGroup:
+        return PolicyTrainerGroup(trainer_spec(config, model_path, optimizer_steps), num_cpus=config.trainer.num_cpus,
                                   num_gpus=config.trainer.num_gpus, shared_bundle=shared,
                                   resources=config.trainer.resources, timeouts=timeouts)
-    roles = RLRoles(trainers, RolloutPool(stateless("rollout", lambda i: None, 0, ""), timeouts), colocated,
-                    timeouts=timeouts)
+
+    roles = RLRoles(start_trainers(), RolloutPool(stateless("rollout", lambda i: None, 0, ""), timeouts), colocated,
+                    timeouts=timeouts, start_trainers=start_trainers)
+    trainers = roles.trainers
     try:
         roles.rollout = RolloutPool(stateless(
             "rollout", _rollout_worker_starter(config, model_path, trainers if colocated else None),
@@ -326,10 +350,14 @@ def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[Rew
                 "reward_model", lambda i: _reward_model(config, rm_path, pad_id), config.reward_model.num_workers,
                 "fault.timeouts.score_s"), timeouts)
             critic_path = rm_path if config.critic.init == "reward_model" else model_path
-            roles.critic = CriticGroup(critic_spec(config, critic_path, optimizer_steps),
-                                       num_cpus=config.critic.num_cpus, num_gpus=config.critic.num_gpus,
-                                       resources=config.critic.resources, timeouts=timeouts,
-                                       role_kwargs={"value_clip": config.critic.value_clip})
+
+            def start_critic() -> CriticGroup:
+                return CriticGroup(critic_spec(config, critic_path, optimizer_steps),
+                                   num_cpus=config.critic.num_cpus, num_gpus=config.critic.num_gpus,
+                                   resources=config.critic.resources, timeouts=timeouts,
+                                   role_kwargs={"value_clip": config.critic.value_clip})
+
+            roles.critic, roles.start_critic = start_critic(), start_critic
         if needs_reference_model(config):
             roles.reference = stateless("reference", lambda i: _reference_model(config, model_path), 1,
                                         "fault.timeouts.trainer_s")

@@ -157,6 +157,18 @@ class Tracker:
             if shown:
                 self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
+    def rewind(self, step: int) -> None:
+        """Continue after ``step``: drop the rows logged after it (a run that went back to its
+        checkpoint of ``step`` logs those steps again). W&B keeps what it has: it ignores rows of a
+        step it has seen until the run passes it."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        truncate_metrics(self.output_dir, step)
+        if self._bar is not None:
+            self._bar.reset(total=self._bar.total)
+            self._bar.update(step)
+
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         """A table of sampled completions: appended to ``samples.jsonl`` (one JSON object per row) and
         logged to W&B as the table ``samples`` at ``step``."""

@@ -170,6 +170,10 @@ class _TrainerGroup(Generic[Rank]):
         finally:
             self._release()
 
+    def abandon(self) -> None:
+        """End the ranks without asking them (one died; the others may wait in a collective forever)."""
+        self._release()
+
     def _release(self) -> None:
         for actor in self.actors:
             ray.kill(actor)

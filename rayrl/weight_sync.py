@@ -277,6 +277,17 @@ class WeightPusher:
         return self._gather([w.update_weights.remote(version, exported.refs, exported.checksums) for w in workers],
                             worker_who, f"loading pushed weights (version {version})")
 
+    def rewind(self, version: int) -> None:
+        """The run went back to its checkpoint of ``version``: the workers accept that version next
+        (``push`` after the trainers loaded it)."""
+        self._gather([w.rewind_version.remote(version) for w in self.workers], self.worker_who,
+                     f"going back to policy version {version}")
+        self.version = version
+
+    def use_trainers(self, trainer_actors: Sequence[Any], trainer_who: Sequence[ActorIdentity]) -> None:
+        """Push from a rebuilt trainer group from now on."""
+        self.trainers, self.trainer_who = list(trainer_actors), list(trainer_who)
+
     def catch_up(self, index: int) -> None:
         """Give a restarted worker ``index`` the last pushed version (before the first push it has the
         initial weights already: it loaded them from the model directory)."""
