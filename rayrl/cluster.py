@@ -35,6 +35,7 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         env_vars.update(LOOPBACK_ENV)
         ray.init(num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=config.log_to_driver,
                  runtime_env={"env_vars": env_vars}, configure_logging=False)
+        _watch_for_driver_death()
     else:
         try:
             ray.init(address=config.address, log_to_driver=config.log_to_driver,
@@ -46,6 +47,19 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+_reaper_pipe: int | None = None
+
+
+def _watch_for_driver_death() -> None:
+    """Once per process: a watcher that ends this embedded cluster's processes if this driver dies
+    without shutting it down (``rayrl.reaper``)."""
+    global _reaper_pipe
+    if _reaper_pipe is None:
+        from rayrl.reaper import start_reaper
+
+        _reaper_pipe = start_reaper()
 
 
 # How long joining a cluster may take to answer at all: Ray's own client retries for minutes.

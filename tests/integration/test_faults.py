@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -16,6 +19,8 @@ from test_grpo_loop import grpo_config
 from rayrl.tracking import read_metrics
 
 pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def actor_pids(class_name: str) -> list[int]:
@@ -119,3 +124,45 @@ def test_grpo_rebuilds_its_trainer_group_when_a_rank_dies(ray_cluster, tmp_path,
     for key in ("loss", "reward/mean", "grad_norm", "logprob_gap/sampler_trainer"):
         assert [r[key] for r in steps] == pytest.approx([r[key] for r in calm], rel=1e-5, abs=1e-6), key
     assert not psutil.pid_exists(chaos.done[0][1]) or psutil.Process(chaos.done[0][1]).status() == "zombie"
+
+
+def test_a_killed_driver_leaves_no_process_and_resumes(tmp_path, tiny_model_dir):
+    """`rayrl train` on its own embedded cluster, SIGKILLed after step 3: every process it started is
+    gone soon after (the agents Ray itself would leave orphaned included); `checkpoint.resume=true`
+    continues from the step-2 checkpoint and logs each step once."""
+    output_dir = tmp_path / "driver"
+    command = [sys.executable, "-m", "rayrl.cli", "train", "examples/grpo.yaml", f"output_dir={output_dir}",
+               f"model.path={tiny_model_dir}", "train.max_steps=6", "checkpoint.every_steps=2", "eval.at_start=false",
+               "eval.every_steps=0", "tracking.progress=false", "tracking.wandb.mode=disabled",
+               "grpo.prompts_per_step=4", "rollout.group_size=4", "train.micro_batch_size=16"]
+    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while steps_logged(output_dir) < 3 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert driver.poll() is None, driver.stderr.read()[-2000:]
+        started = {p.pid: p.create_time() for p in psutil.Process(driver.pid).children(recursive=True)}
+        assert len(started) > 3  # Ray's own processes and the actors
+        driver.kill()
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+
+    def alive(pid, created):
+        try:
+            process = psutil.Process(pid)
+            return process.create_time() == created and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 60
+    while any(alive(*item) for item in started.items()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [(pid, " ".join(psutil.Process(pid).cmdline())[:80]) for pid, created in started.items() if alive(pid, created)]
+    assert not left, left
+
+    resumed = subprocess.run([*command, "checkpoint.resume=true"], cwd=REPO, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(output_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
