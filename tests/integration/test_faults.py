@@ -88,9 +88,9 @@ def test_grpo_survives_dead_and_stuck_stateless_actors(ray_cluster, tmp_path, ti
     steps = [r for r in read_metrics(output_dir) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
     assert all(r["samples/trained"] == 16 for r in steps)  # 4 prompts x 4 samples, every step
-    last = steps[-1]
-    assert last["faults/rollout/restarts"] == 2 and last["faults/rollout/reissued"] >= 2
-    assert last["faults/verifier/restarts"] == 1 and last["faults/verifier/reissued"] >= 1
+    last = steps[-1]  # at least the failures caused here (a slow machine may miss a deadline more)
+    assert last["faults/rollout/restarts"] >= 2 and last["faults/rollout/reissued"] >= 2
+    assert last["faults/verifier/restarts"] >= 1 and last["faults/verifier/reissued"] >= 1
     # the killed processes are gone; the stopped one was ended by the run, not left stopped
     for _, pid, _ in chaos.done:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
