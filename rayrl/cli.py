@@ -18,6 +18,7 @@ from rayrl.quickstart import run_quickstart
 from rayrl.remote import RemoteCallTimeout, RoleFailed
 from rayrl.report import render_report
 from rayrl.rewards.registry import RewardSpecError
+from rayrl.scaling import request_scale
 from rayrl.stages import run_stage
 from rayrl.tiny import init_model
 from rayrl.tracking import TrainingDiverged
@@ -135,6 +136,13 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cmd_scale(args: argparse.Namespace) -> int:
+    count = request_scale(args.output_dir, args.overrides)
+    print(f"asked the run in {args.output_dir} for {count} rollout workers; it takes the request between "
+          "steps (watch rollout/num_workers in metrics.jsonl)")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     if not Path(args.output_dir).is_dir():
         raise UsageError(f"report: {args.output_dir} is not a run's output directory")
@@ -224,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     jobs.add_argument("--json", action="store_true", help="list: JSON output")
     jobs.set_defaults(func=_cmd_jobs)
+
+    scale = commands.add_parser(
+        "scale", help="grow or shrink a running RL run's rollout workers: rayrl scale OUTPUT_DIR rollout.num_workers=N",
+        description="Ask the RL run writing to OUTPUT_DIR (on an embedded cluster, or a submitted job whose "
+                    "output_dir this machine shares) to run N rollout workers. The run takes the request "
+                    "between steps; new workers get the current weights before their first request.")
+    scale.add_argument("output_dir")
+    scale.add_argument("overrides", nargs="+", metavar="rollout.num_workers=N")
+    scale.set_defaults(func=_cmd_scale)
 
     report = commands.add_parser(
         "report", help="render a run's metrics.jsonl to PNG curves and an HTML page (no W&B needed)",

@@ -88,6 +88,25 @@ class RestartingActors:
             hook(index)
         _log.warning("%s restarted as %s", self.role, self.who[index].describe())
 
+    def resize(self, count: int) -> None:
+        """Grow to ``count`` actors (new ones are brought up to date by the ``after_restart`` hooks
+        before they take work) or shrink by ending the last ones. Call between calls: nothing of the
+        ended actors may be in flight."""
+        import ray  # slow: ray
+
+        while len(self.actors) > count:
+            ended, who = self.actors.pop(), self.who.pop()
+            ray.kill(ended, no_restart=True)
+            _log.warning("%s removed (the pool now has %d)", who.describe(), len(self.actors))
+        while len(self.actors) < count:
+            index = len(self.actors)
+            self.actors.append(self.start_actor(index))
+            (fresh,) = identify(self.role, [self.actors[index]], self.startup_s)
+            self.who.append(ActorIdentity(self.role, index, fresh.pid, fresh.node_ip))
+            for hook in self.after_restart:
+                hook(index)
+            _log.warning("%s added (the pool now has %d)", self.who[index].describe(), len(self.actors))
+
     def recover(self, failure: Exception) -> bool:
         """If ``failure`` (a ``RoleFailed`` / ``RemoteCallTimeout`` from :func:`rayrl.remote.gather`)
         names actors of this role, replace them and return True (the caller retries its call)."""

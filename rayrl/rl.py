@@ -54,6 +54,7 @@ from rayrl.rewards.scoring import RewardScorer, RewardSpec, ScoreResult
 from rayrl.remote import RemoteCallTimeout, RoleFailed, first_line
 from rayrl.rl_advantages import AdvantageEstimator, CriticUpdate, advantage_estimator
 from rayrl.rl_roles import RLRoles, RolloutPool, role_resources, start_roles
+from rayrl.scaling import take_scale_request
 from rayrl.stage_common import StageResult, checkpoint_due, eval_due, prepare_stage, records_resumed_at, stage_run
 from rayrl.sync_guard import ProbeBatch, SyncGuard
 from rayrl.tracking import Tracker, check_finite_training, sample_rows, sample_table_due
@@ -123,6 +124,9 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
         while step < total_steps:
             try:
                 step_start = time.perf_counter()
+                wanted = take_scale_request(setup.output_dir)  # `rayrl scale`: between steps, nothing in flight
+                if wanted is not None and wanted != len(roles.rollout.workers):
+                    tracker.write(roles.rollout.resize(wanted))
 
                 # 1-2. Generate and score, topping up zero-variance groups (DAPO) if asked.
                 samples, sampling_stats, times = sample_step(
@@ -163,6 +167,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                                    **rollout_metrics(samples, sampler_logps, old_logps, tokens.loss_mask[:, 1:]),
                                    **roles.fault_metrics(), "faults/trainer/restarts": float(trainer_restarts),
                                    "samples/trained": float(len(samples.completions)),
+                                   "rollout/num_workers": float(len(roles.rollout.workers)),
                                    "policy_version": done, "sync/bytes": sync_bytes,
                                    "sync/gb_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9,
                                    "tokens_per_s": tokens.num_tokens / times["time/step"]})

@@ -53,9 +53,27 @@ class RolloutPool:
     or misses its deadline is restarted and its chunk re-issued (``rayrl.recovery``); the chunk's
     sampling seed goes with it, so the re-issued samples are the ones the lost worker would have drawn."""
 
-    def __init__(self, actors: RestartingActors, timeouts: TimeoutConfig):
+    def __init__(self, actors: RestartingActors, timeouts: TimeoutConfig,
+                 per_worker: dict[str, float] | None = None):
+        """``per_worker``: the Ray resources one worker asks for (``resize`` checks they are free)."""
         self.actors = actors
         self.timeouts = timeouts
+        self.per_worker = {k: v for k, v in (per_worker or {}).items() if v > 0}
+
+    def resize(self, count: int) -> str:
+        """Grow or shrink to ``count`` workers between steps (``rayrl scale``); says what it did. A pool
+        the cluster has no room to grow stays as it is."""
+        added = count - len(self.workers)
+        if added > 0:
+            free = ray.available_resources()
+            short = {k: v * added for k, v in self.per_worker.items() if free.get(k, 0.0) < v * added - 1e-9}
+            if short:
+                return (f"rollout.num_workers={count} asked for, but the cluster has no room for {added} more "
+                        f"worker(s) (needs {short}, free {({k: free.get(k, 0.0) for k in short})}); "
+                        f"keeping {len(self.workers)}")
+        before = len(self.workers)
+        self.actors.resize(count)
+        return f"rollout workers: {before} -> {count}"
 
     @property
     def workers(self) -> list:
@@ -338,7 +356,8 @@ def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[Rew
     try:
         roles.rollout = RolloutPool(stateless(
             "rollout", _rollout_worker_starter(config, model_path, trainers if colocated else None),
-            config.rollout.num_workers, "fault.timeouts.generate_s + generate_per_token_s"), timeouts)
+            config.rollout.num_workers, "fault.timeouts.generate_s + generate_per_token_s"), timeouts,
+            per_worker={"CPU": config.rollout.num_cpus, "GPU": config.rollout.num_gpus, **config.rollout.resources})
         if specs:
             per_item_s = sum(spec.timeout_s or 0.0 for spec in specs)
             roles.verifiers = VerifierPool(stateless(

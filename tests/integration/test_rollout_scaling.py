@@ -78,3 +78,53 @@ def test_resume_with_more_then_fewer_rollout_workers(ray_cluster, tmp_path, tiny
         assert all(r["policy_version"] == r["step"] - 1 and "reward/varied" in r for r in samples)
         before = {r["step"]: r for r in steps}
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_rollout_workers_scale_mid_run(ray_cluster, tmp_path, tiny_model_dir):
+    """`rayrl scale OUTPUT_DIR rollout.num_workers=N` while the run goes: 1 -> 2 -> 1 workers between
+    steps; the new worker samples with the current weights from its first request, every step trains
+    on its full batch, and the run logs each step once."""
+    import threading
+    import time
+
+    from rayrl.cli import main
+    from rayrl.rl import run_rl
+
+    reward_file = tmp_path / "varied.py"
+    reward_file.write_text("def varied(prompt, completion, **fields):\n"
+                           "    return float(sum(map(ord, completion)) % 5)\n")
+    out = tmp_path / "elastic"
+    run = config(out, tiny_model_dir, reward_file, workers=1, max_steps=7, resume=False)
+    run = run.model_copy(update={"checkpoint": run.checkpoint.model_copy(update={"every_steps": 0})})
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def operator():
+        for after_step, workers in ((1, 2), (4, 1)):
+            while not stop.is_set() and max([r["step"] for r in _steps(out)], default=0) < after_step:
+                time.sleep(0.2)
+            answers.append(main(["scale", str(out), f"rollout.num_workers={workers}"]))
+
+    thread = threading.Thread(target=operator, daemon=True)
+    thread.start()
+    try:
+        run_rl(run)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert answers == [0, 0]
+    steps = _steps(out)
+    assert [r["step"] for r in steps] == list(range(1, 8))
+    workers = [r["rollout/num_workers"] for r in steps]
+    first, count = workers.index(2), workers.count(2)
+    assert workers == [1] * first + [2] * count + [1] * (7 - first - count) and first > 0 and workers[-1] == 1, workers
+    assert all(r["samples/trained"] == 16 for r in steps)
+    assert [r["policy_version/sampled_min"] for r in steps] == list(range(7))  # the new worker too
+    assert all(r["logprob_gap/sampler_trainer"] < 1e-3 for r in steps)
+
+
+def _steps(out):
+    try:
+        return [r for r in read_metrics(out) if "loss" in r]
+    except FileNotFoundError:
+        return []

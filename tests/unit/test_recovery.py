@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+import psutil
 import pytest
 from ray import cloudpickle
 
@@ -121,3 +122,21 @@ def test_retry_replaces_the_actors_a_failure_names(ray_cluster, tmp_path):
     other = RoleFailed("trainer[0] died", who=[])
     with pytest.raises(RoleFailed):
         actors.retry(lambda: (_ for _ in ()).throw(other))
+
+
+def test_resize_adds_up_to_date_actors_and_removes_the_last(ray_cluster, tmp_path):
+    actors, started = worker_set(tmp_path, count=1, fail=False)
+    caught_up = []
+    actors.after_restart.append(caught_up.append)
+    actors.resize(3)
+    assert len(actors) == 3 and [who.index for who in actors.who] == [0, 1, 2] and caught_up == [1, 2]
+    assert [index for _, index, _ in actors.call_all(lambda actor: actor.square.remote(2), "squaring 2", 60.0)] \
+        == [0, 1, 2]
+    removed = actors.who[2].pid
+    actors.resize(1)
+    assert len(actors) == 1 and len(actors.who) == 1 and started == [0, 1, 2]
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(removed) and psutil.Process(removed).status() != psutil.STATUS_ZOMBIE \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not psutil.pid_exists(removed) or psutil.Process(removed).status() == psutil.STATUS_ZOMBIE
