@@ -147,8 +147,9 @@ def check_sync_guard(trainers, worker, exported, tokenizer):
 
 
 def test_user_reward_file_and_failing_reward_function(ray_cluster, tmp_path, tiny_model_dir):
-    """A user's JSONL of prompts with `answer` and a reward function in their own file; a second
-    function that raises on some rows gives counted failures and its fallback, not a crash."""
+    """A user's JSONL of prompts with `answer` and a reward function in their own file; functions that
+    raise, hang past their timeout or kill their own process on some rows give counted failures and
+    their fallback, not a crash; one that returns None is excluded on request."""
     from rayrl.rl import run_rl
 
     data = tmp_path / "prompts.jsonl"
@@ -162,11 +163,20 @@ def test_user_reward_file_and_failing_reward_function(ray_cluster, tmp_path, tin
         "        raise RuntimeError('boom')\n"
         "    return 1.0\n\n"
         "def tens_only(prompt, completion, answer, **fields):\n"
-        "    return None if int(answer) >= 20 else float(completion.strip() == answer)\n")
+        "    return None if int(answer) >= 20 else float(completion.strip() == answer)\n\n"
+        "def hangs(prompt, completion, answer, **fields):\n"
+        "    if sum(map(ord, completion)) % 3 == 0:\n"
+        "        import time; time.sleep(60)\n"
+        "    return 0.0\n\n"
+        "def exits(prompt, completion, answer, **fields):\n"
+        "    if sum(map(ord, completion)) % 3 == 1:\n"
+        "        import os; os._exit(3)\n"
+        "    return 0.0\n")
     config = grpo_config(tmp_path / "user", tiny_model_dir, data={"train": str(data), "eval": str(data)},
                          rewards=[{"fn": f"{rewards}:starts_right", "name": "right"},
                                   {"fn": f"{rewards}:flaky", "name": "flaky", "weight": 0.5, "fallback": -1.0},
-                                  {"fn": f"{rewards}:tens_only", "name": "tens", "on_failure": "exclude"}],
+                                  {"fn": f"{rewards}:tens_only", "name": "tens", "on_failure": "exclude"},
+                                  {"fn": f"{rewards}:hangs", "timeout_s": 0.5}, {"fn": f"{rewards}:exits"}],
                          trainer={"world_size": 1, "num_cpus": 0.5})
     result = run_rl(config)
     steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
@@ -178,6 +188,9 @@ def test_user_reward_file_and_failing_reward_function(ray_cluster, tmp_path, tin
         # None ("does not apply") is not a failure; on_failure: exclude leaves those completions out
         assert row["reward/tens/failure_rate"] == 0
         assert row["reward/tens/not_applicable_rate"] == row["reward/excluded_frac"] > 0
+        # a function that hangs past its timeout, and one that kills its own process: counted, not fatal
+        assert 0 < row["reward/hangs/timeout_rate"] == row["reward/hangs/failure_rate"] < 1
+        assert 0 < row["reward/exits/failure_rate"] < 1 and row["reward/exits/timeout_rate"] == 0
 
 
 def test_a_call_past_its_deadline_stops_the_run_naming_the_role(ray_cluster, tmp_path, tiny_model_dir):
