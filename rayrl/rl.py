@@ -190,7 +190,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 step, estimator = restart_trainers(config, roles, setup.checkpoints, tracker)
                 pusher.use_trainers(roles.trainers.actors, roles.trainers.who)
                 guard.trainers = roles.trainers
-                pusher.rewind(step)
+                push(lambda: pusher.rewind(step))
                 push(lambda: pusher.push(step))
                 continue
             step += 1
