@@ -36,6 +36,7 @@ import torch
 
 from rayrl.actors.rollout_engines import (Completion, HFEngine, LogprobsMode, RolloutEngine, SamplingSettings,
                                           VLLMEngine)
+from rayrl.remote import ActorUnusable
 from rayrl.weight_sync import check_checksums, numpy_to_tensor
 
 # Completion and SamplingSettings are re-exported: callers import them from here with the worker.
@@ -273,7 +274,7 @@ class RolloutWorker:
 
     def _check_ready(self) -> None:
         if self._engine.broken:
-            raise RuntimeError(self._engine.broken)
+            raise ActorUnusable(self._engine.broken)
         if self._asleep:
             raise RuntimeError("RolloutWorker is asleep: call wake_up() first")
         if self._engine.closed:
@@ -281,7 +282,7 @@ class RolloutWorker:
 
     def _check_push(self, version: int) -> None:
         if self._engine.broken:
-            raise RuntimeError(self._engine.broken)
+            raise ActorUnusable(self._engine.broken)
         if version < self._version:
             raise ValueError(f"policy version must not go backwards: {version} < {self._version}")
 

@@ -10,13 +10,15 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
+from rayrl.scaling import SCALE_REQUEST_FILE
+
 FINAL_MODEL_DIR = "final"
 STAGE_DONE_MARKER = "stage_complete.json"  # written by a pipeline when the stage finished
 
 
 # What one run writes into its output_dir; a fresh run moves an earlier run's copies aside.
 RUN_RECORDS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "placement.json", "wandb_run_id", "checkpoints",
-               FINAL_MODEL_DIR, "final_critic", STAGE_DONE_MARKER)
+               FINAL_MODEL_DIR, "final_critic", STAGE_DONE_MARKER, SCALE_REQUEST_FILE)
 EARLIER_RUNS_DIR = "earlier_runs"
 
 

@@ -50,6 +50,15 @@ def _descendants(pid: int) -> dict[int, float]:
     return found
 
 
+def _alive(pid: int, created: float) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time() == created
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _kill(processes: dict[int, float]) -> None:
     import psutil
 
@@ -68,7 +77,9 @@ def main(driver: int) -> None:
         readable, _, _ = select.select([sys.stdin], [], [], POLL_S)
         if readable and not os.read(sys.stdin.fileno(), 1):
             break  # EOF: the driver is gone
-        seen.update(_descendants(driver))
+        # the current descendants, plus the earlier ones still alive (orphans of a dead parent included);
+        # the many short-lived ones (scoring children) drop out
+        seen = {pid: created for pid, created in seen.items() if _alive(pid, created)} | _descendants(driver)
     time.sleep(GRACE_S)
     _kill(seen)
 

@@ -3,10 +3,11 @@ actor that dies or stops answering is killed, started again and handed the work 
 
 ``RestartingActors`` holds one role's actors. Its :meth:`~RestartingActors.map` runs a list of
 calls (``Call``) on them, each on whichever actor is free (or on a pinned one), every call with its own
-deadline. When an actor dies (``RayActorError``) or misses a deadline, it is ended, a new actor takes
-its index (the ``after_restart`` hooks then bring it up to date, e.g. the current policy weights), and
-the call is issued again; each call's result lands in its own slot, so a re-issued call is neither
-lost nor counted twice. An exception raised *by the method itself* is not a failure of the actor and
+deadline. When an actor dies (``RayActorError``), says it cannot serve any more (``ActorUnusable``:
+its engine died) or misses a deadline, it is ended, a new actor takes its index (the
+``after_restart`` hooks then bring it up to date, e.g. the current policy weights), and the call is
+issued again; each call's result lands in its own slot, so a re-issued call is neither lost nor
+counted twice. Any other exception raised by the method itself is not a failure of the actor and
 propagates unchanged (a restart would not fix it).
 
 Restarts are bounded per role by ``fault.max_restarts`` over the whole run; past it the run stops
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from rayrl.remote import ActorIdentity, RemoteCallTimeout, RoleFailed, first_line, identify, timeout_message
+from rayrl.remote import ActorIdentity, ActorUnusable, RemoteCallTimeout, RoleFailed, first_line, identify, timeout_message
 
 _log = logging.getLogger(__name__)
 
@@ -66,46 +67,62 @@ class RestartingActors:
 
     # ---- failures ------------------------------------------------------------------------------
     def replace(self, index: int, failure: Exception) -> None:
-        """End actor ``index`` (dead or stuck) and start a new one in its place; raise ``failure``
-        instead once the role has used its ``fault.max_restarts``."""
+        """End actor ``index`` (dead or stuck) and start a new one in its place (again if the new one
+        fails to start or to catch up); raise ``failure`` instead once the role has used its
+        ``fault.max_restarts``."""
+        while True:
+            if self.restarts >= self.max_restarts:
+                raise type(failure)(f"{failure}\n{self.role} has been restarted {self.restarts} times in this run "
+                                    f"(fault.max_restarts: {self.max_restarts}); stopping",
+                                    who=getattr(failure, "who", ())) from failure
+            self.restarts += 1
+            _log.warning("%s failed; restarting it (%d of fault.max_restarts=%d): %s", self.who[index].describe(),
+                         self.restarts, self.max_restarts, str(failure).splitlines()[0])
+            self._end(index)
+            try:
+                self._start_in_place(index)
+                return
+            except (RoleFailed, RemoteCallTimeout) as again:
+                failure = again
+
+    def _end(self, index: int) -> None:
         import ray  # slow: ray
 
-        if self.restarts >= self.max_restarts:
-            raise type(failure)(f"{failure}\n{self.role} has been restarted {self.restarts} times in this run "
-                                f"(fault.max_restarts: {self.max_restarts}); stopping",
-                                who=getattr(failure, "who", ())) from failure
-        self.restarts += 1
-        _log.warning("%s failed; restarting it (%d of fault.max_restarts=%d): %s", self.who[index].describe(),
-                     self.restarts, self.max_restarts, str(failure).splitlines()[0])
         try:
             ray.kill(self.actors[index], no_restart=True)
         except Exception as error:  # noqa: BLE001 - already gone is what we want
             _log.debug("ending %s: %r", self.who[index].describe(), error)
+
+    def _start_in_place(self, index: int) -> None:
+        """A new actor at ``index``, identified and brought up to date (``after_restart``)."""
         self.actors[index] = self.start_actor(index)
+        self.who[index] = ActorIdentity(self.role, index)
         (fresh,) = identify(self.role, [self.actors[index]], self.startup_s)
         self.who[index] = ActorIdentity(self.role, index, fresh.pid, fresh.node_ip)
         for hook in self.after_restart:
             hook(index)
-        _log.warning("%s restarted as %s", self.role, self.who[index].describe())
+        _log.warning("%s started", self.who[index].describe())
 
     def resize(self, count: int) -> None:
         """Grow to ``count`` actors (new ones are brought up to date by the ``after_restart`` hooks
         before they take work) or shrink by ending the last ones. Call between calls: nothing of the
-        ended actors may be in flight."""
-        import ray  # slow: ray
-
+        ended actors may be in flight. A new actor that fails to start is ended and the pool kept as
+        it is (the error is raised)."""
         while len(self.actors) > count:
-            ended, who = self.actors.pop(), self.who.pop()
-            ray.kill(ended, no_restart=True)
-            _log.warning("%s removed (the pool now has %d)", who.describe(), len(self.actors))
+            self._end(len(self.actors) - 1)
+            self.actors.pop()
+            _log.warning("%s removed (the pool now has %d)", self.who.pop().describe(), len(self.actors))
         while len(self.actors) < count:
             index = len(self.actors)
-            self.actors.append(self.start_actor(index))
-            (fresh,) = identify(self.role, [self.actors[index]], self.startup_s)
-            self.who.append(ActorIdentity(self.role, index, fresh.pid, fresh.node_ip))
-            for hook in self.after_restart:
-                hook(index)
-            _log.warning("%s added (the pool now has %d)", self.who[index].describe(), len(self.actors))
+            self.actors.append(None)
+            self.who.append(ActorIdentity(self.role, index))
+            try:
+                self._start_in_place(index)
+            except BaseException:
+                self._end(index)
+                self.actors.pop()
+                self.who.pop()
+                raise
 
     def recover(self, failure: Exception) -> bool:
         """If ``failure`` (a ``RoleFailed`` / ``RemoteCallTimeout`` from :func:`rayrl.remote.gather`)
@@ -169,7 +186,7 @@ class RestartingActors:
             index, actor, _ = pending.pop(done[0])
             try:
                 results[index] = ray.get(done[0], timeout=READY_GET_S)
-            except (RayActorError, GetTimeoutError) as error:
+            except (RayActorError, GetTimeoutError, ActorUnusable) as error:
                 fail(index, actor, RoleFailed(f"{self.who[actor].describe()} died while {calls[index].doing}: "
                                               f"{first_line(error)}", who=[self.who[actor]]))
                 continue

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ActorIdentity", "RemoteCallTimeout", "RoleFailed", "first_line", "gather", "identify", "python_stack", "timeout_message"]
+__all__ = ["ActorIdentity", "ActorUnusable", "RemoteCallTimeout", "RoleFailed", "first_line", "gather", "identify", "python_stack", "timeout_message"]
 
 STACK_LINES = 60  # of a stuck actor's Python stack, in the error
 
@@ -52,6 +52,11 @@ class RemoteCallTimeout(_ActorFailure, TimeoutError):
 
 class RoleFailed(_ActorFailure, RuntimeError):
     """An actor died during a remote call (the message names it and what it was doing)."""
+
+
+class ActorUnusable(RuntimeError):
+    """Raised by an actor's method when the actor can no longer serve (e.g. its inference engine died
+    under it): the caller treats it as the actor's death and replaces it."""
 
 
 def _whoami(_instance: Any) -> tuple[int, str]:
@@ -100,11 +105,36 @@ def gather(refs: Sequence[Any], *, who: Sequence[ActorIdentity], doing: str, dea
         actor = who[index]
         try:
             results[index] = ray.get(ready[0], timeout=deadline_s)
-        except RayActorError as error:
+        except (RayActorError, ActorUnusable) as error:
             raise RoleFailed(f"{actor.describe()} died while {doing}: {first_line(error)}", who=[actor]) from error
         except GetTimeoutError as error:  # ready a moment ago: only a lost object store entry gets here
             raise RemoteCallTimeout(timeout_message([actor], doing, deadline_s, setting), who=[actor]) from error
+        except Exception:
+            # A method error may be a peer's death seen from a collective ("connection closed"): if one
+            # of the other actors of this call died, that is the failure to report.
+            _raise_if_one_died(pending, {ref: who[position[ref]] for ref in pending}, doing)
+            raise
     return results
+
+
+DEATH_GRACE_S = 5.0  # how long a method error waits for the call's other actors to show a death
+
+
+def _raise_if_one_died(pending: list, who: dict, doing: str) -> None:
+    import ray  # slow: ray
+    from ray.exceptions import RayActorError
+
+    if not pending:
+        return
+    ready, _ = ray.wait(pending, num_returns=len(pending), timeout=DEATH_GRACE_S)
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except RayActorError as error:
+            raise RoleFailed(f"{who[ref].describe()} died while {doing}: {first_line(error)}",
+                             who=[who[ref]]) from error
+        except Exception:  # noqa: BLE001 - another method error: the first one is reported
+            continue
 
 
 def timeout_message(stuck: Sequence[ActorIdentity], doing: str, deadline_s: float, setting: str) -> str:

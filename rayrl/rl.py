@@ -126,7 +126,8 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 step_start = time.perf_counter()
                 wanted = take_scale_request(setup.output_dir)  # `rayrl scale`: between steps, nothing in flight
                 if wanted is not None and wanted != len(roles.rollout.workers):
-                    tracker.write(roles.rollout.resize(wanted))
+                    tracker.write(roles.rollout.resize(wanted) if scalable(config) else
+                                  f"ignoring rollout.num_workers={wanted}: this run's layout cannot change it")
 
                 # 1-2. Generate and score, topping up zero-variance groups (DAPO) if asked.
                 samples, sampling_stats, times = sample_step(
@@ -180,18 +181,23 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 if checkpoint_due(config, done, total_steps):
                     setup.checkpoints.save(done, roles.save_checkpoint, {"total_steps": total_steps, **estimator.state()})
             except (RoleFailed, RemoteCallTimeout) as failure:
-                # A policy or critic rank failed: rebuild the groups and go back to the newest checkpoint.
-                if not roles.trainer_failed(failure) or roles.colocated or \
-                        trainer_restarts >= config.fault.max_trainer_restarts:
-                    raise
-                trainer_restarts += 1
-                tracker.write(f"{first_line(failure)}; rebuilding the trainer group ({trainer_restarts} of "
-                              f"fault.max_trainer_restarts={config.fault.max_trainer_restarts})")
-                step, estimator = restart_trainers(config, roles, setup.checkpoints, tracker)
-                pusher.use_trainers(roles.trainers.actors, roles.trainers.who)
-                guard.trainers = roles.trainers
-                push(lambda: pusher.rewind(step))
-                push(lambda: pusher.push(step))
+                # A policy or critic rank failed: rebuild the groups and go back to the newest checkpoint
+                # (again if the rebuild itself fails, within the same budget).
+                while True:
+                    if not trainer_restart_allowed(config, roles, failure, trainer_restarts):
+                        raise failure
+                    trainer_restarts += 1
+                    tracker.write(f"{first_line(failure)}; rebuilding the trainer group ({trainer_restarts} of "
+                                  f"fault.max_trainer_restarts={config.fault.max_trainer_restarts})")
+                    try:
+                        step, estimator = restart_trainers(config, roles, setup.checkpoints, tracker)
+                        pusher.use_trainers(roles.trainers.actors, roles.trainers.who)
+                        guard.trainers = roles.trainers
+                        push(lambda: pusher.rewind(step))
+                        push(lambda: pusher.push(step))
+                        break
+                    except (RoleFailed, RemoteCallTimeout) as again:
+                        failure = again
                 continue
             step += 1
 
@@ -199,6 +205,19 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
         final_model = roles.export(setup.tokenizer, setup.output_dir)
     return StageResult(setup.output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)
 
+
+
+def trainer_restart_allowed(config: GRPOConfig | PPOConfig, roles: RLRoles, failure: Exception, done: int) -> bool:
+    """A failure of a policy or critic rank, restarts left, and a layout whose other roles survive the
+    rebuild (colocated rollout workers live in the trainers' bundles; an NCCL broadcast group would
+    need re-forming with every worker)."""
+    return (roles.trainer_failed(failure) and done < config.fault.max_trainer_restarts and not roles.colocated
+            and config.resolved_weight_transport != "nccl")
+
+
+def scalable(config: GRPOConfig | PPOConfig) -> bool:
+    """Whether ``rayrl scale`` can change the rollout pool (``rayrl.scaling`` refuses the others)."""
+    return config.placement != "colocated" and config.resolved_weight_transport != "nccl"
 
 
 def restart_trainers(config: GRPOConfig | PPOConfig, roles: RLRoles, checkpoints: CheckpointManager,
@@ -541,7 +560,7 @@ def accuracy(scores: ScoreResult) -> float | None:
 def rollout_metrics(samples: Rollout, sampler_logps: torch.Tensor, old_logps: torch.Tensor,
                     mask: torch.Tensor) -> dict[str, float]:
     """Rewards, lengths, truncation, the sampler/trainer log-prob gap and the oldest sampling version."""
-    rewards = samples.rewards
+    rewards = samples.rewards[samples.valid]  # excluded completions (on_failure: exclude) have no reward
     lengths = torch.tensor([len(c.token_ids) for c in samples.completions], dtype=torch.float32)
     gap = ((sampler_logps - old_logps).abs() * mask).sum() / mask.sum().clamp_min(1)
     correct = accuracy(samples.scores)
@@ -551,7 +570,7 @@ def rollout_metrics(samples: Rollout, sampler_logps: torch.Tensor, old_logps: to
                     if not k.endswith(("failure_rate", "timeout_rate", "not_applicable_rate"))}
     return {**reward_stats,
             **({"accuracy": correct} if correct is not None else {}),
-            "reward/mean": float(rewards.mean()),
+            "reward/mean": float(rewards.mean()) if len(rewards) else 0.0,
             "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "completion/length_mean": float(lengths.mean()), "completion/length_max": float(lengths.max()),
             "completion/truncated_frac": float(samples.overlong.float().mean()),

@@ -35,7 +35,7 @@ from rayrl.data.batch import TokenBatch
 from rayrl.data.rollout import PromptRow
 from rayrl.outputs import export_final_model
 from rayrl.recovery import Call, RestartingActors
-from rayrl.remote import ActorIdentity
+from rayrl.remote import ActorIdentity, RemoteCallTimeout, RoleFailed, first_line
 from rayrl.rewards.scoring import RewardSpec, ScoreResult
 from rayrl.stage_common import trainer_spec
 from rayrl.tiny import resolve_model_path
@@ -72,7 +72,11 @@ class RolloutPool:
                         f"worker(s) (needs {short}, free {({k: free.get(k, 0.0) for k in short})}); "
                         f"keeping {len(self.workers)}")
         before = len(self.workers)
-        self.actors.resize(count)
+        try:
+            self.actors.resize(count)
+        except (RoleFailed, RemoteCallTimeout) as error:
+            return f"rollout.num_workers={count} asked for, but a new worker failed to start ({first_line(error)}); " \
+                   f"keeping {len(self.workers)}"
         return f"rollout workers: {before} -> {count}"
 
     @property

@@ -61,11 +61,13 @@ def take_scale_request(output_dir: str | Path) -> int | None:
     """The rollout pool size a ``rayrl scale`` asked for since the last call (the request is consumed),
     or None."""
     path = Path(output_dir) / SCALE_REQUEST_FILE
+    taken = path.with_name(SCALE_REQUEST_FILE + ".taken")
     try:
-        text = path.read_text()
+        os.replace(path, taken)  # claimed whole: a request written meanwhile waits for the next step
     except FileNotFoundError:
         return None
-    path.unlink(missing_ok=True)
+    text = taken.read_text()
+    taken.unlink(missing_ok=True)
     try:
         count = json.loads(text)[SCALABLE_KEY]
         if isinstance(count, int) and not isinstance(count, bool) and count >= 1:

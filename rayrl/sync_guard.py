@@ -41,8 +41,12 @@ class ProbeBatch:
 
 
 def max_logprob_gap(trainer_logps: torch.Tensor, engine_logps: torch.Tensor, mask: torch.Tensor) -> float:
-    """max |trainer - engine| over the compared (masked) tokens."""
-    return float(((trainer_logps - engine_logps).abs() * mask).max()) if bool(mask.any()) else 0.0
+    """max |trainer - engine| over the compared (masked) tokens; inf if any is not finite (a NaN from a
+    broken engine must fail the check, not slip past ``>``)."""
+    gap = (trainer_logps - engine_logps).abs()[mask.bool()]
+    if gap.numel() == 0:
+        return 0.0
+    return float(gap.max()) if bool(torch.isfinite(gap).all()) else float("inf")
 
 
 class SyncGuard:

@@ -243,10 +243,11 @@ class WeightPusher:
                 stats = self._push_object_store(version, workers, worker_who)
             except WeightChecksumError as damaged:  # once more from the trainer; a second failure stops the run
                 _log.warning("a weight push arrived damaged, pushing again: %s", first_line(damaged))
+                exported = self._export()
                 stats = []
                 for worker, who in zip(workers, worker_who):
                     try:
-                        stats += self._push_object_store(version, [worker], [who])
+                        stats += self._load(version, exported, [worker], [who])
                     except WeightChecksumError as again:
                         raise WeightSyncError(f"{who.describe()}: {first_line(again)}; the weights were pushed "
                                               "twice and arrived damaged both times") from again
@@ -256,10 +257,14 @@ class WeightPusher:
                                      for t in self.trainers], self.trainer_who, "sharing weights over CUDA IPC")
             handles = merge_handles([[b["handles"] for b in rank] for rank in per_rank])
             shared = [{"handles": h, "layout": b["layout"]} for h, b in zip(handles, per_rank[0])]
+            loads = [w.update_weights_ipc.remote(version, shared) for w in workers]
             try:
-                self._gather([w.update_weights_ipc.remote(version, shared) for w in workers], worker_who,
-                             f"loading pushed weights over CUDA IPC (version {version})")
+                self._gather(loads, worker_who, f"loading pushed weights over CUDA IPC (version {version})")
             finally:
+                import ray  # slow: ray
+
+                # gather raises at the first failure: the other workers may still read the buffers
+                ray.wait(loads, num_returns=len(loads), timeout=self.deadline_s)
                 self._gather([t.release_shared_weights.remote() for t in self.trainers], self.trainer_who,
                              "releasing the shared weight buffers")
             nbytes = sum(b["layout"].nbytes for b in shared)
@@ -271,9 +276,14 @@ class WeightPusher:
         return time.perf_counter() - start, nbytes
 
     def _push_object_store(self, version: int, workers: Sequence[Any], worker_who: Sequence[ActorIdentity]) -> list:
-        per_rank = self._gather([t.export_weight_buckets.remote(self.bucket_bytes) for t in self.trainers],
-                                self.trainer_who, "exporting weights for a push")
-        exported = per_rank[0]
+        return self._load(version, self._export(), workers, worker_who)
+
+    def _export(self) -> ExportedWeights:
+        return self._gather([t.export_weight_buckets.remote(self.bucket_bytes) for t in self.trainers],
+                            self.trainer_who, "exporting weights for a push")[0]
+
+    def _load(self, version: int, exported: ExportedWeights, workers: Sequence[Any],
+              worker_who: Sequence[ActorIdentity]) -> list:
         return self._gather([w.update_weights.remote(version, exported.refs, exported.checksums) for w in workers],
                             worker_who, f"loading pushed weights (version {version})")
 

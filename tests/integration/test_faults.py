@@ -99,7 +99,8 @@ def test_grpo_survives_dead_and_stuck_stateless_actors(ray_cluster, tmp_path, ti
 
 def test_grpo_rebuilds_its_trainer_group_when_a_rank_dies(ray_cluster, tmp_path, tiny_model_dir, capfd):
     """One of two DeepSpeed ranks SIGKILLed after step 3: the run rebuilds the group, goes back to its
-    checkpoint of step 2 and trains steps 3-5 again; every step is logged once, the restart counted."""
+    newest checkpoint and trains the steps after it again, as an uninterrupted run does; every step is
+    logged once, the restart counted."""
     from rayrl.rl import run_rl
 
     output_dir = tmp_path / "rank"
@@ -115,7 +116,9 @@ def test_grpo_rebuilds_its_trainer_group_when_a_rank_dies(ray_cluster, tmp_path,
     assert [name for name, _, _ in chaos.done] == ["PolicyTrainer"]
     steps = [r for r in read_metrics(output_dir) if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]  # steps after the checkpoint logged once, again
-    assert [r["faults/trainer/restarts"] for r in steps] == [0, 0, 1, 1, 1]
+    # back to the step-2 checkpoint (or, if the kill landed late in step 4, the step-4 one)
+    restarts = [r["faults/trainer/restarts"] for r in steps]
+    assert restarts[:2] == [0, 0] and restarts[-1] == 1 and restarts == sorted(restarts)
     assert all(r["samples/trained"] == 16 for r in steps)
     assert "rebuilding the trainer group (1 of fault.max_trainer_restarts=1)" in capfd.readouterr().err
     # from the checkpoint on, the steps are the uninterrupted run's

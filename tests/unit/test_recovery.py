@@ -12,7 +12,7 @@ import pytest
 from ray import cloudpickle
 
 from rayrl.recovery import Call, RestartingActors
-from rayrl.remote import RemoteCallTimeout, RoleFailed
+from rayrl.remote import ActorUnusable, RemoteCallTimeout, RoleFailed, gather
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test file
 
@@ -28,6 +28,8 @@ class Worker:
         if self.fail_once is not None and _first_to_create(self.fail_once):
             if self.how == "exit":
                 os._exit(1)
+            if self.how == "unusable":
+                raise ActorUnusable("the engine died")
             time.sleep(600)
         if x < 0:
             raise ValueError("negative input")
@@ -140,3 +142,46 @@ def test_resize_adds_up_to_date_actors_and_removes_the_last(ray_cluster, tmp_pat
             and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not psutil.pid_exists(removed) or psutil.Process(removed).status() == psutil.STATUS_ZOMBIE
+
+
+def test_an_actor_that_says_it_is_unusable_is_replaced(ray_cluster, tmp_path):
+    actors, _ = worker_set(tmp_path, count=1, how="unusable")
+    assert [r[0] for r in actors.map(calls(2))] == [0, 1]
+    assert actors.restarts == 1
+
+
+class Peer:
+    """Two ranks of a collective: one dies, the other then fails with an error about its peer."""
+
+    def die_later(self):
+        time.sleep(1.0)
+        os._exit(1)
+
+    def fail_first(self):
+        time.sleep(0.3)
+        raise ConnectionError("connection closed by peer")
+
+
+def test_gather_reports_the_death_behind_a_peers_error(ray_cluster):
+    import ray
+
+    from rayrl.remote import ActorIdentity
+
+    ranks = [ray.remote(Peer).options(num_cpus=0).remote() for _ in range(2)]
+    who = [ActorIdentity("PolicyTrainer", i) for i in range(2)]
+    with pytest.raises(RoleFailed, match=r"PolicyTrainer\[1\].*died while a step") as error:
+        gather([ranks[0].fail_first.remote(), ranks[1].die_later.remote()], who=who, doing="a step",
+               deadline_s=60, setting="fault.timeouts.trainer_s")
+    assert [w.index for w in error.value.who] == [1]
+
+
+def test_a_nan_gap_fails_the_sync_probe():
+    import torch
+
+    from rayrl.sync_guard import max_logprob_gap
+
+    mask = torch.tensor([[False, True, True]])
+    trainer = torch.tensor([[0.0, -1.0, -2.0]])
+    assert max_logprob_gap(trainer, torch.tensor([[5.0, -1.5, -2.0]]), mask) == 0.5  # masked-out positions ignored
+    assert max_logprob_gap(trainer, torch.tensor([[0.0, float("nan"), -2.0]]), mask) == float("inf")
+    assert max_logprob_gap(trainer, torch.tensor([[0.0, float("-inf"), -2.0]]), mask) == float("inf")
