@@ -335,10 +335,19 @@ def job_summary(info) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # A private single-node head on loopback (tests, benchmarks, trying `rayrl submit` on a laptop)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: all held bound until all are picked (one at a time, the kernel
+    may hand the same free port out twice)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @dataclass
@@ -369,10 +378,10 @@ def start_local_head(*, num_cpus: int = 2, ray: str | None = None, env: dict[str
     Ray defaults). Waits until the job server answers."""
     ray = ray or str(Path(sys.executable).with_name("ray"))
     temp_dir = tempfile.mkdtemp(prefix="rrh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
-                                              "dashboard-agent-grpc-port", "metrics-export-port",
-                                              "runtime-env-agent-port", "ray-client-server-port",
-                                              "node-manager-port", "object-manager-port")}
+    names = ("port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
+             "object-manager-port")
+    ports = dict(zip(names, _free_ports(len(names))))
     cmd = [ray, "start", "--head", "--block", f"--num-cpus={num_cpus}", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
            *(f"--{name}={port}" for name, port in ports.items())]
