@@ -99,7 +99,7 @@ def test_post_sync_engine_logprobs_match_trainer(ray_cluster, tiny_model_dir, to
         before = engine_logps()
         assert not torch.allclose(before, trainer_logps, atol=1e-3)  # the check can fail
         exported = trainers.export_weight_buckets(1 << 20)
-        stats = ray.get(worker.update_weights.remote(1, exported.refs, exported.checksums))
+        stats = ray.get(worker.update_weights.remote(1, exported.refs, exported.checksums), timeout=120)
         assert stats.version == 1 and stats.num_buckets >= 2  # bucketed, not one call per tensor
         torch.testing.assert_close(engine_logps(), trainer_logps, atol=1e-4, rtol=1e-4)
         check_sync_guard(trainers, worker, exported, tokenizer)
@@ -129,17 +129,17 @@ def check_sync_guard(trainers, worker, exported, tokenizer):
                       pad_id=tokenizer.pad_token_id, deadline_s=60)
     assert guard.check(1, repush=lambda: None)["sync/verify_max_abs_diff"] < 1e-4
 
-    ray.get(worker.damage_next_pushes_for_test.remote(1))
+    ray.get(worker.damage_next_pushes_for_test.remote(1), timeout=120)
     pusher.push(2)  # damaged once: caught by the checksum, pushed again
-    assert ray.get(worker.policy_version.remote()) == 2
-    ray.get(worker.damage_next_pushes_for_test.remote(2))
+    assert ray.get(worker.policy_version.remote(), timeout=60) == 2
+    ray.get(worker.damage_next_pushes_for_test.remote(2), timeout=120)
     with pytest.raises(WeightSyncError, match=r"rollout\[0\] \(pid \d+.*tensor '.*' \(bucket 0\) arrived corrupted"):
         pusher.push(3)
-    assert ray.get(worker.policy_version.remote()) == 2  # the engine kept its weights
+    assert ray.get(worker.policy_version.remote(), timeout=60) == 2  # the engine kept its weights
 
     # An engine that serves something else (one tensor zeroed behind the trainer's back)
-    name, array = next(iter(ray.get(exported.refs[0]).items()))
-    ray.get(worker.update_weights.remote(3, [{name: np.zeros_like(array)}]))
+    name, array = next(iter(ray.get(exported.refs[0], timeout=120).items()))
+    ray.get(worker.update_weights.remote(3, [{name: np.zeros_like(array)}]), timeout=120)
     with pytest.raises(WeightSyncError, match=r"rollout\[0\].*differ from the trainer's by up to"):
         guard.check(3, repush=lambda: None)
     repaired = guard.check(3, repush=lambda: pusher.push(3))  # one re-push, then it agrees
