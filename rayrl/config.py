@@ -434,6 +434,16 @@ class RolloutConfig(_Strict):
     stop: list[str] = Field(default_factory=list)
     dtype: Literal["float32", "bfloat16"] = "float32"
     kv_cache_gib: float = Field(default=1.0, gt=0)
+    mode: Literal["sync", "async"] = "sync"
+    """sync: generate, score, train, push, one after the other. async: the rollout workers keep
+    generating the next steps' groups while the trainer trains (needs placement: split), each sample at
+    most max_staleness policy versions older than the trainer that trains on it."""
+    max_staleness: int = Field(default=1, ge=0)
+    """async: a group is started only if it will be trained by a policy at most this many versions newer
+    than the one that samples it (0: exactly the sync loop)."""
+    partial_rollouts: bool = False
+    """async: whether requests in flight when new weights arrive continue under the new weights. Only
+    false is built: a push waits for each worker's current chunk, which finishes under the old weights."""
     weight_transport: Literal["auto", "object_store", "ipc", "nccl"] = "auto"
     """How trainer weights reach the engines after each step. object_store: numpy buckets through Ray
     (CPU, or any layout); ipc: CUDA IPC handles of packed GPU buffers (colocated on GPUs); nccl: a
@@ -476,8 +486,29 @@ class _PolicyGradientSettings(_Strict):
     gets a penalty falling linearly to -overlong_penalty_factor at max_new_tokens (logged as the reward
     ``overlong_penalty``); 0: off."""
     overlong_penalty_factor: float = Field(default=1.0, gt=0)
+    off_policy: Literal["none", "tis", "mis", "decoupled"] = "none"
+    """Correction for samples drawn by an older or different policy (the engine's; up to
+    rollout.max_staleness versions old in async mode), with rho = pi_prox / mu per token (trainer before
+    the update / sampler): none; tis: weight min(rho, C); mis: drop tokens with rho outside [1/C, C];
+    decoupled: AReaL's decoupled PPO, weight rho (tokens with rho > C dropped), clip around pi_prox.
+    Equations: rayrl/algorithms/off_policy.py."""
+    off_policy_cap: float = Field(default=2.0, gt=1)
+    """C of the off-policy correction."""
     tis_cap: float | None = Field(default=None, gt=0)
-    """Truncated importance sampling (sampler/trainer log-prob mismatch), weights capped here; null: off."""
+    """Shorthand for off_policy: tis with off_policy_cap = tis_cap; null: off."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tis_cap_is_tis(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tis_cap") is not None:
+            cap, kind = data["tis_cap"], data.get("off_policy", "tis")
+            if kind != "tis":
+                raise ValueError(f"tis_cap is the cap of off_policy: tis, but off_policy is {kind!r}; "
+                                 "set off_policy_cap instead")
+            if isinstance(cap, (int, float)) and cap <= 1:
+                raise ValueError(f"tis_cap must be > 1 (a weight cap below 1 shrinks every token), got {cap}")
+            data = {**data, "off_policy": "tis", "off_policy_cap": cap}
+        return data
 
 
 class GRPOSettings(_PolicyGradientSettings):
@@ -621,6 +652,13 @@ class _RLBase(_CommonBase):
         if settings.kl_coef and settings.kl_in_loss and settings.kl_kind == "k1":
             raise ValueError(f"{section}.kl_kind=k1 as a loss term has zero expected gradient (E[grad log pi] = 0 "
                              f"under the samples); use k3 (or k2) with {section}.kl_coef > 0")
+        if self.rollout.mode == "async" and self.placement == "colocated":
+            raise ValueError("rollout.mode: async overlaps generation with training, but placement: colocated puts "
+                             "both on the same devices (the engines sleep while the trainer trains): use "
+                             "placement: split")
+        if self.rollout.partial_rollouts:
+            raise ValueError("rollout.partial_rollouts: true (weights swapped under requests in flight) is not built; "
+                             "set it to false: pushes wait for each worker's current chunk")
         transport = self.rollout.weight_transport
         on_gpus = self.trainer.num_gpus > 0 and self.rollout.num_gpus > 0
         if transport in ("ipc", "nccl") and not on_gpus:
@@ -758,6 +796,8 @@ class PolicySettings:
     overlong_buffer: int
     overlong_penalty_factor: float
     tis_cap: float | None
+    off_policy: str  # none, tis, mis, decoupled (rayrl.algorithms.off_policy)
+    off_policy_cap: float
     kl_coef: float  # the (initial) KL(pi || ref) coefficient; 0: no reference model
     kl_kind: str
     kl_in_loss: bool  # KL as a loss term (GRPO; PPO with kl_in: loss), else folded into PPO's rewards

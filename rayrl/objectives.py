@@ -2,7 +2,7 @@
 dispatch from them to the pure functions of rayrl.algorithms.
 
 - ``PolicyGradientObjective`` + ``policy_gradient_objective_loss``: the clipped policy-gradient loss
-  of the GRPO family and PPO (ratio level, clip range, KL term, TIS, overlong filter, aggregation).
+  of the GRPO family and PPO (ratio level, clip range, KL term, off-policy correction, overlong filter, aggregation).
 - ``PreferenceObjective`` + ``preference_loss``: the DPO family, SimPO, ORPO and KTO.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rayrl.algorithms import (dpo_loss, entropy_from_logits, kto_loss, kto_reference_point, orpo_loss, overlong_mask,
-                              policy_gradient_loss, simpo_loss, truncated_is_weights)
+                              off_policy_weights, policy_gradient_loss, simpo_loss)
 from rayrl.data.rollout import RolloutBatch
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -30,7 +30,8 @@ class PolicyGradientObjective:
     kl_kind: str = "k3"
     aggregation: str = "token_mean"
     norm_constant: float | None = None
-    tis_cap: float | None = None
+    off_policy: str = "none"  # rayrl.algorithms.off_policy: none, tis, mis, decoupled
+    off_policy_cap: float = 2.0
     overlong_filter: bool = False
     # The sampling temperature: the rollout engine samples from softmax(logits / T) and reports
     # those log-probs, so ratios, KL and entropy must be taken at the same T.
@@ -51,11 +52,12 @@ def policy_gradient_objective_loss(objective: PolicyGradientObjective, logits: t
     old = batch.old_logps.to(device)
     if objective.overlong_filter:
         mask = overlong_mask(batch.overlong.to(device), mask)
-    tis = (truncated_is_weights(old, batch.sampler_logps.to(device), mask, cap=objective.tis_cap)
-           if objective.tis_cap else None)
+    # The behaviour (sampler) / proximal (old) mismatch: engine numerics, or staleness in async RL.
+    weights = off_policy_weights(objective.off_policy, old, batch.sampler_logps.to(device), mask,
+                                 cap=objective.off_policy_cap)
     loss, stats = policy_gradient_loss(
         logps, old, batch.advantages.to(device), mask, ratio_level=objective.ratio_level,
-        eps_low=objective.eps_low, eps_high=objective.eps_high, tis_weights=tis,
+        eps_low=objective.eps_low, eps_high=objective.eps_high, tis_weights=weights,
         ref_logp=None if batch.ref_logps is None else batch.ref_logps.to(device),
         kl_coef=objective.kl_coef, kl_kind=objective.kl_kind, mode=objective.aggregation,
         global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,

@@ -25,6 +25,7 @@ from .grpo import (
     truncated_is_weights,
 )
 from .kl import KLKind, kl_estimate
+from .off_policy import OFF_POLICY_CORRECTIONS, OffPolicyCorrection, off_policy_weights
 from .logprobs import entropy_from_logits, sequence_logprobs, token_logprobs
 from .ppo import AdaptiveKLController, clipped_policy_loss, clipped_value_loss, gae_advantages, kl_penalized_rewards
 from .preference import (
@@ -80,4 +81,8 @@ __all__ = [
     "overlong_penalty",
     "rloo_advantages",
     "reinforce_pp_advantages",
+    # off-policy correction (asynchronous RL)
+    "OffPolicyCorrection",
+    "OFF_POLICY_CORRECTIONS",
+    "off_policy_weights",
 ]

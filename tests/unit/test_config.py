@@ -186,3 +186,40 @@ def test_reward_options_reach_the_function_and_default_names_clash_clearly():
     with pytest.raises(ConfigError, match=r"names must be unique, got \['score', 'score'\]; set rewards\[i\].name "
                                           r"for rewards\[0\], rewards\[1\]"):
         build_config({"algorithm": "grpo", "rewards": [{"fn": "a.py:score"}, {"fn": "b.py:score"}]})
+
+
+def test_async_rollout_settings_are_checked_before_anything_starts():
+    from builtin_configs import build_config
+
+    config = build_config({"algorithm": "grpo", "rollout": {"mode": "async", "max_staleness": 2}})
+    assert config.rollout.mode == "async" and config.rollout.max_staleness == 2
+    assert build_config({"algorithm": "grpo"}).rollout.mode == "sync"  # sync stays the default
+    with pytest.raises(ConfigError, match="rollout.max_staleness.*greater than or equal to 0"):
+        build_config({"algorithm": "grpo", "rollout": {"mode": "async", "max_staleness": -1}})
+    with pytest.raises(ConfigError, match="async overlaps generation with training, but placement: colocated"):
+        build_config({"algorithm": "grpo", "placement": "colocated", "rollout": {"mode": "async"}})
+    with pytest.raises(ConfigError, match="partial_rollouts: true .* is not built"):
+        build_config({"algorithm": "grpo", "rollout": {"mode": "async", "partial_rollouts": True}})
+    with pytest.raises(ConfigError, match="rollout.mode"):
+        build_config({"algorithm": "ppo", "reward_model": {"path": "rm"}, "rollout": {"mode": "overlap"}})
+
+
+def test_off_policy_correction_settings():
+    from builtin_configs import build_config
+
+    from rayrl.config import policy_settings
+
+    settings = policy_settings(build_config({"algorithm": "grpo", "grpo": {"off_policy": "mis", "off_policy_cap": 3.0}}))
+    assert (settings.off_policy, settings.off_policy_cap) == ("mis", 3.0)
+    # tis_cap is off_policy: tis with that cap
+    settings = policy_settings(build_config({"algorithm": "grpo", "grpo": {"tis_cap": 2.5}}))
+    assert (settings.off_policy, settings.off_policy_cap) == ("tis", 2.5)
+    ppo = policy_settings(build_config({"algorithm": "ppo", "reward_model": {"path": "rm"},
+                                        "ppo": {"off_policy": "decoupled"}}))
+    assert ppo.off_policy == "decoupled"
+    with pytest.raises(ConfigError, match="tis_cap is the cap of off_policy: tis, but off_policy is 'mis'"):
+        build_config({"algorithm": "grpo", "grpo": {"tis_cap": 2.0, "off_policy": "mis"}})
+    with pytest.raises(ConfigError, match="off_policy_cap.*greater than 1"):
+        build_config({"algorithm": "grpo", "grpo": {"off_policy": "tis", "off_policy_cap": 0.5}})
+    with pytest.raises(ConfigError, match="grpo.off_policy"):
+        build_config({"algorithm": "grpo", "grpo": {"off_policy": "icepop"}})
