@@ -18,6 +18,7 @@ with the error of the last failure. ``restarts`` and ``reissued`` are counted fo
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -61,29 +62,36 @@ class RestartingActors:
         self.restarts = 0
         self.reissued = 0
         self.after_restart: list[Callable[[int], None]] = []
+        # The async rollout scheduler's thread and the loop's thread may both see an actor fail.
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self.actors)
 
     # ---- failures ------------------------------------------------------------------------------
-    def replace(self, index: int, failure: Exception) -> None:
+    def replace(self, index: int, failure: Exception, *, handle: Any = None, pid: int | None = None) -> None:
         """End actor ``index`` (dead or stuck) and start a new one in its place (again if the new one
         fails to start or to catch up); raise ``failure`` instead once the role has used its
-        ``fault.max_restarts``."""
-        while True:
-            if self.restarts >= self.max_restarts:
-                raise type(failure)(f"{failure}\n{self.role} has been restarted {self.restarts} times in this run "
-                                    f"(fault.max_restarts: {self.max_restarts}); stopping",
-                                    who=getattr(failure, "who", ())) from failure
-            self.restarts += 1
-            _log.warning("%s failed; restarting it (%d of fault.max_restarts=%d): %s", self.who[index].describe(),
-                         self.restarts, self.max_restarts, str(failure).splitlines()[0])
-            self._end(index)
-            try:
-                self._start_in_place(index)
+        ``fault.max_restarts``. ``handle`` / ``pid``: the failed actor as the caller knew it; if another
+        caller has replaced it meanwhile, nothing happens."""
+        with self._lock:
+            if (handle is not None and self.actors[index] is not handle) or \
+                    (pid is not None and self.who[index].pid not in (None, pid)):
                 return
-            except (RoleFailed, RemoteCallTimeout) as again:
-                failure = again
+            while True:
+                if self.restarts >= self.max_restarts:
+                    raise type(failure)(f"{failure}\n{self.role} has been restarted {self.restarts} times in this "
+                                        f"run (fault.max_restarts: {self.max_restarts}); stopping",
+                                        who=getattr(failure, "who", ())) from failure
+                self.restarts += 1
+                _log.warning("%s failed; restarting it (%d of fault.max_restarts=%d): %s", self.who[index].describe(),
+                             self.restarts, self.max_restarts, str(failure).splitlines()[0])
+                self._end(index)
+                try:
+                    self._start_in_place(index)
+                    return
+                except (RoleFailed, RemoteCallTimeout) as again:
+                    failure = again
 
     def _end(self, index: int) -> None:
         import ray  # slow: ray
@@ -108,6 +116,10 @@ class RestartingActors:
         before they take work) or shrink by ending the last ones. Call between calls: nothing of the
         ended actors may be in flight. A new actor that fails to start is ended and the pool kept as
         it is (the error is raised)."""
+        with self._lock:
+            self._resize(count)
+
+    def _resize(self, count: int) -> None:
         while len(self.actors) > count:
             self._end(len(self.actors) - 1)
             self.actors.pop()
@@ -127,9 +139,9 @@ class RestartingActors:
     def recover(self, failure: Exception) -> bool:
         """If ``failure`` (a ``RoleFailed`` / ``RemoteCallTimeout`` from :func:`rayrl.remote.gather`)
         names actors of this role, replace them and return True (the caller retries its call)."""
-        mine = [who.index for who in getattr(failure, "who", ()) if who.role == self.role]
-        for index in sorted(set(mine)):
-            self.replace(index, failure)
+        mine = {who.index: who.pid for who in getattr(failure, "who", ()) if who.role == self.role}
+        for index in sorted(mine):
+            self.replace(index, failure, pid=mine[index])
         return bool(mine)
 
     def retry(self, operation: Callable[[], T]) -> T:
@@ -147,50 +159,13 @@ class RestartingActors:
     def map(self, calls: Sequence[Call]) -> list:
         """Every call's result, in ``calls`` order. One call at a time per actor; a call whose actor
         dies or misses its deadline is re-issued on the replacement."""
-        import ray  # slow: ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
-        queue = deque(range(len(calls)))
+        stream = CallStream(self)
+        for index, call in enumerate(calls):
+            stream.add(call, index)
         results: list[Any] = [None] * len(calls)
-        pending: dict[Any, tuple[int, int, float]] = {}  # ref -> (call, actor, due time)
-        busy: set[int] = set()
-
-        def fail(index: int, actor: int, failure: Exception) -> None:
-            busy.discard(actor)
-            self.replace(actor, failure)
-            self.reissued += 1
-            queue.appendleft(index)
-
-        while queue or pending:
-            for index in list(queue):
-                pinned = calls[index].actor
-                free = [a for a in range(len(self.actors)) if a not in busy and (pinned is None or a == pinned)]
-                if not free:
-                    continue
-                queue.remove(index)
-                busy.add(free[0])
-                pending[calls[index].submit(self.actors[free[0]])] = (index, free[0],
-                                                                     time.monotonic() + calls[index].deadline_s)
-            first_due = min(due for _, _, due in pending.values())
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, first_due - time.monotonic()))
-            if not done:
-                now = time.monotonic()
-                for ref, (index, actor, due) in list(pending.items()):
-                    if due <= now:
-                        del pending[ref]
-                        call = calls[index]
-                        fail(index, actor, RemoteCallTimeout(
-                            timeout_message([self.who[actor]], call.doing, call.deadline_s, self.setting),
-                            who=[self.who[actor]]))
-                continue
-            index, actor, _ = pending.pop(done[0])
-            try:
-                results[index] = ray.get(done[0], timeout=READY_GET_S)
-            except (RayActorError, GetTimeoutError, ActorUnusable) as error:
-                fail(index, actor, RoleFailed(f"{self.who[actor].describe()} died while {calls[index].doing}: "
-                                              f"{first_line(error)}", who=[self.who[actor]]))
-                continue
-            busy.discard(actor)
+        while stream.unfinished:
+            for index, result in stream.wait():
+                results[index] = result
         return results
 
     def call_all(self, submit: Callable[[Any], Any], doing: str, deadline_s: float) -> list:
@@ -200,3 +175,93 @@ class RestartingActors:
     def metrics(self) -> dict[str, float]:
         return {f"faults/{self.role}/restarts": float(self.restarts),
                 f"faults/{self.role}/reissued": float(self.reissued)}
+
+
+class CallStream:
+    """Calls on one role's actors that a caller keeps adding (``map`` for a caller that does not know
+    all its calls up front: the asynchronous rollout scheduler). Each queued call starts on the first
+    free actor (or its pinned one), one call at a time per actor, and its result is handed back from
+    :meth:`wait` as soon as it is there, with the caller's tag. A call whose actor dies, says it is
+    unusable or misses the call's deadline is re-queued (first in line) after the actor is replaced."""
+
+    def __init__(self, actors: RestartingActors):
+        self.actors = actors
+        self.queue: deque[tuple[Call, Any]] = deque()
+        self.pending: dict[Any, tuple[Call, Any, int, Any, float]] = {}  # ref -> (call, tag, actor, handle, due)
+        self.busy: set[int] = set()
+
+    @property
+    def unfinished(self) -> int:
+        """Calls queued or running."""
+        return len(self.queue) + len(self.pending)
+
+    def add(self, call: Call, tag: Any) -> None:
+        self.queue.append((call, tag))
+
+    def dispatch(self) -> None:
+        """Start queued calls, in order, on the free actors they may run on."""
+        free = [a for a in range(len(self.actors.actors)) if a not in self.busy]
+        if not free or not self.queue:
+            return
+        waiting: deque[tuple[Call, Any]] = deque()
+        for call, tag in self.queue:
+            if call.actor is None and free:
+                actor = free.pop(0)
+            elif call.actor is not None and call.actor in free:
+                actor = call.actor
+                free.remove(actor)
+            else:
+                waiting.append((call, tag))
+                continue
+            handle = self.actors.actors[actor]
+            self.busy.add(actor)
+            self.pending[call.submit(handle)] = (call, tag, actor, handle, time.monotonic() + call.deadline_s)
+        self.queue = waiting
+
+    def wait(self, timeout: float | None = None, *, dispatch: bool = True) -> list[tuple[Any, Any]]:
+        """Start what can start (unless ``dispatch`` is False), then return ``(tag, result)`` for every
+        call finished within ``timeout`` seconds (None: until one finishes or fails). A failed call
+        is re-queued and returns nothing yet."""
+        import ray  # slow: ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        if dispatch:
+            self.dispatch()
+        if not self.pending:
+            return []
+        now = time.monotonic()
+        limit = min(due for *_, due in self.pending.values()) - now
+        if timeout is not None:
+            limit = min(limit, timeout)
+        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=max(0.0, limit))
+        if not ready:
+            now = time.monotonic()
+            for ref, (call, tag, actor, handle, due) in list(self.pending.items()):
+                if due <= now:
+                    del self.pending[ref]
+                    self._fail(call, tag, actor, handle, RemoteCallTimeout(
+                        timeout_message([self.actors.who[actor]], call.doing, call.deadline_s, self.actors.setting),
+                        who=[self.actors.who[actor]]))
+            return []
+        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+        finished = []
+        for ref in ready:
+            call, tag, actor, handle, _ = self.pending.pop(ref)
+            try:
+                result = ray.get(ref, timeout=READY_GET_S)
+            except (RayActorError, GetTimeoutError, ActorUnusable) as error:
+                self._fail(call, tag, actor, handle, RoleFailed(
+                    f"{self.actors.who[actor].describe()} died while {call.doing}: {first_line(error)}",
+                    who=[self.actors.who[actor]]))
+                continue
+            self.busy.discard(actor)
+            finished.append((tag, result))
+        if dispatch:
+            self.dispatch()
+        return finished
+
+    def _fail(self, call: Call, tag: Any, actor: int, handle: Any, failure: Exception) -> None:
+        self.busy.discard(actor)
+        self.actors.replace(actor, failure, handle=handle)
+        self.actors.reissued += 1
+        self.queue.appendleft((call, tag))

@@ -29,14 +29,10 @@ Run:  rayrl train examples/grpo.yaml [key=value ...]   (PPO: examples/ppo.yaml)
 from __future__ import annotations
 
 import logging
-import math
 import os
-import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from rayrl.actors.rollout_worker import Completion, SamplingSettings
@@ -44,16 +40,17 @@ from rayrl.algorithms import overlong_penalty
 from rayrl.checkpoint import CheckpointManager
 from rayrl.cluster import describe_placement, record_placement
 from rayrl.config import ConfigError, GRPOConfig, PolicySettings, PPOConfig, policy_settings
-from rayrl.data.batch import TokenBatch
 from rayrl.data.batching import StepBatcher
-from rayrl.data.rollout import PromptRow, RolloutBatch, completion_tokens, load_prompts
+from rayrl.data.rollout import PromptRow, RolloutBatch, load_prompts
 from rayrl.evaluation import pass_at_k_metrics
 from rayrl.objectives import PolicyGradientObjective
 from rayrl.rewards.registry import RewardSpecError, check_import_finishes
 from rayrl.rewards.scoring import RewardScorer, RewardSpec, ScoreResult
 from rayrl.remote import RemoteCallTimeout, RoleFailed, first_line
 from rayrl.rl_advantages import AdvantageEstimator, CriticUpdate, advantage_estimator
-from rayrl.rl_roles import RLRoles, RolloutPool, role_resources, start_roles
+from rayrl.rl_roles import RLRoles, role_resources, start_roles
+from rayrl.rl_sampling import Rollout, Score, StepSampling
+from rayrl.rollout_scheduler import AsyncRollouts, SyncRollouts
 from rayrl.scaling import take_scale_request
 from rayrl.stage_common import StageResult, checkpoint_due, eval_due, prepare_stage, records_resumed_at, stage_run
 from rayrl.sync_guard import ProbeBatch, SyncGuard
@@ -64,9 +61,6 @@ from rayrl.weight_sync import WeightPusher
 SYNC_BUCKET_BYTES = 64 << 20
 
 _log = logging.getLogger(__name__)
-
-Score = Callable[[list[PromptRow], list[Completion]], ScoreResult]
-
 
 def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
     """The RL loop for the GRPO family and PPO (``config.algorithm``); PPO's differences live in its
@@ -121,18 +115,22 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
 
         final_eval: dict[str, float] = {}
         step, trainer_restarts = setup.start_step, 0
+        # Sync: each step's samples are generated when taken. Async: a thread keeps generating the next steps'.
+        rollouts = start_rollouts(config, roles, score, data, sampling, step)
+        run.on_exit(lambda: rollouts.stop())  # the current one (a trainer restart starts another)
+        last_step_end = time.perf_counter()
         while step < total_steps:
             try:
                 step_start = time.perf_counter()
                 wanted = take_scale_request(setup.output_dir)  # `rayrl scale`: between steps, nothing in flight
                 if wanted is not None and wanted != len(roles.rollout.workers):
-                    tracker.write(roles.rollout.resize(wanted) if scalable(config) else
-                                  f"ignoring rollout.num_workers={wanted}: this run's layout cannot change it")
+                    with rollouts.paused():
+                        tracker.write(roles.rollout.resize(wanted) if scalable(config) else
+                                      f"ignoring rollout.num_workers={wanted}: this run's layout cannot change it")
 
                 # 1-2. Generate and score, topping up zero-variance groups (DAPO) if asked.
-                samples, sampling_stats, times = sample_step(
-                    settings, config.rollout.group_size, config.seed, step, data.order.step_rows(step), data.train,
-                    roles.rollout, score, sampling.train)
+                sampled, flow = rollouts.take(step)
+                samples, sampling_stats, times = sampled.rollout, sampled.stats, dict(sampled.times)
 
                 # 3. Log-probs: the trainer's before any update, and the reference's for the KL term.
                 t = time.perf_counter()
@@ -154,20 +152,26 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 check_finite_training(step + 1, train_metrics, setup.checkpoints)
                 estimator.observe(estimated, len(samples.completions))
 
-                # 6. Sync the new weights into the engines.
+                # 6. Sync the new weights into the engines (async: once their chunks in flight are done).
                 roles.resume_engines()
-                t = time.perf_counter()
-                _, sync_bytes = push(lambda: pusher.push(step + 1))
-                sync_s = times["time/sync"] = time.perf_counter() - t  # a worker's replacement included
-                times.update(guard.check(step + 1, repush=lambda: push(lambda: pusher.push(step + 1))))
-                times["time/step"] = time.perf_counter() - step_start
+                with rollouts.paused():
+                    t = time.perf_counter()
+                    _, sync_bytes = push(lambda: pusher.push(step + 1))
+                    sync_s = times["time/sync"] = time.perf_counter() - t  # a worker's replacement included
+                    times.update(guard.check(step + 1, repush=lambda: push(lambda: pusher.push(step + 1))))
+                rollouts.publish(step + 1)
+                end = time.perf_counter()
+                times["time/step"] = end - step_start
+                samples_per_s = len(samples.completions) / max(end - last_step_end, 1e-9)
+                last_step_end = end
 
                 # 7. Metrics, eval, checkpoint.
                 done = step + 1
                 tracker.log(done, {**train_metrics, **estimated.metrics, **sampling_stats, **times,
                                    **rollout_metrics(samples, sampler_logps, old_logps, tokens.loss_mask[:, 1:]),
                                    **roles.fault_metrics(), "faults/trainer/restarts": float(trainer_restarts),
-                                   "samples/trained": float(len(samples.completions)),
+                                   **flow.metrics(), **staleness_metrics(samples, step),
+                                   "samples/trained": float(len(samples.completions)), "samples_per_s": samples_per_s,
                                    "rollout/num_workers": float(len(roles.rollout.workers)),
                                    "policy_version": done, "sync/bytes": sync_bytes,
                                    "sync/gb_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9,
@@ -176,13 +180,15 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                     log_sample_table(tracker, config, done, samples)
                 tracker.advance()
                 if data.eval and eval_due(config, done, total_steps):
-                    final_eval = evaluate_policy(config, roles, data.eval, sampling)
+                    with rollouts.paused():
+                        final_eval = evaluate_policy(config, roles, data.eval, sampling)
                     tracker.log(done, final_eval)
                 if checkpoint_due(config, done, total_steps):
                     setup.checkpoints.save(done, roles.save_checkpoint, {"total_steps": total_steps, **estimator.state()})
             except (RoleFailed, RemoteCallTimeout) as failure:
                 # A policy or critic rank failed: rebuild the groups and go back to the newest checkpoint
                 # (again if the rebuild itself fails, within the same budget).
+                rollouts.stop()  # async: what it sampled ahead is of the steps being redone
                 while True:
                     if not trainer_restart_allowed(config, roles, failure, trainer_restarts):
                         raise failure
@@ -198,6 +204,8 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                         break
                     except (RoleFailed, RemoteCallTimeout) as again:
                         failure = again
+                rollouts = start_rollouts(config, roles, score, data, sampling, step)
+                last_step_end = time.perf_counter()
                 continue
             step += 1
 
@@ -205,6 +213,35 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
         final_model = roles.export(setup.tokenizer, setup.output_dir)
     return StageResult(setup.output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)
 
+
+
+def start_rollouts(config: GRPOConfig | PPOConfig, roles: RLRoles, score: Score, data: RLData, sampling: SamplingPlan,
+                   first_step: int) -> SyncRollouts | AsyncRollouts:
+    """The source of each step's samples from ``first_step`` on: sampled when taken (``rollout.mode: sync``)
+    or ahead of the trainer by up to ``rollout.max_staleness`` versions (``async``, ``rayrl.rollout_scheduler``)."""
+    settings = policy_settings(config)
+
+    def new_step(step: int) -> StepSampling:
+        return StepSampling(settings, config.rollout.group_size, config.seed, step, data.order.step_rows(step),
+                            data.train, sampling.train)
+
+    if config.rollout.mode == "sync":
+        return SyncRollouts(roles.rollout, score, new_step)
+    # The backstop on one step's wait: every round of it generated on one worker and scored on one verifier.
+    per_item_s = roles.verifiers.per_item_s if roles.verifiers is not None else 0.0
+    completions = settings.prompts_per_step * config.rollout.group_size
+    timeouts = config.fault.timeouts
+    round_s = (roles.rollout.generate_deadline_s(settings.prompts_per_step, sampling.train) + timeouts.score_s
+               + per_item_s * completions)
+    return AsyncRollouts(roles.rollout, score, new_step, first_step=first_step, total_steps=config.train.max_steps,
+                         max_staleness=config.rollout.max_staleness, group_size=config.rollout.group_size,
+                         take_deadline_s=settings.max_sampling_rounds * round_s + timeouts.sync_s)
+
+
+def staleness_metrics(samples: Rollout, step: int) -> dict[str, float]:
+    """How many versions older than the trainer (version ``step``) the policies that sampled them were."""
+    lags = [step - c.policy_version for c in samples.completions]
+    return {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags))}
 
 
 def trainer_restart_allowed(config: GRPOConfig | PPOConfig, roles: RLRoles, failure: Exception, done: int) -> bool:
@@ -282,14 +319,15 @@ def policy_gradient_objective(config: GRPOConfig | PPOConfig, settings: PolicySe
         ratio_level=settings.ratio_level, eps_low=settings.eps_low, eps_high=settings.eps_high,
         kl_coef=settings.kl_coef if settings.kl_in_loss else 0.0, kl_kind=settings.kl_kind,
         aggregation=settings.loss_aggregation, norm_constant=float(config.rollout.max_new_tokens),
-        tis_cap=settings.tis_cap, overlong_filter=settings.overlong_filter, temperature=config.rollout.temperature)
+        off_policy=settings.off_policy, off_policy_cap=settings.off_policy_cap,
+        overlong_filter=settings.overlong_filter, temperature=config.rollout.temperature)
 
 
 def warn_if_truncated_sampling(config: GRPOConfig | PPOConfig) -> None:
     if config.rollout.top_p < 1 or config.rollout.top_k > 0:
         _log.warning("rollout.top_p / rollout.top_k truncate the sampling distribution: the engine's log-probs are of "
                      "the truncated one, the trainer's of the full softmax at rollout.temperature, so ratios are off "
-                     "policy (logprob_gap/sampler_trainer shows by how much; %s.tis_cap corrects for it)", config.algorithm)
+                     "policy (logprob_gap/sampler_trainer shows by how much; %s.off_policy: tis corrects for it)", config.algorithm)
 
 
 def reward_specs(config: GRPOConfig | PPOConfig) -> list[RewardSpec]:
@@ -359,108 +397,6 @@ def stop_on_broken_rewards(score: Score, config: GRPOConfig | PPOConfig) -> Scor
         return scores
 
     return checked_score
-
-
-# ---- 1-2. generate and score ---------------------------------------------------------------------
-@dataclass
-class Rollout:
-    """One step's samples and scores (one row per completion)."""
-
-    prompts: list[PromptRow]  # one per completion
-    completions: list[Completion]
-    scores: ScoreResult
-
-    @property
-    def rewards(self) -> torch.Tensor:
-        return torch.tensor(self.scores.total, dtype=torch.float32)
-
-    @property
-    def valid(self) -> torch.Tensor:
-        """(N,) bool: False where a reward with ``on_failure: exclude`` has no score (advantage 0)."""
-        return ~torch.tensor(self.scores.excluded_mask, dtype=torch.bool)
-
-    @property
-    def overlong(self) -> torch.Tensor:
-        """(N,) bool: cut at max_new_tokens."""
-        return torch.tensor([c.finish_reason == "length" for c in self.completions])
-
-    def token_batch(self, pad_id: int) -> tuple[TokenBatch, torch.Tensor]:
-        """Prompt+completion rows (loss on the completion) and the sampler's log-probs aligned to them."""
-        return completion_tokens([c.prompt_ids for c in self.completions], [c.token_ids for c in self.completions],
-                                 [c.logprobs for c in self.completions], pad_id)
-
-
-GroupSamples = tuple[PromptRow, list[Completion], ScoreResult]
-
-
-def sample_step(settings: PolicySettings, group_size: int, seed: int, step: int, prompts: list[PromptRow],
-                all_prompts: list[PromptRow], rollout: RolloutPool, score: Score,
-                sampling: SamplingSettings) -> tuple[Rollout, dict[str, float], dict[str, float]]:
-    """Generate and score this step's ``prompts``; with ``settings.dynamic_sampling``, replace
-    zero-variance groups by fresh prompts for up to ``settings.max_sampling_rounds`` rounds.
-    Returns the samples, their sampling stats and the phases' times."""
-    wanted = settings.prompts_per_step
-    rng = random.Random(seed * 7_919 + step)
-    drawn = {id(p) for p in prompts}  # refills draw prompts not yet in this step
-    kept: list[GroupSamples] = []
-    spare: list[GroupSamples] = []
-    first_zero_frac = 0.0
-    scored: list[ScoreResult] = []
-    times = {"time/generate": 0.0, "time/reward": 0.0}
-    for round_index in range(settings.max_sampling_rounds if settings.dynamic_sampling else 1):
-        t = time.perf_counter()
-        completions = rollout.generate([p.prompt_ids for p in prompts],
-                                       replace(sampling, seed=sampling_seed(seed, step, round_index)))
-        times["time/generate"] += time.perf_counter() - t
-        t = time.perf_counter()
-        scores = score([p for p in prompts for _ in range(group_size)], completions)
-        times["time/reward"] += time.perf_counter() - t
-        scored.append(scores)
-        zero = zero_variance_groups(torch.tensor(scores.total), group_size,
-                                    ~torch.tensor(scores.excluded_mask, dtype=torch.bool))
-        if round_index == 0:
-            first_zero_frac = float(zero.float().mean())
-        for g, prompt in enumerate(prompts):
-            rows = slice(g * group_size, (g + 1) * group_size)
-            entry = (prompt, completions[rows], scores.slice(rows.start, rows.stop))
-            (spare if (settings.dynamic_sampling and zero[g]) else kept).append(entry)
-        if len(kept) >= wanted:
-            break
-        # Oversample by the share of groups kept so far (DAPO samples a full batch per round).
-        sampled = len(kept) + len(spare)
-        fresh = [p for p in all_prompts if id(p) not in drawn]
-        prompts = rng.sample(fresh, min(len(fresh), math.ceil((wanted - len(kept)) * sampled / max(len(kept), sampled / 4))))
-        if not prompts:
-            break
-        drawn.update(id(p) for p in prompts)
-    filled = kept[:wanted]
-    filled += spare[:wanted - len(filled)]  # out of rounds: keep zero-variance groups (advantage 0) to fill the step
-    samples = Rollout([prompt for prompt, _, _ in filled for _ in range(group_size)],
-                      [c for _, completions, _ in filled for c in completions],
-                      ScoreResult.concat([group_scores for _, _, group_scores in filled]))
-    # failure and timeout rates over everything scored this step (dropped groups included)
-    stats = {k: v for k, v in ScoreResult.concat(scored).metrics().items()
-             if k.endswith(("failure_rate", "timeout_rate", "not_applicable_rate"))}
-    if group_size > 1:
-        stats["groups/zero_variance_frac"] = first_zero_frac
-    if settings.dynamic_sampling:
-        stats["groups/unfilled"] = float(max(0, wanted - len(kept)))
-    return samples, stats, times
-
-
-def zero_variance_groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """(num_groups,) True where every (valid) sample of a group got the same reward (no learning signal)."""
-    grouped = rewards.view(-1, group_size)
-    if valid is None:
-        return (grouped.max(-1).values - grouped.min(-1).values) == 0
-    kept = valid.view(-1, group_size)
-    return ~(grouped.masked_fill(~kept, -math.inf).amax(-1) > grouped.masked_fill(~kept, math.inf).amin(-1))
-
-
-def sampling_seed(seed: int, step: int, round_index: int) -> int:
-    """The sampling seed of one rollout round: a hash, so no two (step, round) pairs share per-prompt
-    seeds (seeds that differ by small integers did: the engine adds the prompt index)."""
-    return int(np.random.SeedSequence([seed, step, round_index]).generate_state(1, np.uint32)[0] >> 1)
 
 
 # ---- 5. train ------------------------------------------------------------------------------------
@@ -564,7 +500,7 @@ def rollout_metrics(samples: Rollout, sampler_logps: torch.Tensor, old_logps: to
     lengths = torch.tensor([len(c.token_ids) for c in samples.completions], dtype=torch.float32)
     gap = ((sampler_logps - old_logps).abs() * mask).sum() / mask.sum().clamp_min(1)
     correct = accuracy(samples.scores)
-    # Failure and timeout rates come from sample_step, over everything scored (dropped groups too):
+    # Failure and timeout rates come from StepSampling, over everything scored (dropped groups too):
     # the kept groups' slices count no timeouts.
     reward_stats = {k: v for k, v in samples.scores.metrics().items()
                     if not k.endswith(("failure_rate", "timeout_rate", "not_applicable_rate"))}

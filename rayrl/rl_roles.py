@@ -88,24 +88,37 @@ class RolloutPool:
         return self.actors.who
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
-        chunk = max(1, -(-len(prompt_ids) // (2 * len(self.workers))))
-        starts = range(0, len(prompt_ids), chunk)
-        parts = self.actors.map([
-            Call(lambda worker, start=start: worker.generate.remote(prompt_ids[start:start + chunk],
-                                                                   replace(sampling, seed_offset=start)),
-                 deadline_s=self.generate_deadline_s(len(prompt_ids[start:start + chunk]), sampling),
-                 doing=f"generating (prompts {start}...)")
-            for start in starts])
+        bounds = self.chunk_bounds(len(prompt_ids))
+        parts = self.actors.map([self.generate_call(prompt_ids, start, stop, sampling) for start, stop in bounds])
+        return self.assemble(list(zip((start for start, _ in bounds), parts)), len(prompt_ids), sampling.n)
+
+    def chunk_bounds(self, num_prompts: int) -> list[tuple[int, int]]:
+        """[start, stop) prompt ranges of one generate round: two chunks per worker, so a worker that
+        finishes early takes more."""
+        chunk = max(1, -(-num_prompts // (2 * len(self.workers))))
+        return [(start, min(num_prompts, start + chunk)) for start in range(0, num_prompts, chunk)]
+
+    def generate_call(self, prompt_ids: list[list[int]], start: int, stop: int, sampling: SamplingSettings) -> Call:
+        """The call that samples prompts [start, stop) of a round; per-request seeds count from
+        ``start``, so the samples do not depend on how a round is cut into chunks or which worker runs one."""
+        return Call(lambda worker: worker.generate.remote(prompt_ids[start:stop], replace(sampling, seed_offset=start)),
+                    deadline_s=self.generate_deadline_s(stop - start, sampling),
+                    doing=f"generating (prompts {start}...)")
+
+    @staticmethod
+    def assemble(parts: list[tuple[int, list[Completion]]], num_prompts: int, n: int) -> list[Completion]:
+        """One round's completions from its chunks' (start, completions), prompt-major, checked to hold
+        one completion per (prompt, sample)."""
         results: list[Completion] = []
-        for start, part in zip(starts, parts):
+        for start, part in parts:
             for completion in part:
                 completion.prompt_index += start
                 results.append(completion)
         results.sort(key=lambda c: (c.prompt_index, c.sample_index))
-        expected = [(p, s) for p in range(len(prompt_ids)) for s in range(sampling.n)]
+        expected = [(p, s) for p in range(num_prompts) for s in range(n)]
         if [(c.prompt_index, c.sample_index) for c in results] != expected:
-            raise RuntimeError(f"the rollout workers returned {len(results)} completions for {len(prompt_ids)} "
-                               f"prompts x {sampling.n} samples, not one per (prompt, sample)")
+            raise RuntimeError(f"the rollout workers returned {len(results)} completions for {num_prompts} "
+                               f"prompts x {n} samples, not one per (prompt, sample)")
         return results
 
     def generate_deadline_s(self, num_prompts: int, sampling: SamplingSettings) -> float:

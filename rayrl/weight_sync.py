@@ -25,6 +25,7 @@ without copying. Any other dtype numpy knows (float32, float16, ...) travels as 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -209,6 +210,9 @@ class WeightPusher:
         self.bucket_bytes = bucket_bytes
         self.wire_dtype = wire_dtype
         self._connected = transport != "nccl"
+        self._last_export: ExportedWeights | None = None  # object_store: the last pushed version's buckets
+        # catch_up may run on the async rollout scheduler's thread while the loop pushes.
+        self._lock = threading.RLock()
 
     def _gather(self, refs: list, who: Sequence[ActorIdentity], doing: str) -> list:
         return gather(refs, who=who, doing=doing, deadline_s=self.deadline_s, setting="fault.timeouts.sync_s")
@@ -228,6 +232,10 @@ class WeightPusher:
 
     def push(self, version: int, only: Sequence[int] | None = None) -> tuple[float, int]:
         """The trainers' current weights into every worker (or the workers ``only``) as ``version``."""
+        with self._lock:
+            return self._push(version, only)
+
+    def _push(self, version: int, only: Sequence[int] | None, reuse_export: bool = False) -> tuple[float, int]:
         start = time.perf_counter()
         self.version = version
         indices = range(len(self.workers)) if only is None else list(only)
@@ -240,10 +248,12 @@ class WeightPusher:
         self.connect()
         if self.transport == "object_store":
             try:
-                stats = self._push_object_store(version, workers, worker_who)
+                exported = self._last_export if reuse_export and self._last_export is not None else self._export()
+                self._last_export = exported
+                stats = self._load(version, exported, workers, worker_who)
             except WeightChecksumError as damaged:  # once more from the trainer; a second failure stops the run
                 _log.warning("a weight push arrived damaged, pushing again: %s", first_line(damaged))
-                exported = self._export()
+                exported = self._last_export = self._export()
                 stats = []
                 for worker, who in zip(workers, worker_who):
                     try:
@@ -275,9 +285,6 @@ class WeightPusher:
             nbytes = sent[0]
         return time.perf_counter() - start, nbytes
 
-    def _push_object_store(self, version: int, workers: Sequence[Any], worker_who: Sequence[ActorIdentity]) -> list:
-        return self._load(version, self._export(), workers, worker_who)
-
     def _export(self) -> ExportedWeights:
         return self._gather([t.export_weight_buckets.remote(self.bucket_bytes) for t in self.trainers],
                             self.trainer_who, "exporting weights for a push")[0]
@@ -290,9 +297,11 @@ class WeightPusher:
     def rewind(self, version: int) -> None:
         """The run went back to its checkpoint of ``version``: the workers accept that version next
         (``push`` after the trainers loaded it)."""
-        self._gather([w.rewind_version.remote(version) for w in self.workers], self.worker_who,
-                     f"going back to policy version {version}")
-        self.version = version
+        with self._lock:
+            self._gather([w.rewind_version.remote(version) for w in self.workers], self.worker_who,
+                         f"going back to policy version {version}")
+            self.version = version
+            self._last_export = None
 
     def use_trainers(self, trainer_actors: Sequence[Any], trainer_who: Sequence[ActorIdentity]) -> None:
         """Push from a rebuilt trainer group from now on."""
@@ -300,6 +309,8 @@ class WeightPusher:
 
     def catch_up(self, index: int) -> None:
         """Give a restarted worker ``index`` the last pushed version (before the first push it has the
-        initial weights already: it loaded them from the model directory)."""
-        if self.version is not None:
-            self.push(self.version, only=[index])
+        initial weights already: it loaded them from the model directory). Over the object store the
+        last push's buckets are loaded again: the trainers may have moved on since (async RL)."""
+        with self._lock:
+            if self.version is not None:
+                self._push(self.version, only=[index], reuse_export=True)

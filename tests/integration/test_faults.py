@@ -4,6 +4,7 @@ worker is SIGKILLed, whose verifier is SIGKILLed and whose replacement rollout w
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,10 @@ import psutil
 import pytest
 from test_grpo_loop import grpo_config
 
+from transformers import AutoTokenizer
+
+from rayrl.config import load_config
+from rayrl.rl import load_rl_data
 from rayrl.tracking import read_metrics
 
 pytestmark = pytest.mark.integration
@@ -130,14 +135,17 @@ def test_grpo_rebuilds_its_trainer_group_when_a_rank_dies(ray_cluster, tmp_path,
 
 
 def test_a_killed_driver_leaves_no_process_and_resumes(tmp_path, tiny_model_dir):
-    """`rayrl train` on its own embedded cluster, SIGKILLed after step 3: every process it started is
-    gone soon after (the agents Ray itself would leave orphaned included); `checkpoint.resume=true`
-    continues from the step-2 checkpoint and logs each step once."""
+    """`rayrl train` (async, max_staleness 1) on its own embedded cluster, SIGKILLed after step 3: every
+    process it started is gone soon after (the agents Ray itself would leave orphaned included);
+    `checkpoint.resume=true` continues from the step-2 checkpoint, logs each step once, and trains each
+    step's prompts once: the groups in flight when the driver died are issued again, none lost."""
     output_dir = tmp_path / "driver"
-    command = [sys.executable, "-m", "rayrl.cli", "train", "examples/grpo.yaml", f"output_dir={output_dir}",
-               f"model.path={tiny_model_dir}", "train.max_steps=6", "checkpoint.every_steps=2", "eval.at_start=false",
-               "eval.every_steps=0", "tracking.progress=false", "tracking.wandb.mode=disabled",
-               "grpo.prompts_per_step=4", "rollout.group_size=4", "train.micro_batch_size=16"]
+    overrides = [f"output_dir={output_dir}", f"model.path={tiny_model_dir}", "train.max_steps=6",
+                 "checkpoint.every_steps=2", "eval.at_start=false", "eval.every_steps=0", "tracking.progress=false",
+                 "tracking.wandb.mode=disabled", "grpo.prompts_per_step=4", "rollout.group_size=4",
+                 "train.micro_batch_size=16", "rollout.mode=async", "rollout.max_staleness=1",
+                 "tracking.sample_table_every=1", "tracking.sample_table_rows=16"]
+    command = [sys.executable, "-m", "rayrl.cli", "train", "examples/grpo.yaml", *overrides]
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -169,3 +177,12 @@ def test_a_killed_driver_leaves_no_process_and_resumes(tmp_path, tiny_model_dir)
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [r["step"] for r in read_metrics(output_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    # Each step trained its own prompts (the last table logged for it: the resumed run's from step 3 on).
+    trained: dict[int, list[str]] = {}
+    for row in map(json.loads, (output_dir / "samples.jsonl").read_text().splitlines()):
+        trained[row["step"]] = trained.get(row["step"], []) + [row["prompt"]]
+    config = load_config(REPO / "examples/grpo.yaml", overrides)
+    data = load_rl_data(config, AutoTokenizer.from_pretrained(tiny_model_dir))
+    for step in range(1, 7):
+        expected = sorted(p.prompt for p in data.order.step_rows(step - 1) for _ in range(4))
+        assert sorted(trained[step][-16:]) == expected, step

@@ -4,7 +4,7 @@ import torch
 from builtin_configs import build_config
 from rayrl.config import policy_settings
 from rayrl.rewards.scoring import ScoreResult
-from rayrl.rl import sample_step, zero_variance_groups
+from rayrl.rl_sampling import sample_step, zero_variance_groups
 from rayrl.rl_advantages import sequence_advantages
 
 
