@@ -7,8 +7,9 @@ workers, with a stand-in trainer of fixed step time, for 8, 64 and 256 workers.
   (an engine decodes its batch together), each drawn from a log-normal distribution (median
   ``--median-s``, sigma ``--sigma``: the long tail of reasoning lengths), capped at ``--cap`` x median
   (max_new_tokens). Completions carry the policy version the farm serves when they finish.
-- The stand-in loop is the RL loop's skeleton: ``take(step)`` -> train (sleep ``--train-s``) ->
-  ``paused()``: push (sleep ``--push-s``, set the farm's version) -> ``publish``.
+- The stand-in loop is the RL loop's skeleton: ``take(step)`` -> train (sleep ``--train-s``) -> push
+  (sleep ``--push-s``: the export; the engines serve the new version from their next chunk on) ->
+  ``publish``.
 - The batch grows with the cluster: ``--prompts-per-worker`` prompts per worker per step, ``--group``
   samples each; rewards are random (the scheduler does not look at them).
 
@@ -55,10 +56,11 @@ class EngineFarm:
         self.version = version
 
     async def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
+        version = self.version  # a chunk finishes under the weights it started with
         times = np.minimum(self.rng.lognormal(np.log(self.median_s), self.sigma, size=len(prompts) * sampling.n),
                            self.cap * self.median_s)
         await asyncio.sleep(float(times.max()))
-        return [Completion(i, k, p, [5, 6], [-1.0, -1.0], "x", "stop", self.version)
+        return [Completion(i, k, p, [5, 6], [-1.0, -1.0], "x", "stop", version)
                 for i, p in enumerate(prompts) for k in range(sampling.n)]
 
 
@@ -105,9 +107,8 @@ def simulate(workers: int, staleness: int | None, args) -> dict[str, float]:
             waits.append(flow.trainer_wait_s)
             lags += [step - c.policy_version for c in samples.rollout.completions]
             time.sleep(args.train_s)
-            with rollouts.paused():
-                time.sleep(args.push_s)
-                ray.get(farm.set_version.remote(step + 1))
+            time.sleep(args.push_s)
+            ray.get(farm.set_version.remote(step + 1))
             rollouts.publish(step + 1)
             ends.append(time.perf_counter())
     finally:

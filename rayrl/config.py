@@ -443,7 +443,7 @@ class RolloutConfig(_Strict):
     than the one that samples it (0: exactly the sync loop)."""
     partial_rollouts: bool = False
     """async: whether requests in flight when new weights arrive continue under the new weights. Only
-    false is built: a push waits for each worker's current chunk, which finishes under the old weights."""
+    false is built: a worker loads a push after its chunk in flight, which finishes under the old weights."""
     weight_transport: Literal["auto", "object_store", "ipc", "nccl"] = "auto"
     """How trainer weights reach the engines after each step. object_store: numpy buckets through Ray
     (CPU, or any layout); ipc: CUDA IPC handles of packed GPU buffers (colocated on GPUs); nccl: a
@@ -658,7 +658,7 @@ class _RLBase(_CommonBase):
                              "placement: split")
         if self.rollout.partial_rollouts:
             raise ValueError("rollout.partial_rollouts: true (weights swapped under requests in flight) is not built; "
-                             "set it to false: pushes wait for each worker's current chunk")
+                             "set it to false: a worker loads a push after its chunk in flight")
         transport = self.rollout.weight_transport
         on_gpus = self.trainer.num_gpus > 0 and self.rollout.num_gpus > 0
         if transport in ("ipc", "nccl") and not on_gpus:

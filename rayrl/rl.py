@@ -53,7 +53,7 @@ from rayrl.rl_sampling import Rollout, Score, StepSampling
 from rayrl.rollout_scheduler import AsyncRollouts, SyncRollouts
 from rayrl.scaling import take_scale_request
 from rayrl.stage_common import StageResult, checkpoint_due, eval_due, prepare_stage, records_resumed_at, stage_run
-from rayrl.sync_guard import ProbeBatch, SyncGuard
+from rayrl.sync_guard import EngineSync, ProbeBatch, SyncGuard
 from rayrl.tracking import Tracker, check_finite_training, sample_rows, sample_table_due
 from rayrl.trainer_group import PolicyTrainerGroup
 from rayrl.weight_sync import WeightPusher
@@ -97,6 +97,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                           tolerance=config.sync.tolerance(config.rollout.dtype), every=config.sync.verify_every,
                           trainers=roles.trainers, rollout=roles.rollout, pad_id=pad_id,
                           deadline_s=config.fault.timeouts.sync_s)
+        engine_sync = EngineSync(pusher, guard, push, wait_at_once=config.rollout.mode == "sync")
         score = stop_on_broken_rewards(with_overlong_penalty(roles.score, settings, config.rollout.max_new_tokens),
                                        config)
 
@@ -124,6 +125,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 step_start = time.perf_counter()
                 wanted = take_scale_request(setup.output_dir)  # `rayrl scale`: between steps, nothing in flight
                 if wanted is not None and wanted != len(roles.rollout.workers):
+                    engine_sync.wait()
                     with rollouts.paused():
                         tracker.write(roles.rollout.resize(wanted) if scalable(config) else
                                       f"ignoring rollout.num_workers={wanted}: this run's layout cannot change it")
@@ -152,13 +154,10 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 check_finite_training(step + 1, train_metrics, setup.checkpoints)
                 estimator.observe(estimated, len(samples.completions))
 
-                # 6. Sync the new weights into the engines (async: once their chunks in flight are done).
+                # 6. Sync the new weights into the engines and check them (async: the workers go on, each
+                # loading before its next chunk; the trainer waits for the loads before its next push).
                 roles.resume_engines()
-                with rollouts.paused():
-                    t = time.perf_counter()
-                    _, sync_bytes = push(lambda: pusher.push(step + 1))
-                    sync_s = times["time/sync"] = time.perf_counter() - t  # a worker's replacement included
-                    times.update(guard.check(step + 1, repush=lambda: push(lambda: pusher.push(step + 1))))
+                times.update(engine_sync.push(step + 1))
                 rollouts.publish(step + 1)
                 end = time.perf_counter()
                 times["time/step"] = end - step_start
@@ -173,13 +172,12 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                                    **flow.metrics(), **staleness_metrics(samples, step),
                                    "samples/trained": float(len(samples.completions)), "samples_per_s": samples_per_s,
                                    "rollout/num_workers": float(len(roles.rollout.workers)),
-                                   "policy_version": done, "sync/bytes": sync_bytes,
-                                   "sync/gb_per_s": sync_bytes / max(sync_s, 1e-9) / 1e9,
-                                   "tokens_per_s": tokens.num_tokens / times["time/step"]})
+                                   "policy_version": done, "tokens_per_s": tokens.num_tokens / times["time/step"]})
                 if sample_table_due(config.tracking.sample_table_every, done):
                     log_sample_table(tracker, config, done, samples)
                 tracker.advance()
                 if data.eval and eval_due(config, done, total_steps):
+                    engine_sync.wait()
                     with rollouts.paused():
                         final_eval = evaluate_policy(config, roles, data.eval, sampling)
                     tracker.log(done, final_eval)
@@ -189,6 +187,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 # A policy or critic rank failed: rebuild the groups and go back to the newest checkpoint
                 # (again if the rebuild itself fails, within the same budget).
                 rollouts.stop()  # async: what it sampled ahead is of the steps being redone
+                engine_sync.abandon()
                 while True:
                     if not trainer_restart_allowed(config, roles, failure, trainer_restarts):
                         raise failure
@@ -209,6 +208,7 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 continue
             step += 1
 
+        engine_sync.wait()  # the last push's loads and check
         # The policy as output_dir/final (PPO: the critic as output_dir/final_critic too).
         final_model = roles.export(setup.tokenizer, setup.output_dir)
     return StageResult(setup.output_dir, final_model, final_eval, total_steps, time.perf_counter() - started)

@@ -19,8 +19,10 @@ throwing finished work away (a long completion is not starved). With ``max_stale
 starts after version ``s`` is published, in the same chunks, prompts and seeds as the sync loop's
 ``sample_step``: the same samples, bit for bit.
 
-Weight pushes wait for each worker's chunk in flight (``paused``): a request finishes under the weights
-it started with (``rollout.partial_rollouts: false``), and every completion records its version.
+A weight push does not wait for the workers: each loads the new weights after its chunk in flight,
+which finishes under the weights it started with (``rollout.partial_rollouts: false``), and before any
+chunk sent after the push (``rayrl.sync_guard.EngineSync``); every completion records its version.
+``paused`` (no chunk running) is for what needs the workers to itself: eval, a resize.
 
 Each step's prompts are fixed by the step number (``StepBatcher``), so a resumed run re-issues the groups
 that were in flight when it stopped (steps after the checkpoint): none lost, none trained twice.

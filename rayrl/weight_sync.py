@@ -177,6 +177,19 @@ def push_to_workers(workers: Sequence[Any], version: int, buckets: Sequence[Mapp
                      bytes=bucket_nbytes(buckets), num_buckets=len(buckets), worker_stats=list(worker_stats))
 
 
+@dataclass
+class PendingPush:
+    """A push whose loads are started and not yet waited for (``WeightPusher.start``): each worker
+    loads before any call submitted to it later, so work sent after ``start`` sees ``version``."""
+
+    version: int
+    seconds: float  # spent starting it (the export; the whole push for the other transports)
+    exported: ExportedWeights | None  # object_store: what the workers load (None: already loaded)
+    targets: list[tuple[int, Any]]  # (worker index, the worker's handle then)
+    loads: list  # one update_weights ref per target
+    nbytes: int = 0  # per worker, once known
+
+
 class WeightPusher:
     """Pushes the trainer group's weights to the rollout workers as one policy version, over the
     configured transport (see :mod:`rayrl.cuda_transfer` for the GPU ones):
@@ -235,6 +248,54 @@ class WeightPusher:
         with self._lock:
             return self._push(version, only)
 
+    def start(self, version: int) -> PendingPush:
+        """Export the trainers' weights and start every worker's load of ``version`` without waiting for
+        it (object_store; the other transports push at once). ``finish`` waits."""
+        with self._lock:
+            if self.transport != "object_store":
+                seconds, nbytes = self._push(version, None)
+                return PendingPush(version, seconds, None, [], [], nbytes)
+            start = time.perf_counter()
+            self.version = version
+            exported = self._last_export = self._export()
+            targets = list(enumerate(self.workers))
+            loads = [w.update_weights.remote(version, exported.refs, exported.checksums) for _, w in targets]
+            return PendingPush(version, time.perf_counter() - start, exported, targets, loads)
+
+    def finish(self, pending: PendingPush) -> tuple[float, int]:
+        """Wait for the loads ``start`` began: ``(seconds spent in start and here, bytes per worker)``. A worker
+        replaced meanwhile is skipped (its replacement caught up on the last export); a damaged load is
+        loaded again once from the same export, then raises ``WeightSyncError``."""
+        start = time.perf_counter()
+        if pending.exported is not None:
+            live = [(i, ref) for (i, handle), ref in zip(pending.targets, pending.loads)
+                    if i < len(self.workers) and self.workers[i] is handle]
+            try:
+                stats = self._gather([ref for _, ref in live], [self.worker_who[i] for i, _ in live],
+                                     f"loading pushed weights (version {pending.version})")
+            except WeightChecksumError as damaged:
+                _log.warning("a weight push arrived damaged, loading it again: %s", first_line(damaged))
+                stats = self._reload(pending.version, pending.exported, [i for i, _ in live])
+            pending.exported = None
+            pending.nbytes = stats[0].bytes if stats else 0
+        pending.seconds += time.perf_counter() - start
+        return pending.seconds, pending.nbytes
+
+    def load_again(self, version: int) -> None:
+        """Every worker loads the last push (``version``) again, from the same export when there is one."""
+        with self._lock:
+            self._push(version, None, reuse_export=self.version == version)
+
+    def _reload(self, version: int, exported: ExportedWeights, indices: Sequence[int]) -> list:
+        stats = []
+        for i in indices:
+            try:
+                stats += self._load(version, exported, [self.workers[i]], [self.worker_who[i]])
+            except WeightChecksumError as again:
+                raise WeightSyncError(f"{self.worker_who[i].describe()}: {first_line(again)}; the weights were "
+                                      "pushed twice and arrived damaged both times") from again
+        return stats
+
     def _push(self, version: int, only: Sequence[int] | None, reuse_export: bool = False) -> tuple[float, int]:
         start = time.perf_counter()
         self.version = version
@@ -251,16 +312,9 @@ class WeightPusher:
                 exported = self._last_export if reuse_export and self._last_export is not None else self._export()
                 self._last_export = exported
                 stats = self._load(version, exported, workers, worker_who)
-            except WeightChecksumError as damaged:  # once more from the trainer; a second failure stops the run
+            except WeightChecksumError as damaged:  # once more; a second failure stops the run
                 _log.warning("a weight push arrived damaged, pushing again: %s", first_line(damaged))
-                exported = self._last_export = self._export()
-                stats = []
-                for worker, who in zip(workers, worker_who):
-                    try:
-                        stats += self._load(version, exported, [worker], [who])
-                    except WeightChecksumError as again:
-                        raise WeightSyncError(f"{who.describe()}: {first_line(again)}; the weights were pushed "
-                                              "twice and arrived damaged both times") from again
+                stats = self._reload(version, exported, list(indices))
             nbytes = stats[0].bytes
         elif self.transport == "ipc":
             per_rank = self._gather([t.share_weights_ipc.remote(self.bucket_bytes, self.wire_dtype)
