@@ -11,7 +11,7 @@ rollout worker by SIGSTOP: it stops answering and must be found by its deadline)
 - the reward curve of both runs (mean over windows of ``--kill-every`` steps);
 - the weight-sync guard per push: the probe check's median time and the checksum throughput.
 
-Run:  python benchmarks/fault_recovery.py [--steps 200] [--kill-every 20] [--out benchmarks/results/fault_recovery.md]
+Run:  python benchmarks/fault_recovery.py [--steps 200] [--kill-every 20] [--sft] [--out benchmarks/results/fault_recovery.md]
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ def actor_pids(driver: int, class_name: str) -> list[int]:
     return [p.pid for p in processes if titled(p) and not (p.parent() and titled(p.parent()))]
 
 
-def run(steps: int, kill_every: int, out: Path) -> tuple[list[dict], list[tuple[str, int, float, int]], float]:
+def run(steps: int, kill_every: int, out: Path, model: str) -> tuple[list[dict], list[tuple[str, int, float, int]], float]:
     """One run; returns its step rows, the signals sent (class, signal, time, step) and its wall time."""
-    command = [sys.executable, "-m", "rayrl.cli", "train", "examples/grpo.yaml", f"output_dir={out}",
+    command = [sys.executable, "-m", "rayrl.cli", "train", "examples/grpo.yaml", f"output_dir={out}", f"model.path={model}",
                f"train.max_steps={steps}", "tracking.progress=false", "tracking.wandb.mode=disabled",
                "checkpoint.every_steps=0", "eval.every_steps=0", "eval.at_start=false", "tracking.sample_table_every=0",
                "fault.timeouts.generate_s=30", "fault.timeouts.sync_s=30", f"fault.max_restarts={steps}"]
@@ -94,16 +94,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--kill-every", type=int, default=20)
+    parser.add_argument("--sft", action="store_true",
+                        help="start from an SFT checkpoint trained first (examples/sft.yaml), as the quickstart does: "
+                             "the random tiny model earns no reward, so its reward curve stays flat")
     parser.add_argument("--out", default=None, help="append a result section to this markdown file")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        calm, _, calm_wall = run(args.steps, 0, Path(tmp) / "calm")
+        model = "rayrl:tiny-llama"
+        if args.sft:
+            subprocess.run([sys.executable, "-m", "rayrl.cli", "train", "examples/sft.yaml", f"output_dir={tmp}/sft",
+                            "tracking.progress=false", "tracking.wandb.mode=disabled"], cwd=REPO, check=True,
+                           capture_output=True)
+            model = f"{tmp}/sft/final"
+        calm, _, calm_wall = run(args.steps, 0, Path(tmp) / "calm", model)
         chaos_dir = Path(tmp) / "chaos"
-        chaos, sent, chaos_wall = run(args.steps, args.kill_every, chaos_dir)
+        chaos, sent, chaos_wall = run(args.steps, args.kill_every, chaos_dir, model)
 
     median_step = statistics.median(r["time/step"] for r in chaos)
-    lines = [f"tiny GRPO (examples/grpo.yaml), {args.steps} steps, a signal every {args.kill_every} steps; "
+    lines = [f"tiny GRPO (examples/grpo.yaml{', from the SFT checkpoint of examples/sft.yaml' if args.sft else ''}), {args.steps} steps, a signal every {args.kill_every} steps; "
              f"wall {calm_wall / 60:.1f} min undisturbed, {chaos_wall / 60:.1f} min with the signals; "
              f"median step {median_step:.2f} s", ""]
     full = all(r["samples/trained"] == calm[0]["samples/trained"] for r in chaos)

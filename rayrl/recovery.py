@@ -18,10 +18,13 @@ with the error of the last failure. ``restarts`` and ``reissued`` are counted fo
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -189,6 +192,10 @@ class CallStream:
         self.queue: deque[tuple[Call, Any]] = deque()
         self.pending: dict[Any, tuple[Call, Any, int, Any, float]] = {}  # ref -> (call, tag, actor, handle, due)
         self.busy: set[int] = set()
+        # One future per running call (``ObjectRef.future``): waiting costs nothing per call and wakes on
+        # any other future too (a finished score, a new policy version), so the scheduler never polls.
+        self._futures: dict[Future, Any] = {}  # future -> ref
+        self._future_of: dict[Any, Future] = {}  # ref -> future
 
     @property
     def unfinished(self) -> int:
@@ -215,38 +222,44 @@ class CallStream:
                 continue
             handle = self.actors.actors[actor]
             self.busy.add(actor)
-            self.pending[call.submit(handle)] = (call, tag, actor, handle, time.monotonic() + call.deadline_s)
+            ref = call.submit(handle)
+            self.pending[ref] = (call, tag, actor, handle, time.monotonic() + call.deadline_s)
+            future = self._future_of[ref] = ref.future()
+            self._futures[future] = ref
         self.queue = waiting
 
-    def wait(self, timeout: float | None = None, *, dispatch: bool = True) -> list[tuple[Any, Any]]:
+    def wait(self, timeout: float | None = None, *, dispatch: bool = True,
+             wake: Sequence[Future] = ()) -> list[tuple[Any, Any]]:
         """Start what can start (unless ``dispatch`` is False), then return ``(tag, result)`` for every
-        call finished within ``timeout`` seconds (None: until one finishes or fails). A failed call
-        is re-queued and returns nothing yet."""
+        call finished within ``timeout`` seconds (None: until one finishes or fails, or one of the
+        ``wake`` futures is done). A failed call is re-queued and returns nothing yet."""
         import ray  # slow: ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
         if dispatch:
             self.dispatch()
-        if not self.pending:
+        if not self.pending and not wake:
             return []
-        now = time.monotonic()
-        limit = min(due for *_, due in self.pending.values()) - now
+        limit = min((due for *_, due in self.pending.values()), default=math.inf) - time.monotonic()
         if timeout is not None:
             limit = min(limit, timeout)
-        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=max(0.0, limit))
+        futures.wait([*self._futures, *wake], timeout=None if math.isinf(limit) else max(0.0, limit),
+                     return_when=futures.FIRST_COMPLETED)
+        ready = [future for future in self._futures if future.done()]
         if not ready:
             now = time.monotonic()
             for ref, (call, tag, actor, handle, due) in list(self.pending.items()):
                 if due <= now:
-                    del self.pending[ref]
+                    self._forget(ref)
                     self._fail(call, tag, actor, handle, RemoteCallTimeout(
                         timeout_message([self.actors.who[actor]], call.doing, call.deadline_s, self.actors.setting),
                         who=[self.actors.who[actor]]))
             return []
-        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
         finished = []
-        for ref in ready:
-            call, tag, actor, handle, _ = self.pending.pop(ref)
+        for future in ready:
+            ref = self._futures[future]
+            call, tag, actor, handle, _ = self.pending[ref]
+            self._forget(ref)
             try:
                 result = ray.get(ref, timeout=READY_GET_S)
             except (RayActorError, GetTimeoutError, ActorUnusable) as error:
@@ -259,6 +272,10 @@ class CallStream:
         if dispatch:
             self.dispatch()
         return finished
+
+    def _forget(self, ref: Any) -> None:
+        del self.pending[ref]
+        del self._futures[self._future_of.pop(ref)]
 
     def _fail(self, call: Call, tag: Any, actor: int, handle: Any, failure: Exception) -> None:
         self.busy.discard(actor)

@@ -47,7 +47,7 @@ from rayrl.rl_sampling import Score, StepSampling, StepSamples, run_rounds
 
 _log = logging.getLogger(__name__)
 
-POLL_S = 0.02  # the scheduler thread's longest sleep: how late it may notice a finished score or a publish
+IDLE_WAKE_S = 1.0  # with nothing running, the scheduler thread still looks around this often
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,7 @@ class AsyncRollouts:
         self._next_step = first_step  # the next step to admit
         self._held = False  # no new chunk starts (a push, eval or resize is waiting for the workers)
         self._stopping = False
+        self._doorbell: Future = Future()  # rung by the loop's thread: a publish, a pause, a stop
         self._error: BaseException | None = None
         self._ready: dict[int, StepSamples] = {}
         self._rounds: dict[tuple[int, int], _Round] = {}
@@ -167,7 +168,7 @@ class AsyncRollouts:
         with self._cond:
             self._published = version
             self._held = False
-            self._cond.notify_all()
+            self._ring()
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -175,28 +176,34 @@ class AsyncRollouts:
         finishes meanwhile is still scored."""
         with self._cond:
             self._held = True
-            self._cond.notify_all()
+            self._ring()
             start = time.monotonic()
             while self._stream.pending:
                 self._raise_if_failed()
                 if time.monotonic() - start > self.take_deadline_s:
                     raise RemoteCallTimeout(f"the rollout workers' chunks in flight did not finish within "
                                             f"{self.take_deadline_s:.0f} s of a pause for a weight push")
-                self._cond.wait(POLL_S)
+                self._cond.wait(0.05)
         try:
             yield
         finally:
             with self._cond:
                 self._held = False
-                self._cond.notify_all()
+                self._ring()
 
     def stop(self) -> None:
         """End the thread; chunks in flight finish on their workers and are dropped."""
         with self._cond:
             self._stopping = True
-            self._cond.notify_all()
+            self._ring()
         self._thread.join(timeout=30)
         self._scoring.shutdown(wait=False, cancel_futures=True)
+
+    def _ring(self) -> None:
+        """Wake the scheduler thread (hold ``_cond``)."""
+        if not self._doorbell.done():
+            self._doorbell.set_result(None)
+        self._cond.notify_all()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -212,17 +219,15 @@ class AsyncRollouts:
                 with self._cond:
                     if self._stopping:
                         return
+                    if self._doorbell.done():
+                        self._doorbell = Future()
                     self._admit()
                     held = self._held
-                if self._stream.pending:
-                    finished = self._stream.wait(POLL_S, dispatch=not held)
-                else:
-                    if not held:
-                        self._stream.dispatch()
-                    finished = []
-                    if not self._stream.pending:
-                        with self._cond:
-                            self._cond.wait(POLL_S)
+                    doorbell = self._doorbell
+                # Sleep until a chunk finishes, a score is ready or the loop rings (no polling).
+                wake = [doorbell, *(future for _, future in self._scores[:1])]
+                finished = self._stream.wait(None if self._stream.pending else IDLE_WAKE_S, dispatch=not held,
+                                             wake=wake)
                 now = time.monotonic()
                 with self._cond:
                     self._idle_s += (len(self.rollout.workers) - len(self._stream.busy)) * (now - last)
