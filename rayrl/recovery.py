@@ -17,12 +17,13 @@ with the error of the last failure. ``restarts`` and ``reissued`` are counted fo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -138,6 +139,13 @@ class RestartingActors:
                 self.actors.pop()
                 self.who.pop()
                 raise
+
+    @contextlib.contextmanager
+    def settled(self) -> Iterator[None]:
+        """No actor of this role is being replaced inside this block (another thread's replacement
+        finishes first), so calls submitted here reach actors that are up and current."""
+        with self._lock:
+            yield
 
     def recover(self, failure: Exception) -> bool:
         """If ``failure`` (a ``RoleFailed`` / ``RemoteCallTimeout`` from :func:`rayrl.remote.gather`)

@@ -97,7 +97,10 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                           tolerance=config.sync.tolerance(config.rollout.dtype), every=config.sync.verify_every,
                           trainers=roles.trainers, rollout=roles.rollout, pad_id=pad_id,
                           deadline_s=config.fault.timeouts.sync_s)
-        engine_sync = EngineSync(pusher, guard, push, wait_at_once=config.rollout.mode == "sync")
+        # Async: a load waits behind the worker's chunk in flight (up to a whole step's on one worker).
+        engine_sync = EngineSync(pusher, guard, wait_at_once=config.rollout.mode == "sync",
+                                 behind_s=0.0 if config.rollout.mode == "sync" else
+                                 roles.rollout.generate_deadline_s(settings.prompts_per_step, sampling.train))
         score = stop_on_broken_rewards(with_overlong_penalty(roles.score, settings, config.rollout.max_new_tokens),
                                        config)
 

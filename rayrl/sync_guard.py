@@ -92,7 +92,7 @@ class SyncGuard:
         probes = [worker.sequence_logprobs.remote(self._sequences, [1] * len(self._sequences)) for _, worker in targets]
         return PendingCheck(version, time.perf_counter() - started, trainer, targets, probes)
 
-    def finish(self, pending: PendingCheck | None, repush: Callable[[], Any]) -> dict[str, float]:
+    def finish(self, pending: PendingCheck | None, repush: Callable[[], Any], behind_s: float = 0.0) -> dict[str, float]:
         """``sync/verify_max_abs_diff`` (and its time) of a started check, re-pushing once (``repush``: the
         same version again) on a mismatch; raises ``WeightSyncError`` if it persists. A worker that failed
         or was replaced meanwhile is restarted as needed and probed again."""
@@ -104,14 +104,14 @@ class SyncGuard:
                 len(pending.targets) == len(workers):
             try:
                 engine = gather(pending.probes, who=[self.rollout.who[i] for i, _ in pending.targets],
-                                doing="scoring the weight-sync probe", deadline_s=self.deadline_s,
+                                doing="scoring the weight-sync probe", deadline_s=self.deadline_s + behind_s,
                                 setting="fault.timeouts.sync_s")
             except (RoleFailed, RemoteCallTimeout) as failure:
                 if not self.rollout.actors.recover(failure):
                     raise
-                engine = self._probe_all()
+                engine = self._probe_all(behind_s)
         else:
-            engine = self._probe_all()
+            engine = self._probe_all(behind_s)
         gaps = self._gaps(pending.trainer_logps, engine)
         worst = max(gaps)
         if worst > self.tolerance:
@@ -119,7 +119,7 @@ class SyncGuard:
                          "(sync.verify_tolerance %g): pushing again", pending.version,
                          self.rollout.who[gaps.index(worst)].describe(), worst, self.tolerance)
             repush()
-            gaps = self._gaps(pending.trainer_logps, self._probe_all())
+            gaps = self._gaps(pending.trainer_logps, self._probe_all(behind_s))
             worst = max(gaps)
             if worst > self.tolerance:
                 who = self.rollout.who[gaps.index(worst)].describe()
@@ -129,10 +129,10 @@ class SyncGuard:
                     "the engine does not serve the trainer's weights")
         return {"sync/verify_max_abs_diff": worst, "time/sync_verify": pending.seconds + time.perf_counter() - started}
 
-    def _probe_all(self) -> list:
+    def _probe_all(self, behind_s: float = 0.0) -> list:
         return self.rollout.actors.call_all(
             lambda worker: worker.sequence_logprobs.remote(self._sequences, [1] * len(self._sequences)),
-            "scoring the weight-sync probe", self.deadline_s)
+            "scoring the weight-sync probe", self.deadline_s + behind_s)
 
     def _gaps(self, trainer: torch.Tensor, per_worker: list) -> list[float]:
         """Per rollout worker, the largest |engine - trainer| log-prob on the probe."""
@@ -150,11 +150,12 @@ class EngineSync:
     so a chunk started after ``push`` samples the new version. The trainer then waits for them (and
     gets their metrics) before its next push, or ``wait`` before an eval, a resize or the end."""
 
-    def __init__(self, pusher: WeightPusher, guard: SyncGuard, retry: Callable[[Callable[[], Any]], Any], *,
-                 wait_at_once: bool):
-        """``retry``: runs an operation on the rollout workers again after replacing the ones it names as
-        failed (``RestartingActors.retry``)."""
-        self.pusher, self.guard, self.retry, self.wait_at_once = pusher, guard, retry, wait_at_once
+    def __init__(self, pusher: WeightPusher, guard: SyncGuard, *, wait_at_once: bool, behind_s: float = 0.0):
+        """``behind_s`` (async mode): how long a worker's chunk in flight may hold up its load and probe,
+        on top of ``fault.timeouts.sync_s``."""
+        self.pusher, self.guard, self.wait_at_once, self.behind_s = pusher, guard, wait_at_once, behind_s
+        self.actors = guard.rollout.actors
+        self.retry = self.actors.retry  # an operation redone after the workers it names as failed are replaced
         self._pending: tuple[PendingPush, PendingCheck | None] | None = None
 
     def push(self, version: int) -> dict[str, float]:
@@ -162,8 +163,9 @@ class EngineSync:
         mode, the previous one's in async mode; ``time/sync`` is what the trainer spent on pushes here."""
         started = time.perf_counter()
         metrics = self.wait()
-        push = self.retry(lambda: self.pusher.start(version))
-        self._pending = (push, self.guard.start(version))
+        with self.actors.settled():  # async: a worker being replaced on the scheduler's thread is up first
+            push = self.retry(lambda: self.pusher.start(version))
+            self._pending = (push, self.guard.start(version))
         if self.wait_at_once:
             metrics = self.wait()
         metrics["time/sync"] = time.perf_counter() - started
@@ -178,9 +180,10 @@ class EngineSync:
             return {}
         push, check = self._pending
         self._pending = None
-        _, nbytes = self.retry(lambda: self.pusher.finish(push))
+        _, nbytes = self.retry(lambda: self.pusher.finish(push, self.behind_s))
         metrics = {"sync/bytes": float(nbytes)}
-        metrics.update(self.guard.finish(check, repush=lambda: self.retry(lambda: self.pusher.load_again(push.version))))
+        metrics.update(self.guard.finish(check, repush=lambda: self.retry(lambda: self.pusher.load_again(push.version)),
+                                         behind_s=self.behind_s))
         return metrics
 
     def abandon(self) -> None:

@@ -262,17 +262,19 @@ class WeightPusher:
             loads = [w.update_weights.remote(version, exported.refs, exported.checksums) for _, w in targets]
             return PendingPush(version, time.perf_counter() - start, exported, targets, loads)
 
-    def finish(self, pending: PendingPush) -> tuple[float, int]:
+    def finish(self, pending: PendingPush, behind_s: float = 0.0) -> tuple[float, int]:
         """Wait for the loads ``start`` began: ``(seconds spent in start and here, bytes per worker)``. A worker
         replaced meanwhile is skipped (its replacement caught up on the last export); a damaged load is
-        loaded again once from the same export, then raises ``WeightSyncError``."""
+        loaded again once from the same export, then raises ``WeightSyncError``. ``behind_s``: how long a
+        load may wait behind the work a worker had when it was started, on top of the sync deadline."""
         start = time.perf_counter()
         if pending.exported is not None:
             live = [(i, ref) for (i, handle), ref in zip(pending.targets, pending.loads)
                     if i < len(self.workers) and self.workers[i] is handle]
             try:
-                stats = self._gather([ref for _, ref in live], [self.worker_who[i] for i, _ in live],
-                                     f"loading pushed weights (version {pending.version})")
+                stats = gather([ref for _, ref in live], who=[self.worker_who[i] for i, _ in live],
+                               doing=f"loading pushed weights (version {pending.version})",
+                               deadline_s=self.deadline_s + behind_s, setting="fault.timeouts.sync_s")
             except WeightChecksumError as damaged:
                 _log.warning("a weight push arrived damaged, loading it again: %s", first_line(damaged))
                 stats = self._reload(pending.version, pending.exported, [i for i, _ in live])

@@ -60,21 +60,28 @@ class Chaos(threading.Thread):
             while steps_logged(self.output_dir) < after_step:
                 if self.stop.wait(0.2):
                     return
-            pids = [p for p in actor_pids(class_name) if p not in [pid for _, pid, _ in self.done]]
-            assert pids, class_name
+            deadline = time.monotonic() + 120  # a replacement may still be starting
+            while not (pids := [p for p in actor_pids(class_name) if p not in [pid for _, pid, _ in self.done]]):
+                assert time.monotonic() < deadline, class_name
+                if self.stop.wait(0.2):
+                    return
             os.kill(max(pids), sig)  # of several (trainer ranks), the last started
             self.done.append((class_name, pids[0], sig))
 
 
-def test_grpo_survives_dead_and_stuck_stateless_actors(ray_cluster, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_grpo_survives_dead_and_stuck_stateless_actors(ray_cluster, tmp_path, tiny_model_dir, mode):
+    """In both loops; async: the worker dies or stops between or during its chunks, while a push's
+    loads are in flight, and the scheduler thread and the loop's thread may both see it fail."""
     from rayrl.rl import run_rl
 
     output_dir = tmp_path / "chaos"
     config = grpo_config(output_dir, tiny_model_dir, train={"max_steps": 5, "micro_batch_size": 8, "lr": 1e-3},
-                         rollout={"num_workers": 1}, verifier={"num_workers": 1, "num_cpus": 0.1},
+                         rollout={"num_workers": 1, "mode": mode}, verifier={"num_workers": 1, "num_cpus": 0.1},
                          trainer={"world_size": 1, "num_cpus": 0.5}, eval={"at_start": False},
                          # short enough to find the stopped worker soon, long enough for a first (compiling) step
-                         fault={"timeouts": {"generate_s": 60.0, "generate_per_token_s": 0.0, "sync_s": 30.0}})
+                         fault={"timeouts": {"generate_s": 60.0, "generate_per_token_s": 0.0, "sync_s": 30.0,
+                                            "startup_s": 180.0}})
     chaos = Chaos(output_dir, [(1, "RolloutWorker", signal.SIGKILL), (2, "Verifier", signal.SIGKILL),
                                (3, "RolloutWorker", signal.SIGSTOP)])
     chaos.start()
