@@ -230,7 +230,8 @@ def start_rollouts(config: GRPOConfig | PPOConfig, roles: RLRoles, score: Score,
 
     if config.rollout.mode == "sync":
         return SyncRollouts(roles.rollout, score, new_step)
-    # The backstop on one step's wait: every round of it generated on one worker and scored on one verifier.
+    # The backstop on one step's wait: every round of it generated on one worker and scored on one verifier,
+    # after a push and a worker's replacement.
     per_item_s = roles.verifiers.per_item_s if roles.verifiers is not None else 0.0
     completions = settings.prompts_per_step * config.rollout.group_size
     timeouts = config.fault.timeouts
@@ -238,7 +239,7 @@ def start_rollouts(config: GRPOConfig | PPOConfig, roles: RLRoles, score: Score,
                + per_item_s * completions)
     return AsyncRollouts(roles.rollout, score, new_step, first_step=first_step, total_steps=config.train.max_steps,
                          max_staleness=config.rollout.max_staleness, group_size=config.rollout.group_size,
-                         take_deadline_s=settings.max_sampling_rounds * round_s + timeouts.sync_s)
+                         take_deadline_s=settings.max_sampling_rounds * round_s + timeouts.sync_s + timeouts.startup_s)
 
 
 def staleness_metrics(samples: Rollout, step: int) -> dict[str, float]:
