@@ -108,7 +108,7 @@ def simulate(workers: int, staleness: int | None, args) -> dict[str, float]:
             lags += [step - c.policy_version for c in samples.rollout.completions]
             time.sleep(args.train_s)
             time.sleep(args.push_s)
-            ray.get(farm.set_version.remote(step + 1))
+            ray.get(farm.set_version.remote(step + 1), timeout=60)
             rollouts.publish(step + 1)
             ends.append(time.perf_counter())
     finally:
