@@ -232,6 +232,8 @@ def submit(config_path: str, overrides: list[str], *, address: str | None, pytho
 
 # How long the probe job that checks the cluster's Python may take.
 PROBE_DEADLINE_S = 120.0
+# How long after deleting the probe job to watch for Ray's job monitor writing it back (3 monitor periods).
+PROBE_RESURRECTION_WATCH_S = 3.0
 _PROBE = "import rayrl, sys; print('rayrl', rayrl.__file__, 'python', sys.version.split()[0])"
 
 
@@ -279,6 +281,16 @@ def _delete_probe(jobs, probe_id: str) -> None:
                     break
                 time.sleep(0.5)
         jobs.delete_job(probe_id)
+        # Ray's job monitor polls each second; if it looks after the delete but before it notices the
+        # supervisor's exit, it writes the job back as "supervisor died". Delete that resurrection too.
+        deadline = time.monotonic() + PROBE_RESURRECTION_WATCH_S
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                jobs.get_job_status(probe_id)
+            except RuntimeError:  # gone (the client raises on "not found")
+                continue
+            jobs.delete_job(probe_id)
     except Exception as exc:  # noqa: BLE001 - see the docstring
         print(f"rayrl: note: could not delete the probe job {probe_id}: {one_line(exc)}", file=sys.stderr)
 
