@@ -47,6 +47,7 @@ __all__ = [
     "REWARD_IMPORT_DEADLINE_S",
     "check_import_finishes",
     "BUILTIN_REWARDS",
+    "TRUSTED_BUILTINS",
     "RewardSpecError",
     "is_batched",
     "load_reward_function",
@@ -59,6 +60,10 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {
     "exact_match": exact_match,
     "python_tests": python_tests,
 }
+# Built-ins that run no model code and bound their own work (no eval; numbers capped in length and
+# exponent): they score in the scoring process itself, without a forked child per batch. python_tests
+# runs the model's code, so it keeps its isolated child.
+TRUSTED_BUILTINS = frozenset({"math_answer", "exact_match"})
 BUILTIN_FACTORIES: dict[str, Callable[..., RewardFn]] = {
     "math_answer": make_math_answer,
     "exact_match": make_exact_match,

@@ -45,7 +45,8 @@ How timeouts are enforced (``isolation="fork"``, the default):
   call, and a failure falls back (and counts) for every item of the batch. Individual
   non-numeric entries of its returned list fall back one by one.
 * ``timeout_s=None`` on a spec runs that function in the scoring process itself (no fork,
-  no timeout; exceptions are still caught): for cheap, trusted functions.
+  no timeout; exceptions are still caught): for cheap, trusted functions. The trusted built-ins
+  (``math_answer``, ``exact_match``: ``registry.TRUSTED_BUILTINS``) always run so.
 * ``isolation="none"`` runs everything in-process (debugging; no timeouts at all).
 
 Fields: each row dict's keys are passed as keyword arguments (``fn(prompt, completion,
@@ -70,7 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 from rayrl.rewards.code_sandbox import cleanup_stale_sandbox_dirs, kill_process_group, network_namespace_prefix
-from rayrl.rewards.registry import RewardSpecError, is_batched, load_reward_function
+from rayrl.rewards.registry import TRUSTED_BUILTINS, RewardSpecError, is_batched, load_reward_function
 
 __all__ = ["RewardScorer", "RewardSpec", "RewardTimeout", "ScoreResult"]
 
@@ -365,7 +366,8 @@ class RewardScorer:
             jobs: list[_Job] = [(si, None)] if is_batched(self._fns[si]) else [(si, i) for i in range(n)]
             if n == 0:
                 jobs = []
-            (inline_jobs if spec.timeout_s is None or self.isolation == "none" else forked_jobs).extend(jobs)
+            in_process = spec.timeout_s is None or self.isolation == "none" or spec.fn in TRUSTED_BUILTINS
+            (inline_jobs if in_process else forked_jobs).extend(jobs)
 
         runner = _JobRunner(self._fns, self.specs, prompts, completions, rows)
         for job in inline_jobs:

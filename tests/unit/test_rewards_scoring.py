@@ -327,3 +327,16 @@ def _alive(pid):
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_trusted_builtins_score_in_process_and_user_functions_in_a_child(rewards_file, monkeypatch):
+    import multiprocessing.context
+
+    forked = []
+    real = multiprocessing.context.ForkProcess.start
+    monkeypatch.setattr(multiprocessing.context.ForkProcess, "start", lambda self: (forked.append(self), real(self)))
+    builtins = RewardScorer([spec("m", "math_answer"), spec("e", "exact_match")])
+    result = builtins.score(["P", "P"], ["The answer is 4", "5"], [{"answer": "4"}, {"answer": "4"}])
+    assert result.per_function == {"m": [1.0, 0.0], "e": [0.0, 0.0]} and forked == []
+    RewardScorer([spec("h", f"{rewards_file}:huge")]).score(["P"], ["ok"], [{"answer": "0"}])
+    assert len(forked) == 1  # a user function keeps its isolated child
