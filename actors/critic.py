@@ -89,9 +89,10 @@ class Critic(TrainerRank):
         return logits[:, :-1, 0].float()
 
     @torch.no_grad()
-    def values(self, tokens: TokenBatch) -> torch.Tensor:
+    def values(self, micro_batches: list[TokenBatch]) -> list[torch.Tensor]:
+        """Per micro-batch, (B, T-1) values of each prefix, aligned like log-probs."""
         self.train_engine.engine.eval()
-        return self._values(tokens).cpu()
+        return [self._values(batch).cpu() for batch in micro_batches]
 
     def train_value_step(self, micro_batches: list[ValueBatch], global_num_tokens: int,
                          value_clip: float | None = None) -> dict[str, float]:

@@ -93,16 +93,16 @@ class PolicyTrainer(TrainerRank):
             yield None
 
     @torch.no_grad()
-    def sequence_logprobs(self, batch: TokenBatch, reference: bool = False) -> torch.Tensor:
-        """(B,) summed log-probs of each row's target tokens (loss_mask), no gradient."""
+    def sequence_logprobs(self, micro_batches: list[TokenBatch], reference: bool = False) -> list[torch.Tensor]:
+        """Per micro-batch, (B,) summed log-probs of each row's target tokens (loss_mask), no gradient."""
         self.train_engine.engine.eval()
-        mask = batch.loss_mask[:, 1:].to(self.train_engine.device)
-        if reference:
-            with self._reference_weights() as model:
+        out = []
+        with self._reference_weights() if reference else contextlib.nullcontext() as model:
+            for batch in micro_batches:
                 logps = self._token_logprobs(batch, model)
-        else:
-            logps = self._token_logprobs(batch)
-        return torch.where(mask, logps, torch.zeros_like(logps)).sum(-1).cpu()
+                mask = batch.loss_mask[:, 1:].to(logps.device)
+                out.append(torch.where(mask, logps, torch.zeros_like(logps)).sum(-1).cpu())
+        return out
 
     # ---- training steps ---------------------------------------------------------------------
     def train_sft_step(self, micro_batches: list[TokenBatch], global_num_tokens: int) -> dict[str, float]:
@@ -179,14 +179,13 @@ class PolicyTrainer(TrainerRank):
         return self.train_engine.optimizer_step(micro_batches, loss_fn)
 
     @torch.no_grad()
-    def token_logprobs(self, batch: TokenBatch, reference: bool = False, temperature: float = 1.0) -> torch.Tensor:
-        """(B, T-1) log-probs of each next token under the current (or, with PEFT, reference) weights,
-        at ``temperature`` (pass the sampling temperature for sampled tokens)."""
+    def token_logprobs(self, micro_batches: list[TokenBatch], reference: bool = False,
+                       temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per micro-batch, (B, T-1) log-probs of each next token under the current (or, with PEFT,
+        reference) weights, at ``temperature`` (pass the sampling temperature for sampled tokens)."""
         self.train_engine.engine.eval()
-        if reference:
-            with self._reference_weights() as model:
-                return self._token_logprobs(batch, model, temperature).cpu()
-        return self._token_logprobs(batch, temperature=temperature).cpu()
+        with self._reference_weights() if reference else contextlib.nullcontext() as model:
+            return [self._token_logprobs(batch, model, temperature).cpu() for batch in micro_batches]
 
     def export_weight_buckets(self, bucket_bytes: int) -> ExportedWeights:
         """The policy's full weights (LoRA merged in) as object-store refs of numpy buckets with their
@@ -248,15 +247,18 @@ class PolicyTrainer(TrainerRank):
         return sent
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list[TokenBatch]) -> tuple[float, int]:
-        """(sum of NLL over target tokens, number of target tokens) on the given batches."""
+    def eval_loss(self, micro_batches: list[TokenBatch], padding: int = 0) -> tuple[float, int]:
+        """(sum of NLL over target tokens, number of target tokens) on the given batches, the last
+        ``padding`` of them run but not counted (forwards that keep ZeRO-3's ranks in step)."""
         self.train_engine.engine.eval()
         total, count = 0.0, 0
-        for batch in micro_batches:
+        for batch in micro_batches[:len(micro_batches) - padding]:
             logps = self._token_logprobs(batch)
             mask = batch.loss_mask[:, 1:].to(logps.device)
             total += float(-(logps * mask).sum())
             count += int(mask.sum())
+        for batch in micro_batches[len(micro_batches) - padding:]:
+            self._token_logprobs(batch)
         return total, count
 
     @torch.no_grad()

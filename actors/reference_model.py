@@ -23,8 +23,11 @@ class ReferenceModel:
         self.model.to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def token_logprobs(self, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
-        """(B, T-1) log-probs of each next token under ``softmax(logits / temperature)``."""
-        input_ids = batch.input_ids.to(self.device)
-        logits = self.model(input_ids=input_ids, attention_mask=batch.padding_mask().to(self.device)).logits
-        return token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature=temperature).cpu()
+    def token_logprobs(self, micro_batches: list[TokenBatch], temperature: float = 1.0) -> list[torch.Tensor]:
+        """Per micro-batch, (B, T-1) log-probs of each next token under ``softmax(logits / temperature)``."""
+        out = []
+        for batch in micro_batches:
+            input_ids = batch.input_ids.to(self.device)
+            logits = self.model(input_ids=input_ids, attention_mask=batch.padding_mask().to(self.device)).logits
+            out.append(token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature=temperature).cpu())
+        return out

@@ -459,6 +459,8 @@ class VerifierConfig(_Strict):
 
 
 class ReferenceConfig(_Strict):
+    num_workers: int = Field(default=1, gt=0)
+    """ReferenceModel actors; each step's batch is split over them (each computes a shard in one call)."""
     num_cpus: float = Field(default=0.5, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict)

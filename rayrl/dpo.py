@@ -70,13 +70,17 @@ def with_reference(item, values: list[float]):
     return replace(item, ref=values[0], ref_mismatched=values[1])
 
 
+PRECOMPUTE_BATCHES_PER_RANK = 16
+
+
 def precompute_reference(trainers: PolicyTrainerGroup, items: list, pad_id: int, batch_rows: int) -> list[list[float]]:
     """Reference log-probs of every item's two rows, in one no-grad pass."""
     rows = [row for item in items for row in token_rows(item)]
-    values: list[float] = []
-    for start in range(0, len(rows), batch_rows):
-        batch = collate(rows[start:start + batch_rows], pad_id)
-        values += trainers.sequence_logprobs(batch, reference=True).tolist()
+    batches = [collate(rows[start:start + batch_rows], pad_id) for start in range(0, len(rows), batch_rows)]
+    # Calls of PRECOMPUTE_BATCHES_PER_RANK micro-batches per rank: each call stays well inside its deadline.
+    per_call = PRECOMPUTE_BATCHES_PER_RANK * trainers.world_size
+    values = [v for start in range(0, len(batches), per_call)
+              for v in trainers.sequence_logprobs(batches[start:start + per_call], reference=True).tolist()]
     return [values[i:i + 2] for i in range(0, len(values), 2)]
 
 

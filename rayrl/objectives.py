@@ -17,6 +17,8 @@ from rayrl.algorithms import (dpo_loss, entropy_from_logits, kto_loss, kto_refer
 from rayrl.data.rollout import RolloutBatch
 
 REFERENCE_FREE = ("simpo", "orpo")
+# The metric: token-mean |engine - trainer| log-prob of the sampled tokens (the trainer before the update).
+SAMPLER_TRAINER_GAP = "logprob_gap/sampler_trainer"
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ def policy_gradient_objective_loss(objective: PolicyGradientObjective, logits: t
     summing over micro-batches and ranks gives the step's token means."""
     device = logps.device
     mask = batch.tokens.loss_mask[:, 1:].to(device)
-    old = batch.old_logps.to(device)
+    on_policy = batch.old_logps is None  # one optimizer step per batch: the ratio is 1, its gradient the PG's
+    old = logps.detach() if on_policy else batch.old_logps.to(device)
     if objective.overlong_filter:
         mask = overlong_mask(batch.overlong.to(device), mask)
     # The behaviour (sampler) / proximal (old) mismatch: engine numerics, or staleness in async RL.
@@ -65,6 +68,8 @@ def policy_gradient_objective_loss(objective: PolicyGradientObjective, logits: t
     with torch.no_grad():
         entropy = entropy_from_logits(logits[:, :-1].detach(), temperature=objective.temperature)
         stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp_min(1)
+        if on_policy:  # no separate log-prob pass gave it: the gap is the training forward's
+            stats[SAMPLER_TRAINER_GAP] = ((batch.sampler_logps.to(device) - old).abs() * mask).sum() / mask.sum().clamp_min(1)
     share = float(mask.sum()) / global_num_tokens
     return loss, {k: float(v) * share for k, v in stats.items()}
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -43,12 +44,12 @@ from rayrl.config import ConfigError, GRPOConfig, PolicySettings, PPOConfig, pol
 from rayrl.data.batching import StepBatcher
 from rayrl.data.rollout import PromptRow, RolloutBatch, load_prompts
 from rayrl.evaluation import pass_at_k_metrics
-from rayrl.objectives import PolicyGradientObjective
+from rayrl.objectives import SAMPLER_TRAINER_GAP, PolicyGradientObjective
 from rayrl.rewards.registry import RewardSpecError, check_import_finishes
 from rayrl.rewards.scoring import RewardScorer, RewardSpec, ScoreResult
 from rayrl.remote import RemoteCallTimeout, RoleFailed, first_line
 from rayrl.rl_advantages import AdvantageEstimator, CriticUpdate, advantage_estimator
-from rayrl.rl_roles import RLRoles, role_resources, start_roles
+from rayrl.rl_roles import RLRoles, fit_unset_cpus, role_resources, start_roles
 from rayrl.rl_sampling import Rollout, Score, StepSampling
 from rayrl.rollout_scheduler import AsyncRollouts, SyncRollouts
 from rayrl.scaling import take_scale_request
@@ -66,6 +67,10 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
     """The RL loop for the GRPO family and PPO (``config.algorithm``); PPO's differences live in its
     advantage estimator (critic values, GAE, the KL coefficient) and its roles (reward models, critic)."""
     started = time.perf_counter()
+    if config.ray.address is None:  # an embedded cluster: its size is this machine's (or ray.num_cpus)
+        config, fitted = fit_unset_cpus(config, config.ray.num_cpus or len(os.sched_getaffinity(0)))
+        if fitted:
+            print(f"rayrl: note: {fitted}", file=sys.stderr)
     settings = policy_settings(config)
     # Reward functions resolve now, on the driver: a bad spec fails before anything starts or moves.
     specs = reward_specs(config)
@@ -137,10 +142,12 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                 sampled, flow = rollouts.take(step)
                 samples, sampling_stats, times = sampled.rollout, sampled.stats, dict(sampled.times)
 
-                # 3. Log-probs: the trainer's before any update, and the reference's for the KL term.
+                # 3. Log-probs: the trainer's before any update, and the reference's for the KL term. With
+                # one optimizer step per batch the trainer's are the training forward's own (no pass here).
                 t = time.perf_counter()
                 tokens, sampler_logps = samples.token_batch(pad_id)
-                old_logps = roles.policy_logprobs(tokens, micro, temperature)
+                old_logps = (roles.policy_logprobs(tokens, micro, temperature)
+                             if needs_old_logprobs(plan, estimator) else None)
                 ref_logps = roles.reference_logprobs(tokens, micro, temperature) if settings.kl_coef else None
                 times["time/reference"] = time.perf_counter() - t
 
@@ -416,6 +423,7 @@ class UpdatePlan:
     """How phase 5 splits one rollout batch: into optimizer steps, ranks and micro-batches."""
 
     epochs: int  # passes over the batch
+    mini_batches: int  # optimizer steps per pass
     sequences_per_step: int  # sequences per optimizer step (the batch / mini_batches)
     world_size: int  # policy trainer ranks
     micro_batch_size: int
@@ -423,9 +431,17 @@ class UpdatePlan:
 
 
 def update_plan(config: GRPOConfig | PPOConfig) -> UpdatePlan:
-    return UpdatePlan(epochs=policy_settings(config).epochs, sequences_per_step=config.sequences_per_optimizer_step,
+    return UpdatePlan(epochs=policy_settings(config).epochs, mini_batches=policy_settings(config).mini_batches,
+                      sequences_per_step=config.sequences_per_optimizer_step,
                       world_size=config.trainer.world_size, micro_batch_size=config.train.micro_batch_size,
                       seed=config.seed)
+
+
+def needs_old_logprobs(plan: UpdatePlan, estimator: AdvantageEstimator) -> bool:
+    """Whether phase 3 runs the trainer's separate log-prob pass. Not when the batch takes one optimizer
+    step and the advantages do not read them (GRPO family): the training forward runs on the same
+    weights, so its detached log-probs are the "old" ones (as TRL does; the ratio is 1)."""
+    return plan.epochs * plan.mini_batches > 1 or estimator.needs_policy_logprobs
 
 
 def train_on_rollout(plan: UpdatePlan, trainers: PolicyTrainerGroup, objective: PolicyGradientObjective,
@@ -497,12 +513,14 @@ def accuracy(scores: ScoreResult) -> float | None:
     return None if flags is None else sum(flags) / max(1, len(flags))
 
 
-def rollout_metrics(samples: Rollout, sampler_logps: torch.Tensor, old_logps: torch.Tensor,
+def rollout_metrics(samples: Rollout, sampler_logps: torch.Tensor, old_logps: torch.Tensor | None,
                     mask: torch.Tensor) -> dict[str, float]:
-    """Rewards, lengths, truncation, the sampler/trainer log-prob gap and the oldest sampling version."""
+    """Rewards, lengths, truncation, the sampler/trainer log-prob gap (without ``old_logps`` the
+    training step reports it) and the oldest sampling version."""
     rewards = samples.rewards[samples.valid]  # excluded completions (on_failure: exclude) have no reward
     lengths = torch.tensor([len(c.token_ids) for c in samples.completions], dtype=torch.float32)
-    gap = ((sampler_logps - old_logps).abs() * mask).sum() / mask.sum().clamp_min(1)
+    gap = ({} if old_logps is None else
+           {SAMPLER_TRAINER_GAP: float(((sampler_logps - old_logps).abs() * mask).sum() / mask.sum().clamp_min(1))})
     correct = accuracy(samples.scores)
     # Failure and timeout rates come from StepSampling, over everything scored (dropped groups too):
     # the kept groups' slices count no timeouts.
@@ -514,7 +532,7 @@ def rollout_metrics(samples: Rollout, sampler_logps: torch.Tensor, old_logps: to
             "reward/std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "completion/length_mean": float(lengths.mean()), "completion/length_max": float(lengths.max()),
             "completion/truncated_frac": float(samples.overlong.float().mean()),
-            "logprob_gap/sampler_trainer": float(gap),
+            **gap,
             # the oldest policy version that sampled this step (the previous step's, after every sync)
             "policy_version/sampled_min": min(c.policy_version for c in samples.completions)}
 

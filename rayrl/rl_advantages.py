@@ -23,7 +23,6 @@ from rayrl.config import GRPOConfig, PPOConfig, PPOSettings
 from rayrl.data.batch import TokenBatch
 from rayrl.data.rollout import ValueBatch
 from rayrl.objectives import PolicyGradientObjective
-from rayrl.rl_roles import in_row_chunks
 from rayrl.trainer_group import CriticGroup
 
 
@@ -48,7 +47,11 @@ class StepAdvantages:
 class AdvantageEstimator(Protocol):
     """What the loop asks of an algorithm family's advantages (see the module docstring)."""
 
-    def estimate(self, rewards: torch.Tensor, tokens: TokenBatch, old_logps: torch.Tensor,
+    # Whether ``estimate`` reads the policy's log-probs before the update (PPO's KL-penalised rewards).
+    # If not, and the update is one optimizer step, the loop skips the separate log-prob pass.
+    needs_policy_logprobs: bool
+
+    def estimate(self, rewards: torch.Tensor, tokens: TokenBatch, old_logps: torch.Tensor | None,
                  ref_logps: torch.Tensor | None, valid: torch.Tensor | None = None) -> StepAdvantages:
         """``valid`` (N,) bool: False for completions left out of the statistics (GRPO family only)."""
         ...
@@ -93,10 +96,12 @@ def sequence_advantages(rewards: torch.Tensor, group_size: int, mask: torch.Tens
 class GroupAdvantages:
     """The GRPO family's advantages: relative to each prompt's group of samples, no critic."""
 
+    needs_policy_logprobs = False
+
     def __init__(self, *, group_size: int, advantage: str, scale: str):
         self.group_size, self.advantage, self.scale = group_size, advantage, scale
 
-    def estimate(self, rewards: torch.Tensor, tokens: TokenBatch, old_logps: torch.Tensor,
+    def estimate(self, rewards: torch.Tensor, tokens: TokenBatch, old_logps: torch.Tensor | None,
                  ref_logps: torch.Tensor | None, valid: torch.Tensor | None = None) -> StepAdvantages:
         advantages = sequence_advantages(rewards, self.group_size, tokens.loss_mask[:, 1:], advantage=self.advantage,
                                          scale=self.scale, valid=valid)
@@ -164,6 +169,8 @@ def sequence_kl(old_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Te
 class GAEAdvantages:
     """PPO's advantages: GAE over the critic's values of KL-penalised per-token rewards."""
 
+    needs_policy_logprobs = True
+
     def __init__(self, critic: CriticGroup, settings: PPOSettings, *, micro_batch_size: int, critic_world_size: int):
         self.critic = critic
         self.critic_world_size = critic_world_size
@@ -181,7 +188,7 @@ class GAEAdvantages:
                  ref_logps: torch.Tensor | None, valid: torch.Tensor | None = None) -> StepAdvantages:
         assert valid is None or bool(valid.all()), "PPO has no group to leave a completion out of (config refuses it)"
         started = time.perf_counter()
-        values = in_row_chunks(self.critic.values, tokens, self.micro_batch_size)
+        values = self.critic.values(tokens, micro_batch_size=self.micro_batch_size)
         values_s = time.perf_counter() - started
         mask = tokens.loss_mask[:, 1:]
         settings = self.settings

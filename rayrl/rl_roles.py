@@ -14,6 +14,7 @@ of the loop's phases (``rayrl.rl``).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,7 @@ from rayrl.actors.rollout_worker import Completion, RolloutWorker, SamplingSetti
 from rayrl.actors.verifier import Verifier
 from rayrl.cluster import trainer_roles
 from rayrl.config import GRPOConfig, PPOConfig, TimeoutConfig, policy_settings
-from rayrl.data.batch import TokenBatch
+from rayrl.data.batch import RowShards, TokenBatch
 from rayrl.data.rollout import PromptRow
 from rayrl.outputs import export_final_model
 from rayrl.recovery import Call, RestartingActors
@@ -187,12 +188,6 @@ class RewardModelPool:
         return [v for part in parts for v in part]
 
 
-def in_row_chunks(fn: Callable[[TokenBatch], torch.Tensor], tokens: TokenBatch, size: int) -> torch.Tensor:
-    """Apply a (B, T) -> (B, ...) function to ``size``-row chunks of ``tokens`` and stitch the results."""
-    return torch.cat([fn(tokens.select(slice(start, start + size)))
-                      for start in range(0, tokens.input_ids.shape[0], size)])
-
-
 @dataclass
 class RLRoles:
     """Every actor of one RL run. Colocated: rollout worker i shares trainer rank i's bundle (and
@@ -225,21 +220,20 @@ class RLRoles:
     def policy_logprobs(self, tokens: TokenBatch, micro_batch_size: int, temperature: float) -> torch.Tensor:
         """(N, T-1) the trainer's token log-probs (before any update: the ratio's denominator), at the
         sampling temperature, as the engine's are."""
-        return in_row_chunks(lambda b: self.trainers.token_logprobs(b, temperature=temperature), tokens,
-                             micro_batch_size)
+        return self.trainers.token_logprobs(tokens, micro_batch_size=micro_batch_size, temperature=temperature)
 
     def reference_logprobs(self, tokens: TokenBatch, micro_batch_size: int, temperature: float) -> torch.Tensor:
         """(N, T-1) the reference's token log-probs (the ReferenceModel actor, or with PEFT the
         adapter-disabled policy), at the sampling temperature."""
-        if self.reference is not None:
-            rows = tokens.input_ids.shape[0]
-            return torch.cat(self.reference.map([
-                Call(lambda reference, b=tokens.select(slice(start, start + micro_batch_size)):
-                     reference.token_logprobs.remote(b, temperature=temperature),
-                     deadline_s=self.timeouts.trainer_s, doing=f"computing the reference's log-probs (rows {start}...)")
-                for start in range(0, rows, micro_batch_size)]))
-        return in_row_chunks(lambda b: self.trainers.token_logprobs(b, temperature=temperature, reference=True),
-                             tokens, micro_batch_size)
+        if self.reference is not None:  # a pool: each worker a shard, in one call
+            shards = RowShards.split(tokens, len(self.reference.actors), micro_batch_size, equal_forwards=False)
+            return shards.stitch(self.reference.map([
+                Call(lambda reference, batches=shards.micro_batches(i): reference.token_logprobs.remote(
+                    batches, temperature=temperature), deadline_s=self.timeouts.trainer_s,
+                    doing=f"computing the reference's log-probs (shard {i + 1} of {len(shards.rows)})")
+                for i in range(len(shards.rows))]))
+        return self.trainers.token_logprobs(tokens, micro_batch_size=micro_batch_size, temperature=temperature,
+                                            reference=True)
 
     def pause_engines(self) -> None:
         """Colocated: the engines sleep while the trainer trains (on GPUs they hand back their memory)."""
@@ -333,8 +327,29 @@ def role_resources(config: GRPOConfig | PPOConfig) -> dict[str, tuple[float, flo
         roles["reward_model"] = (rm.num_workers * rm.num_cpus, rm.num_workers * rm.num_gpus)
         roles["critic"] = (critic.world_size * critic.num_cpus, critic.world_size * critic.num_gpus)
     if needs_reference_model(config):
-        roles["reference"] = (config.reference.num_cpus, config.reference.num_gpus)
+        ref = config.reference
+        roles["reference"] = (ref.num_workers * ref.num_cpus, ref.num_workers * ref.num_gpus)
     return roles
+
+
+def fit_unset_cpus(config: GRPOConfig | PPOConfig, cpus: float) -> tuple[GRPOConfig | PPOConfig, str | None]:
+    """``config`` with the CPU requests the user left at their defaults scaled down, together, so that
+    all roles fit ``cpus`` (the embedded cluster's), and a line saying so; ``config`` and None when they
+    fit already or every request was set (then the cluster check names what does not fit). Ray's CPU
+    requests are scheduling units: a role still runs at least one thread."""
+    requests = {role: cpus_asked for role, (cpus_asked, _) in role_resources(config).items()}
+    unset = [role for role, asked in requests.items()
+             if asked > 0 and "num_cpus" not in getattr(config, role).model_fields_set]
+    if sum(requests.values()) <= cpus + 1e-9 or not unset:
+        return config, None
+    room = max(0.0, cpus - sum(asked for role, asked in requests.items() if role not in unset))
+    factor = room / sum(requests[role] for role in unset)
+    fitted = {role: math.floor(getattr(config, role).num_cpus * factor * 100) / 100 for role in unset}
+    changed = config.model_copy(update={role: getattr(config, role).model_copy(update={"num_cpus": value})
+                                        for role, value in fitted.items()})
+    said = ", ".join(f"{role}.num_cpus {getattr(config, role).num_cpus:g} -> {value:g}" for role, value in fitted.items())
+    return changed, (f"the roles' default CPU requests ({sum(requests.values()):g}) exceed this machine's {cpus:g} "
+                     f"CPUs: {said} (set them to choose)")
 
 
 def needs_reference_model(config: GRPOConfig | PPOConfig) -> bool:
@@ -362,8 +377,12 @@ def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[Rew
         return RestartingActors(role, start_actor, count, max_restarts=config.fault.max_restarts,
                                 startup_s=timeouts.startup_s, setting=setting)
 
+    spec = trainer_spec(config, model_path, optimizer_steps)
+    if colocated:  # the rank and its bundle's rollout worker take turns: the rank trains on all the bundle's CPUs
+        spec = replace(spec, num_threads=max(1, int(config.trainer.num_cpus + config.rollout.num_cpus)))
+
     def start_trainers() -> PolicyTrainerGroup:
-        return PolicyTrainerGroup(trainer_spec(config, model_path, optimizer_steps), num_cpus=config.trainer.num_cpus,
+        return PolicyTrainerGroup(spec, num_cpus=config.trainer.num_cpus,
                                   num_gpus=config.trainer.num_gpus, shared_bundle=shared,
                                   resources=config.trainer.resources, timeouts=timeouts)
 
@@ -395,7 +414,8 @@ def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[Rew
 
             roles.critic, roles.start_critic = start_critic(), start_critic
         if needs_reference_model(config):
-            roles.reference = stateless("reference", lambda i: _reference_model(config, model_path), 1,
+            roles.reference = stateless("reference", lambda i: _reference_model(config, model_path),
+                                        config.reference.num_workers,
                                         "fault.timeouts.trainer_s")
     except BaseException:
         roles.shutdown()

@@ -87,7 +87,7 @@ class SyncGuard:
         if not self.due(version):
             return None
         started = time.perf_counter()
-        trainer = self.trainers.token_logprobs(self._tokens, temperature=1.0)
+        trainer = self.trainers.token_logprobs(self._tokens, micro_batch_size=len(self._sequences), temperature=1.0)
         targets = list(enumerate(self.rollout.workers))
         probes = [worker.sequence_logprobs.remote(self._sequences, [1] * len(self._sequences)) for _, worker in targets]
         return PendingCheck(version, time.perf_counter() - started, trainer, targets, probes)

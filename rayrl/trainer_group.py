@@ -22,7 +22,7 @@ from rayrl.actors.critic import Critic
 from rayrl.actors.engine import TrainerRank, TrainerSpec
 from rayrl.actors.policy_trainer import PolicyTrainer
 from rayrl.actors.reward_trainer import RewardModelTrainer
-from rayrl.data.batch import TokenBatch
+from rayrl.data.batch import RowShards, TokenBatch
 from rayrl.data.preference import KTOBatch, PreferenceBatch
 from rayrl.data.rollout import RolloutBatch, ValueBatch
 from rayrl.config import TimeoutConfig
@@ -48,6 +48,13 @@ class PendingStep:
     def wait(self) -> dict[str, float]:
         return combine_rank_metrics(gather(self.refs, who=self.who, doing=self.doing, deadline_s=self.deadline_s,
                                            setting="fault.timeouts.trainer_s"))
+
+
+def contiguous_shares(count: int, world_size: int) -> list[range]:
+    """Indices 0..count-1 split into ``world_size`` contiguous shares, the first ones one longer."""
+    base, extra = divmod(count, world_size)
+    starts = [rank * base + min(rank, extra) for rank in range(world_size + 1)]
+    return [range(starts[rank], starts[rank + 1]) for rank in range(world_size)]
 
 
 def combine_rank_metrics(results: list[dict]) -> dict[str, float]:
@@ -106,6 +113,10 @@ class _TrainerGroup(Generic[Rank]):
         except BaseException:
             self._release()  # a rank that failed to start (or a bundle never placed) leaks nothing
             raise
+
+    @property
+    def world_size(self) -> int:
+        return len(self.actors)
 
     # ---- fan-out (private: the typed methods below are the interface) ----------------------------
     def _start(self, call: Callable[[Any, int], Any]) -> list:
@@ -203,30 +214,48 @@ class PolicyTrainerGroup(_TrainerGroup[PolicyTrainer]):
             batches[rank], global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
             objective=objective), "a policy-gradient step")
 
-    def token_logprobs(self, batch: TokenBatch, *, temperature: float = 1.0, reference: bool = False) -> torch.Tensor:
-        """(B, T-1) next-token log-probs under the current weights (or, with PEFT, the reference's)."""
-        return self._rank0(lambda actor, rank: actor.token_logprobs.remote(
-            batch, reference=reference, temperature=temperature),
-            "computing the reference's log-probs" if reference else "computing log-probs")
+    def token_logprobs(self, batch: TokenBatch, *, micro_batch_size: int, temperature: float = 1.0,
+                       reference: bool = False) -> torch.Tensor:
+        """(B, T-1) next-token log-probs under the current weights (or, with PEFT, the reference's); each
+        rank computes its shard of the rows (one call per rank); 0 past each row's micro-batch's width."""
+        shards = RowShards.split(batch, self.world_size, micro_batch_size)
+        return shards.stitch(self._all(lambda actor, rank: actor.token_logprobs.remote(
+            shards.micro_batches(rank), reference=reference, temperature=temperature),
+            "computing the reference's log-probs" if reference else "computing log-probs"))
 
-    def sequence_logprobs(self, batch: TokenBatch, *, reference: bool = False) -> torch.Tensor:
-        """(B,) summed log-probs of each row's target tokens."""
-        return self._rank0(lambda actor, rank: actor.sequence_logprobs.remote(batch, reference=reference),
-                           "computing sequence log-probs")
+    def sequence_logprobs(self, batches: list[TokenBatch], *, reference: bool = False) -> torch.Tensor:
+        """The batches' rows' summed log-probs of their target tokens, in order; each rank computes a
+        contiguous share of the batches (padded with dropped forwards to the same number, for ZeRO-3)."""
+        shares = contiguous_shares(len(batches), self.world_size)
+        forwards = max(len(share) for share in shares)
+        results = self._all(lambda actor, rank: actor.sequence_logprobs.remote(
+            [batches[i] for i in shares[rank]] + [batches[0]] * (forwards - len(shares[rank])), reference=reference),
+            "computing sequence log-probs")
+        return torch.cat([part for share, result in zip(shares, results, strict=True) for part in result[:len(share)]])
 
     def eval_preference(self, batches: list[PreferenceBatch] | list[KTOBatch],
                         objective: PreferenceObjective) -> dict[str, float]:
         return self._rank0(lambda actor, rank: actor.eval_preference.remote(batches, objective), "evaluating")
 
     def eval_loss(self, batches: list[TokenBatch]) -> float:
-        """Token-mean NLL; every rank evaluates the same batches (equal forward counts for ZeRO-3)."""
-        total, count = self._rank0(lambda actor, rank: actor.eval_loss.remote(batches), "evaluating the loss")
-        return total / max(count, 1)
+        """Token-mean NLL; each rank evaluates a contiguous share of the batches, padded with uncounted
+        forwards to the same number (ZeRO-3 gathers parameters collectively)."""
+        shares = contiguous_shares(len(batches), self.world_size)
+        forwards = max(len(share) for share in shares)
+        results = self._all(lambda actor, rank: actor.eval_loss.remote(
+            [batches[i] for i in shares[rank]] + [batches[0]] * (forwards - len(shares[rank])),
+            padding=forwards - len(shares[rank])), "evaluating the loss")
+        return sum(total for total, _ in results) / max(sum(count for _, count in results), 1)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
                  stop_ids: list[int]) -> list[list[int]]:
-        return self._rank0(lambda actor, rank: actor.generate.remote(
-            prompts, max_new_tokens=max_new_tokens, pad_id=pad_id, stop_ids=stop_ids), "generating for eval")
+        """Greedy completions; each rank generates a contiguous share of the prompts (a rank without
+        one generates for the first prompt and drops it: under ZeRO-3 every rank must take part)."""
+        shares = contiguous_shares(len(prompts), self.world_size)
+        results = self._all(lambda actor, rank: actor.generate.remote(
+            [prompts[i] for i in shares[rank]] or prompts[:1], max_new_tokens=max_new_tokens, pad_id=pad_id,
+            stop_ids=stop_ids), "generating for eval")
+        return [completion for share, result in zip(shares, results, strict=True) if share for completion in result]
 
     def export_weight_buckets(self, bucket_bytes: int) -> ExportedWeights:
         """Object refs of the full weights in numpy buckets (put by rank 0), with their checksums."""
@@ -239,9 +268,11 @@ class CriticGroup(_TrainerGroup[Critic]):
 
     role = Critic
 
-    def values(self, batch: TokenBatch) -> torch.Tensor:
-        """(B, T-1) values of each prefix, aligned like log-probs."""
-        return self._rank0(lambda actor, rank: actor.values.remote(batch), "computing values")
+    def values(self, batch: TokenBatch, *, micro_batch_size: int) -> torch.Tensor:
+        """(B, T-1) values of each prefix, aligned like log-probs; each rank computes its shard of the rows."""
+        shards = RowShards.split(batch, self.world_size, micro_batch_size)
+        return shards.stitch(self._all(lambda actor, rank: actor.values.remote(shards.micro_batches(rank)),
+                                       "computing values"))
 
     def start_value_step(self, batches: list[list[ValueBatch]], *, global_num_tokens: int) -> PendingStep:
         """One optimizer step of the clipped value loss, started on every rank (``batches[rank]``)."""

@@ -80,3 +80,47 @@ def collate(rows: list[tuple[list[int], list[bool], list[int], list[int]]], pad_
         position_ids[i, :n] = torch.tensor(pos)
         segment_ids[i, :n] = torch.tensor(seg)
     return TokenBatch(input_ids, loss_mask, position_ids, segment_ids)
+
+
+@dataclass(frozen=True)
+class RowShards:
+    """A batch's rows split over data-parallel ranks for a forward-only pass (log-probs, values): each
+    rank takes a contiguous shard in micro-batches of at most ``micro_batch_size`` rows, each cut to its
+    own longest row. Ranks with fewer micro-batches get padding ones (a copy of row 0, result dropped), so
+    every rank runs the same number of forwards: ZeRO-3 gathers each layer's parameters collectively."""
+
+    tokens: TokenBatch
+    rows: list[list[slice | None]]  # per rank, per micro-batch: its rows, or None for a padding forward
+
+    @classmethod
+    def split(cls, tokens: TokenBatch, world_size: int, micro_batch_size: int, *,
+              equal_forwards: bool = True) -> RowShards:
+        """``equal_forwards``: pad the ranks to the same number of forwards (off for independent actors)."""
+        total = tokens.input_ids.shape[0]
+        per_rank = -(-total // world_size)
+        rows = [[slice(start, min(start + micro_batch_size, end))
+                 for start in range(rank * per_rank, end, micro_batch_size)]
+                for rank, end in ((r, min((r + 1) * per_rank, total)) for r in range(world_size))]
+        if not equal_forwards:
+            return cls(tokens, [micro for micro in rows if micro])
+        forwards = max(len(micro) for micro in rows)
+        return cls(tokens, [micro + [None] * (forwards - len(micro)) for micro in rows])
+
+    def micro_batches(self, rank: int) -> list[TokenBatch]:
+        """What rank ``rank`` computes, in order."""
+        out = []
+        for rows in self.rows[rank]:
+            part = self.tokens.select(slice(0, 1) if rows is None else rows)
+            out.append(part.trimmed(part.width))
+        return out
+
+    def stitch(self, results: list[list[torch.Tensor]]) -> torch.Tensor:
+        """The ranks' per-micro-batch (b, w-1, ...) results as one (N, T-1, ...) tensor in row order; the
+        columns past each micro-batch's longest row are 0."""
+        first = results[0][0]
+        out = first.new_zeros((self.tokens.input_ids.shape[0], self.tokens.input_ids.shape[1] - 1, *first.shape[2:]))
+        for rank_rows, rank_results in zip(self.rows, results, strict=True):
+            for rows, result in zip(rank_rows, rank_results, strict=True):
+                if rows is not None:
+                    out[rows, :result.shape[1]] = result
+        return out

@@ -24,7 +24,9 @@ class RolloutBatch:
 
     tokens: TokenBatch  # (B, T) prompt + completion; loss_mask on completion tokens
     advantages: torch.Tensor  # (B,) sequence advantages (GRPO family) or (B, T-1) token advantages (PPO)
-    old_logps: torch.Tensor  # (B, T-1) trainer log-probs before this batch's updates
+    # (B, T-1) trainer log-probs before this batch's updates; None when the update is one optimizer step
+    # (on-policy): the training forward's own detached log-probs are the ratio's denominator then.
+    old_logps: torch.Tensor | None
     sampler_logps: torch.Tensor  # (B, T-1) the rollout engine's log-probs (0 off the completion)
     ref_logps: torch.Tensor | None  # (B, T-1) reference log-probs, when a KL term is on
     overlong: torch.Tensor  # (B,) bool: cut at max_new_tokens (DAPO overlong filtering)
@@ -35,7 +37,8 @@ class RolloutBatch:
 
     def select(self, rows: torch.Tensor) -> RolloutBatch:
         """The rows ``rows``, every field alike."""
-        return RolloutBatch(self.tokens.select(rows), self.advantages[rows], self.old_logps[rows],
+        return RolloutBatch(self.tokens.select(rows), self.advantages[rows],
+                            None if self.old_logps is None else self.old_logps[rows],
                             self.sampler_logps[rows], None if self.ref_logps is None else self.ref_logps[rows],
                             self.overlong[rows])
 
@@ -44,7 +47,8 @@ class RolloutBatch:
         width = self.tokens.width
         per_token = slice(None, width - 1)  # (B, T-1) fields: one column fewer than the tokens
         advantages = self.advantages if self.advantages.dim() == 1 else self.advantages[:, per_token]
-        return RolloutBatch(self.tokens.trimmed(width), advantages, self.old_logps[:, per_token],
+        return RolloutBatch(self.tokens.trimmed(width), advantages,
+                            None if self.old_logps is None else self.old_logps[:, per_token],
                             self.sampler_logps[:, per_token],
                             None if self.ref_logps is None else self.ref_logps[:, per_token], self.overlong)
 

@@ -91,7 +91,14 @@ def test_post_sync_engine_logprobs_match_trainer(ray_cluster, tiny_model_dir, to
         prompt = tokenizer("37+45=")["input_ids"]
         completion = tokenizer("82")["input_ids"] + [tokenizer.eos_token_id]
         tokens, _ = completion_tokens([prompt], [completion], [[0.0] * len(completion)], tokenizer.pad_token_id)
-        trainer_logps = trainers.token_logprobs(tokens)[0, len(prompt) - 1:]
+        trainer_logps = trainers.token_logprobs(tokens, micro_batch_size=1)[0, len(prompt) - 1:]  # rank 1: padding
+        # Data-parallel: each rank its shard of three rows of different lengths, stitched back in order.
+        rows = [tokenizer(text)["input_ids"] for text in ("1+2=", "37+45=", "100+200=")]
+        three, _ = completion_tokens(rows, [completion] * 3, [[0.0] * len(completion)] * 3, tokenizer.pad_token_id)
+        sharded = trainers.token_logprobs(three, micro_batch_size=1)
+        mask = three.loss_mask[:, 1:]
+        torch.testing.assert_close(sharded * mask, trainers.token_logprobs(three, micro_batch_size=3) * mask)
+        torch.testing.assert_close(sharded[1, len(prompt) - 1:len(prompt) - 1 + len(completion)], trainer_logps[:len(completion)])
 
         def engine_logps():
             return torch.tensor(ray.get(worker.sequence_logprobs.remote([prompt + completion], [len(prompt)]))[0])

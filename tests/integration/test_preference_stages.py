@@ -116,8 +116,8 @@ def test_adapter_disabled_reference_equals_base_model(ray_cluster, tiny_model_di
             batches = batcher.step_batches(step)
             group.train_sft_step(batches, global_num_tokens=sum(b.num_loss_tokens for b in batches[0]))
         batch = batcher.step_batches(10)[0][0]
-        reference = group.sequence_logprobs(batch, reference=True)
-        policy = group.sequence_logprobs(batch, reference=False)
+        reference = group.sequence_logprobs([batch], reference=True)
+        policy = group.sequence_logprobs([batch], reference=False)
     finally:
         group.shutdown()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

@@ -38,3 +38,26 @@ def test_colocated_rollout_reserves_a_share_in_every_trainer_bundle():
     assert role_resources(colocated)["rollout"] == (2.0, 0.0)  # 4 bundles x 0.5, 2 of them idle
     with pytest.raises(ConfigError, match=r"rollout.num_workers \(5\) must be <= trainer.world_size \(4\)"):
         build_config({**base, "placement": "colocated", "rollout": {"num_workers": 5}})
+
+
+def test_default_cpu_requests_are_fitted_to_the_machine_and_set_ones_kept():
+    from rayrl.rl_roles import fit_unset_cpus, role_resources
+
+    def total(config):
+        return sum(cpus for cpus, _ in role_resources(config).values())
+
+    defaults = build_config({"algorithm": "grpo", "grpo": {"kl_coef": 0.05}})  # trainer, rollout, verifier, reference
+    assert total(defaults) > 2
+    fitted, said = fit_unset_cpus(defaults, 2)
+    assert total(fitted) <= 2 and fitted.trainer.num_cpus > 0 and fitted.rollout.num_cpus > 0
+    assert "trainer.num_cpus 1 -> " in said and "exceed this machine's 2 CPUs" in said
+    assert fitted.rollout.group_size == defaults.rollout.group_size  # nothing else changed
+
+    chosen = build_config({"algorithm": "grpo", "trainer": {"num_cpus": 1.5}})
+    fitted, said = fit_unset_cpus(chosen, 2)
+    assert fitted.trainer.num_cpus == 1.5 and total(fitted) <= 2 and "trainer" not in said
+
+    assert fit_unset_cpus(defaults, 16) == (defaults, None)  # fits: untouched
+    every = build_config({"algorithm": "grpo", "trainer": {"num_cpus": 2}, "rollout": {"num_cpus": 1},
+                          "verifier": {"num_cpus": 0.25}})
+    assert fit_unset_cpus(every, 2) == (every, None)  # all chosen: the cluster check names what does not fit

@@ -71,13 +71,14 @@ def rollout():
     return model, tokens, advantages, overlong
 
 
-def _step(rollout, world, micro, old_logps, *, overlong_filter, temperature):
+def _step(rollout, world, micro, old_logps, *, overlong_filter, temperature, sampler_logps=None):
     model, tokens, advantages, overlong = rollout
     model.zero_grad()
-    plan = UpdatePlan(epochs=1, sequences_per_step=8, world_size=world, micro_batch_size=micro, seed=0)
+    plan = UpdatePlan(epochs=1, mini_batches=1, sequences_per_step=8, world_size=world, micro_batch_size=micro, seed=0)
     objective = PolicyGradientObjective(overlong_filter=overlong_filter, eps_low=0.2, eps_high=0.28,
                                         temperature=temperature)
-    batch = RolloutBatch(tokens, advantages, old_logps, old_logps.clone(), None, overlong)
+    sampler_logps = old_logps.clone() if sampler_logps is None else sampler_logps
+    batch = RolloutBatch(tokens, advantages, old_logps, sampler_logps, None, overlong)
     metrics = train_on_rollout(plan, _InProcessGroup(model, world), objective, batch, 0)
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
     return metrics, grad
@@ -120,3 +121,38 @@ def test_step_takes_log_probs_at_the_sampling_temperature(rollout):
     assert metrics["entropy"] == pytest.approx(float((entropy * mask).sum() / mask.sum()), rel=1e-5)
     at_t1, _ = _step(rollout, 2, 2, logps, overlong_filter=False, temperature=1.0)
     assert abs(at_t1["ratio_mean"] - 1.0) > 0.05  # the check can fail
+
+
+@pytest.mark.parametrize("overlong_filter", [False, True])
+def test_an_on_policy_step_without_old_log_probs_equals_one_given_them(rollout, overlong_filter):
+    """One optimizer step per batch: the loop passes no old log-probs and the training forward's own
+    (detached) stand in. Loss, gradient and stats equal a step given the exact old log-probs, for every
+    split; the sampler/trainer gap comes from the training forward."""
+    _, tokens, _, overlong = rollout
+    logps, _ = _model_logps_and_entropy(rollout, 0.7)
+    sampler = logps + 0.05 * torch.randn(generator=torch.Generator().manual_seed(2), size=logps.shape)
+    mask = tokens.loss_mask[:, 1:] & ~(overlong[:, None] if overlong_filter else False)
+    expected_gap = float(((sampler - logps).abs() * mask).sum() / mask.sum())
+    given, given_grad = _step(rollout, 1, 8, logps, overlong_filter=overlong_filter, temperature=0.7,
+                              sampler_logps=sampler)
+    assert "logprob_gap/sampler_trainer" not in given  # the loop computes it from the old log-probs
+    for world, micro in [(1, 8), (2, 1), (2, 4)]:
+        metrics, grad = _step(rollout, world, micro, None, overlong_filter=overlong_filter, temperature=0.7,
+                              sampler_logps=sampler)
+        torch.testing.assert_close(grad, given_grad, atol=2e-7, rtol=1e-5)
+        for key in ("loss", "ratio_mean", "clip_frac", "entropy"):
+            assert metrics[key] == pytest.approx(given[key], abs=1e-6), key
+        assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+        assert metrics["logprob_gap/sampler_trainer"] == pytest.approx(expected_gap, rel=1e-5)
+
+
+def test_the_separate_old_log_prob_pass_runs_only_where_it_is_needed():
+    from rayrl.rl import needs_old_logprobs
+    from rayrl.rl_advantages import GAEAdvantages, GroupAdvantages
+
+    group = GroupAdvantages(group_size=4, advantage="group", scale="group")
+    ppo = object.__new__(GAEAdvantages)  # the class attribute is what is asked
+    plan = UpdatePlan(epochs=1, mini_batches=1, sequences_per_step=8, world_size=1, micro_batch_size=8, seed=0)
+    assert not needs_old_logprobs(plan, group)
+    assert needs_old_logprobs(plan, ppo)  # PPO's KL-penalised rewards read them before the update
+    assert needs_old_logprobs(UpdatePlan(2, 1, 8, 1, 8, 0), group) and needs_old_logprobs(UpdatePlan(1, 2, 4, 1, 4, 0), group)
