@@ -1,8 +1,9 @@
 """GRPO step time by phase, and orchestration overhead: rayrl's step against a plain single-process
 implementation of the same step (same model, prompts, group size, new tokens, loss, optimizer).
 
-  plain   one process: HF generate (sampling) -> math_answer in-process -> trainer log-probs ->
-          group advantages -> clipped policy-gradient loss, backward, AdamW -> (no sync needed)
+  plain   one process: HF generate (sampling) -> math_answer in-process -> group advantages ->
+          clipped policy-gradient loss (one optimizer step per batch: the training forward's own
+          log-probs are the old ones, no separate pass), backward, AdamW -> (no sync needed)
   rayrl   the real stage: vLLM-CPU (or HF) rollout actor, verifier actor, DeepSpeed trainer actor,
           weight sync through the object store
 
@@ -66,20 +67,17 @@ def plain(model_path: str, steps: int, threads: int) -> dict[str, float]:
         rewards = torch.tensor([math_answer(p.prompt, c, **p.fields) for p, c in
                                 zip([p for p in batch for _ in range(GROUP)], texts)])
         phases["reward"].append(time.perf_counter() - t)
-        # 3. old log-probs
+        # 3. old log-probs: one optimizer step per batch, so the training forward's own (no pass; as TRL)
         t = time.perf_counter()
         tokens, _ = completion_tokens([p.prompt_ids for p in batch for _ in range(GROUP)], completions,
                                       [[0.0] * len(c) for c in completions], tokenizer.pad_token_id)
-        with torch.no_grad():
-            old = token_logprobs(model(input_ids=tokens.input_ids, attention_mask=tokens.padding_mask()).logits[:, :-1],
-                                 tokens.input_ids[:, 1:])
         phases["logprobs"].append(time.perf_counter() - t)
         # 4-5. advantages and one optimizer step
         t = time.perf_counter()
         advantages = group_advantages(rewards, GROUP)
         logits = model(input_ids=tokens.input_ids, attention_mask=tokens.padding_mask()).logits
         logps = token_logprobs(logits[:, :-1], tokens.input_ids[:, 1:])
-        loss, _ = policy_gradient_loss(logps, old, advantages, tokens.loss_mask[:, 1:])
+        loss, _ = policy_gradient_loss(logps, logps.detach(), advantages, tokens.loss_mask[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
