@@ -57,6 +57,15 @@ def contiguous_shares(count: int, world_size: int) -> list[range]:
     return [range(starts[rank], starts[rank + 1]) for rank in range(world_size)]
 
 
+def padded_shares(batches: list, world_size: int) -> list[tuple[list, int]]:
+    """Per rank, its contiguous share of ``batches`` topped up with copies of the first to the same
+    count on every rank (ZeRO-3 gathers parameters collectively), and how many of them are padding."""
+    shares = contiguous_shares(len(batches), world_size)
+    forwards = max(len(share) for share in shares)
+    return [([batches[i] for i in share] + [batches[0]] * (forwards - len(share)), forwards - len(share))
+            for share in shares]
+
+
 def combine_rank_metrics(results: list[dict]) -> dict[str, float]:
     """Loss and stats are per-rank shares of global means: sum them. Norm and LR agree on all ranks;
     times and memory are the slowest / largest rank's."""
@@ -226,12 +235,11 @@ class PolicyTrainerGroup(_TrainerGroup[PolicyTrainer]):
     def sequence_logprobs(self, batches: list[TokenBatch], *, reference: bool = False) -> torch.Tensor:
         """The batches' rows' summed log-probs of their target tokens, in order; each rank computes a
         contiguous share of the batches (padded with dropped forwards to the same number, for ZeRO-3)."""
-        shares = contiguous_shares(len(batches), self.world_size)
-        forwards = max(len(share) for share in shares)
-        results = self._all(lambda actor, rank: actor.sequence_logprobs.remote(
-            [batches[i] for i in shares[rank]] + [batches[0]] * (forwards - len(shares[rank])), reference=reference),
-            "computing sequence log-probs")
-        return torch.cat([part for share, result in zip(shares, results, strict=True) for part in result[:len(share)]])
+        shares = padded_shares(batches, self.world_size)
+        results = self._all(lambda actor, rank: actor.sequence_logprobs.remote(shares[rank][0], reference=reference),
+                            "computing sequence log-probs")
+        return torch.cat([part for (share, padding), result in zip(shares, results, strict=True)
+                          for part in result[:len(share) - padding]])
 
     def eval_preference(self, batches: list[PreferenceBatch] | list[KTOBatch],
                         objective: PreferenceObjective) -> dict[str, float]:
@@ -240,11 +248,9 @@ class PolicyTrainerGroup(_TrainerGroup[PolicyTrainer]):
     def eval_loss(self, batches: list[TokenBatch]) -> float:
         """Token-mean NLL; each rank evaluates a contiguous share of the batches, padded with uncounted
         forwards to the same number (ZeRO-3 gathers parameters collectively)."""
-        shares = contiguous_shares(len(batches), self.world_size)
-        forwards = max(len(share) for share in shares)
-        results = self._all(lambda actor, rank: actor.eval_loss.remote(
-            [batches[i] for i in shares[rank]] + [batches[0]] * (forwards - len(shares[rank])),
-            padding=forwards - len(shares[rank])), "evaluating the loss")
+        shares = padded_shares(batches, self.world_size)
+        results = self._all(lambda actor, rank: actor.eval_loss.remote(shares[rank][0], padding=shares[rank][1]),
+                            "evaluating the loss")
         return sum(total for total, _ in results) / max(sum(count for _, count in results), 1)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int,
