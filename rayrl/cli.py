@@ -137,8 +137,17 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def _cmd_scale(args: argparse.Namespace) -> int:
-    count = request_scale(args.output_dir, args.overrides)
-    print(f"asked the run in {args.output_dir} for {count} rollout workers; it takes the request between "
+    output_dir = args.output_dir
+    if args.address is None:
+        count = request_scale(output_dir, args.overrides)
+    else:  # written on the cluster's side, where the run's output_dir is
+        try:
+            output_dir, count = sub.request_scale_on_cluster(args.output_dir, args.overrides, address=args.address,
+                                                             python=args.python)
+        except sub.SubmitError as exc:
+            print(f"rayrl: error: {exc}", file=sys.stderr)
+            return 2
+    print(f"asked the run in {output_dir} for {count} rollout workers; it takes the request between "
           "steps (watch rollout/num_workers in metrics.jsonl)")
     return 0
 
@@ -236,10 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     scale = commands.add_parser(
         "scale", help="grow or shrink a running RL run's rollout workers: rayrl scale OUTPUT_DIR rollout.num_workers=N",
         description="Ask the RL run writing to OUTPUT_DIR (on an embedded cluster, or a submitted job whose "
-                    "output_dir this machine shares) to run N rollout workers. The run takes the request "
-                    "between steps; new workers get the current weights before their first request.")
-    scale.add_argument("output_dir")
+                    "output_dir this machine shares) to run N rollout workers. With --address the request is "
+                    "written on the cluster's side by a short job (OUTPUT_DIR as the cluster sees it, or the "
+                    "JOB_ID `rayrl submit` printed). The run takes the request between steps; new workers "
+                    "get the current weights before their first request.")
+    scale.add_argument("output_dir", metavar="OUTPUT_DIR|JOB_ID")
     scale.add_argument("overrides", nargs="+", metavar="rollout.num_workers=N")
+    scale.add_argument("--address", default=None,
+                       help="the cluster's job server, e.g. http://127.0.0.1:8265: write the request there")
+    scale.add_argument("--python", default="python", help="with --address: the cluster's interpreter (rayrl installed)")
     scale.set_defaults(func=_cmd_scale)
 
     report = commands.add_parser(

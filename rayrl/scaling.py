@@ -3,7 +3,9 @@ grow or shrink its rollout pool.
 
 The request is a file in the run's output directory (``scale_request.json``, written atomically), so
 it reaches a run on an embedded cluster, and a submitted Ray job too: ``rayrl submit`` already needs
-``output_dir`` on storage the cluster shares. The run takes the request between steps (nothing is in
+``output_dir`` on storage the cluster shares. From a machine that does not see that storage,
+``rayrl scale --address ADDRESS OUTPUT_DIR|JOB_ID ...`` writes it on the cluster's side, in a short job
+(``rayrl.submit.request_scale_on_cluster``). The run takes the request between steps (nothing is in
 flight then: a removed worker has finished its work), starts new workers with the current policy
 weights before their first request, and logs ``rollout/num_workers`` every step.
 """
@@ -25,12 +27,8 @@ SCALABLE_KEY = "rollout.num_workers"
 _log = logging.getLogger(__name__)
 
 
-def request_scale(output_dir: str | Path, overrides: list[str]) -> int:
-    """Check the request against the run's ``config.yaml`` and leave it for the run; returns N."""
-    directory = Path(output_dir)
-    config_path = directory / "config.yaml"
-    if not config_path.is_file():
-        raise ConfigError(f"scale: {directory} holds no config.yaml: not the output_dir of a run")
+def parse_scale_request(overrides: list[str]) -> int:
+    """N of ``rollout.num_workers=N``, the one key a running run can change."""
     if len(overrides) != 1 or "=" not in overrides[0] or overrides[0].split("=", 1)[0].strip() != SCALABLE_KEY:
         raise ConfigError(f"scale: give exactly {SCALABLE_KEY}=N (the one key a running run can change), "
                           f"got {' '.join(overrides) or 'nothing'}")
@@ -41,6 +39,16 @@ def request_scale(output_dir: str | Path, overrides: list[str]) -> int:
         count = 0
     if count < 1 or str(count) != value:
         raise ConfigError(f"scale: {SCALABLE_KEY} must be a whole number >= 1, got {value!r}")
+    return count
+
+
+def request_scale(output_dir: str | Path, overrides: list[str]) -> int:
+    """Check the request against the run's ``config.yaml`` and leave it for the run; returns N."""
+    count = parse_scale_request(overrides)
+    directory = Path(output_dir)
+    config_path = directory / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"scale: {directory} holds no config.yaml: not the output_dir of a run")
     run = yaml.safe_load(config_path.read_text()) or {}
     if run.get("algorithm") not in ("grpo", "ppo"):
         raise ConfigError(f"scale: {config_path} is a {run.get('algorithm')!r} run; only RL runs (grpo, ppo) "

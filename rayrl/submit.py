@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from rayrl.config import config_to_dict, load_config
+from rayrl.scaling import SCALABLE_KEY, parse_scale_request
 
 STAGED_CONFIG = "staged_config.yaml"
 FILES_DIR = "files"
@@ -230,11 +231,41 @@ def submit(config_path: str, overrides: list[str], *, address: str | None, pytho
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-# How long the probe job that checks the cluster's Python may take.
+# How long a short job (the probe that checks the cluster's Python, a scale request) may take.
 PROBE_DEADLINE_S = 120.0
-# How long after deleting the probe job to watch for Ray's job monitor writing it back (3 monitor periods).
+# How long after deleting a short job to watch for Ray's job monitor writing it back (3 monitor periods).
 PROBE_RESURRECTION_WATCH_S = 3.0
 _PROBE = "import rayrl, sys; print('rayrl', rayrl.__file__, 'python', sys.version.split()[0])"
+
+
+def run_short_job(jobs, job_id: str, entrypoint: str, env_vars: dict[str, str], metadata: dict[str, str], *,
+                  deadline_s: float, what: str) -> tuple[str, str]:
+    """Run ``entrypoint`` as a job on the cluster, wait for it (up to ``deadline_s``) and delete it:
+    ``(final status, its log)``. ``what`` names the job in errors."""
+    try:
+        jobs.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env={"env_vars": env_vars},
+                        metadata=metadata)
+    except Exception as exc:
+        raise SubmitError(f"job submission failed: {one_line(exc)}") from None
+    try:
+        deadline = time.monotonic() + deadline_s
+        while True:
+            status = jobs.get_job_status(job_id)
+            status = str(getattr(status, "value", status))
+            if status in TERMINAL:
+                break
+            if time.monotonic() > deadline:
+                raise SubmitError(f"the cluster did not run {what} within {deadline_s:g} s; "
+                                  "is it short of CPUs for a job driver?")
+            time.sleep(0.5)
+        return status, jobs.get_job_logs(job_id)
+    finally:
+        _delete_job(jobs, job_id)
+
+
+def last_line(log: str) -> str:
+    said = [line for line in log.splitlines() if line.strip()]
+    return mask_secrets(said[-1]) if said else ""
 
 
 def check_cluster_imports_rayrl(jobs, python: str, env_vars: dict[str, str],
@@ -242,57 +273,67 @@ def check_cluster_imports_rayrl(jobs, python: str, env_vars: dict[str, str],
     """Run ``python -c 'import rayrl'`` as a short job on the cluster before the real one, so that a
     cluster whose Python lacks rayrl is a clear error here, not a job that fails inside the cluster with
     "No module named 'rayrl'". The probe job is deleted afterwards."""
-    probe_id = f"rayrl-probe-{uuid.uuid4().hex[:8]}"
-    try:
-        jobs.submit_job(entrypoint=f"{python} -c {shlex.quote(_PROBE)}", submission_id=probe_id,
-                        runtime_env={"env_vars": env_vars}, metadata={"rayrl_probe": "1"})
-    except Exception as exc:
-        raise SubmitError(f"job submission failed: {one_line(exc)}") from None
-    try:
-        deadline = time.monotonic() + deadline_s
-        while True:
-            status = jobs.get_job_status(probe_id)
-            status = str(getattr(status, "value", status))
-            if status in TERMINAL:
-                break
-            if time.monotonic() > deadline:
-                raise SubmitError(f"the cluster did not run a {deadline_s:g} s probe job ({python} -c 'import rayrl'); "
-                                  "is it short of CPUs for a job driver?")
-            time.sleep(0.5)
-        if status != "SUCCEEDED":
-            said = [line for line in jobs.get_job_logs(probe_id).splitlines() if line.strip()]
-            raise SubmitError(f"the cluster's {python!r} cannot import rayrl ({mask_secrets(said[-1]) if said else status}); "
-                              "install rayrl on the cluster's nodes, or name their interpreter with --python")
-    finally:
-        _delete_probe(jobs, probe_id)
+    status, log = run_short_job(jobs, f"rayrl-probe-{uuid.uuid4().hex[:8]}", f"{python} -c {shlex.quote(_PROBE)}",
+                                env_vars, {"rayrl_probe": "1"}, deadline_s=deadline_s,
+                                what=f"a probe job ({python} -c 'import rayrl')")
+    if status != "SUCCEEDED":
+        raise SubmitError(f"the cluster's {python!r} cannot import rayrl ({last_line(log) or status}); "
+                          "install rayrl on the cluster's nodes, or name their interpreter with --python")
 
 
-def _delete_probe(jobs, probe_id: str) -> None:
-    """Stop the probe job if it still runs, wait (briefly) for it to end, and delete it. Best effort: a
-    probe that cannot be deleted only clutters `rayrl jobs list`."""
+def request_scale_on_cluster(target: str, overrides: list[str], *, address: str | None, python: str = "python",
+                             client_=None, deadline_s: float = PROBE_DEADLINE_S) -> tuple[str, int]:
+    """``rayrl scale --address``: the scale request written on the cluster's side by a short job running
+    ``rayrl scale`` there (a submitted run's output_dir is on storage the cluster sees, this machine
+    may not). ``target``: the run's output_dir, or the id of the job ``rayrl submit`` started (its
+    output_dir is in the job's metadata). Returns ``(output_dir, N)``; the cluster's refusal (no run
+    there, a colocated run, ...) is raised as ``SubmitError`` with its message."""
+    count = parse_scale_request(overrides)  # a malformed request is refused before anything is sent
+    jobs = client_ or client(address)
+    output_dir = target
     try:
-        status = jobs.get_job_status(probe_id)
+        info = jobs.get_job_info(target)
+    except Exception:  # noqa: BLE001 - not a job id: the output_dir itself
+        info = None
+    if info is not None:
+        output_dir = (getattr(info, "metadata", None) or {}).get("output_dir")
+        if not output_dir:
+            raise SubmitError(f"scale: job {target} was not started by `rayrl submit` (no output_dir in its metadata)")
+    entrypoint = f"{python} -m rayrl.cli scale {shlex.quote(output_dir)} {SCALABLE_KEY}={count}"
+    status, log = run_short_job(jobs, f"rayrl-scale-{uuid.uuid4().hex[:8]}", entrypoint, job_env(),
+                                {"rayrl_scale": output_dir}, deadline_s=deadline_s,
+                                what=f"the scale request job ({entrypoint})")
+    if status != "SUCCEEDED":
+        raise SubmitError(f"the cluster did not take the scale request: {last_line(log) or status}")
+    return output_dir, count
+
+
+def _delete_job(jobs, job_id: str) -> None:
+    """Stop a short job if it still runs, wait (briefly) for it to end, and delete it. Best effort: a
+    job that cannot be deleted only clutters `rayrl jobs list`."""
+    try:
+        status = jobs.get_job_status(job_id)
         if str(getattr(status, "value", status)) not in TERMINAL:
-            jobs.stop_job(probe_id)
+            jobs.stop_job(job_id)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                status = jobs.get_job_status(probe_id)
+                status = jobs.get_job_status(job_id)
                 if str(getattr(status, "value", status)) in TERMINAL:
                     break
                 time.sleep(0.5)
-        jobs.delete_job(probe_id)
+        jobs.delete_job(job_id)
         # Ray's job monitor polls each second; if it looks after the delete but before it notices the
         # supervisor's exit, it writes the job back as "supervisor died". Delete that resurrection too.
         deadline = time.monotonic() + PROBE_RESURRECTION_WATCH_S
         while time.monotonic() < deadline:
             time.sleep(0.5)
             try:
-                jobs.get_job_status(probe_id)
+                jobs.get_job_status(job_id)
             except RuntimeError:  # gone (the client raises on "not found")
                 continue
-            jobs.delete_job(probe_id)
+            jobs.delete_job(job_id)
     except Exception as exc:  # noqa: BLE001 - see the docstring
-        print(f"rayrl: note: could not delete the probe job {probe_id}: {one_line(exc)}", file=sys.stderr)
+        print(f"rayrl: note: could not delete the job {job_id}: {one_line(exc)}", file=sys.stderr)
 
 
 def mask_secrets(text: str) -> str:

@@ -7,6 +7,7 @@ fixture is not used and RAY_ADDRESS is never set in this process.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -143,3 +144,34 @@ def test_staging_copies_only_the_users_files(tmp_path, monkeypatch):
     assert staged.bytes < 200_000
     monkeypatch.chdir(tmp_path / "s")  # the job's cwd: the staged config validates there
     assert load_config(STAGED_CONFIG).data.train == data["data"]["train"]
+
+
+def test_scale_through_the_cluster_writes_the_request_where_the_run_is(head, tmp_path):
+    """`rayrl scale --address`: a short job writes the request into the run's output_dir on the cluster's
+    side (the file the run reads between steps: tests/integration/test_rollout_scaling.py), named by the
+    directory or by the job id `rayrl submit` printed; the cluster's refusal comes back as the error."""
+    from ray.job_submission import JobSubmissionClient
+
+    run = tmp_path / "rl-run"
+    run.mkdir()
+    (run / "config.yaml").write_text("algorithm: grpo\nplacement: split\n")
+    before = rayrl("jobs", "list", "--json", "--address", head.address).stdout
+    proc = rayrl("scale", str(run), "rollout.num_workers=3", "--address", head.address)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run / "scale_request.json").read_text()) == {"rollout.num_workers": 3}
+    assert rayrl("jobs", "list", "--json", "--address", head.address).stdout == before  # the short job is deleted
+
+    # by job id: the output_dir comes from the job's metadata (as `rayrl submit` sets it)
+    jobs = JobSubmissionClient(head.address, headers=auth_headers())
+    job_id = jobs.submit_job(entrypoint="python -c 'pass'", metadata={"output_dir": str(run)})
+    (run / "scale_request.json").unlink()
+    proc = rayrl("scale", job_id, "rollout.num_workers=2", "--address", head.address)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"asked the run in {run} for 2" in proc.stdout
+    assert json.loads((run / "scale_request.json").read_text()) == {"rollout.num_workers": 2}
+
+    refused = rayrl("scale", str(tmp_path / "nothing"), "rollout.num_workers=2", "--address", head.address)
+    assert refused.returncode == 2 and "holds no config.yaml: not the output_dir of a run" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    malformed = rayrl("scale", str(run), "rollout.num_workers=0", "--address", head.address)
+    assert malformed.returncode == 2 and "must be a whole number >= 1" in malformed.stderr
