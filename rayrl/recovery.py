@@ -18,13 +18,14 @@ with the error of the last failure. ``restarts`` and ``reissued`` are counted fo
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -193,17 +194,23 @@ class CallStream:
     all its calls up front: the asynchronous rollout scheduler). Each queued call starts on the first
     free actor (or its pinned one), one call at a time per actor, and its result is handed back from
     :meth:`wait` as soon as it is there, with the caller's tag. A call whose actor dies, says it is
-    unusable or misses the call's deadline is re-queued (first in line) after the actor is replaced."""
+    unusable or misses the call's deadline is re-queued (first in line) after the actor is replaced.
+
+    Cost per call is constant, whatever the number of calls running: each call's ``ObjectRef.future()``
+    reports to one inbox when it is done (a wait reads only what finished), and the deadlines sit in a
+    heap. At 256 engines a step's chunks made a wait over every running call's future quadratic."""
 
     def __init__(self, actors: RestartingActors):
         self.actors = actors
         self.queue: deque[tuple[Call, Any]] = deque()
-        self.pending: dict[Any, tuple[Call, Any, int, Any, float]] = {}  # ref -> (call, tag, actor, handle, due)
+        # ref -> (call, tag, actor, handle, due, sequence number)
+        self.pending: dict[Any, tuple[Call, Any, int, Any, float, int]] = {}
         self.busy: set[int] = set()
-        # One future per running call (``ObjectRef.future``): waiting costs nothing per call and wakes on
-        # any other future too (a finished score, a new policy version), so the scheduler never polls.
-        self._futures: dict[Future, Any] = {}  # future -> ref
-        self._future_of: dict[Any, Future] = {}  # ref -> future
+        self._inbox: deque[Any] = deque()  # refs of finished calls, appended on Ray's threads
+        self._arrived = threading.Event()  # something reached the inbox, or a wake future is done
+        self._deadlines: list[tuple[float, int, Any]] = []  # heap of (due, sequence, ref); finished ones skipped
+        self._sequence = itertools.count()
+        self._hooked: set[Future] = set()  # wake futures that set _arrived when done
 
     @property
     def unfinished(self) -> int:
@@ -215,26 +222,36 @@ class CallStream:
 
     def dispatch(self) -> None:
         """Start queued calls, in order, on the free actors they may run on."""
-        free = [a for a in range(len(self.actors.actors)) if a not in self.busy]
-        if not free or not self.queue:
+        if not self.queue or len(self.busy) >= len(self.actors.actors):
             return
+        free = [a for a in range(len(self.actors.actors)) if a not in self.busy]
         waiting: deque[tuple[Call, Any]] = deque()
-        for call, tag in self.queue:
-            if call.actor is None and free:
+        while self.queue and free:
+            call, tag = self.queue.popleft()
+            if call.actor is None:
                 actor = free.pop(0)
-            elif call.actor is not None and call.actor in free:
+            elif call.actor in free:
                 actor = call.actor
                 free.remove(actor)
             else:
                 waiting.append((call, tag))
                 continue
-            handle = self.actors.actors[actor]
-            self.busy.add(actor)
-            ref = call.submit(handle)
-            self.pending[ref] = (call, tag, actor, handle, time.monotonic() + call.deadline_s)
-            future = self._future_of[ref] = ref.future()
-            self._futures[future] = ref
+            self._start(call, tag, actor)
+        waiting.extend(self.queue)
         self.queue = waiting
+
+    def _start(self, call: Call, tag: Any, actor: int) -> None:
+        handle = self.actors.actors[actor]
+        self.busy.add(actor)
+        ref = call.submit(handle)
+        due, sequence = time.monotonic() + call.deadline_s, next(self._sequence)
+        self.pending[ref] = (call, tag, actor, handle, due, sequence)
+        heapq.heappush(self._deadlines, (due, sequence, ref))
+        ref.future().add_done_callback(lambda _done, ref=ref: self._report(ref))
+
+    def _report(self, ref: Any) -> None:
+        self._inbox.append(ref)
+        self._arrived.set()
 
     def wait(self, timeout: float | None = None, *, dispatch: bool = True,
              wake: Sequence[Future] = ()) -> list[tuple[Any, Any]]:
@@ -248,26 +265,30 @@ class CallStream:
             self.dispatch()
         if not self.pending and not wake:
             return []
-        limit = min((due for *_, due in self.pending.values()), default=math.inf) - time.monotonic()
+        self._hooked = {future for future in self._hooked if not future.done()}
+        for future in wake:
+            if future not in self._hooked:
+                self._hooked.add(future)
+                future.add_done_callback(lambda _done: self._arrived.set())
+        limit = self._earliest_due() - time.monotonic()
         if timeout is not None:
             limit = min(limit, timeout)
-        futures.wait([*self._futures, *wake], timeout=None if math.isinf(limit) else max(0.0, limit),
-                     return_when=futures.FIRST_COMPLETED)
-        ready = [future for future in self._futures if future.done()]
+        if not self._inbox and not any(future.done() for future in wake):
+            self._arrived.clear()
+            # checked again after the clear: a report or wake-up in between is not lost
+            if not self._inbox and not any(future.done() for future in wake):
+                self._arrived.wait(None if math.isinf(limit) else max(0.0, limit))
+        arrived = []
+        while self._inbox:
+            arrived.append(self._inbox.popleft())
+        # in the order they were started (a call that timed out and was forgotten may still report)
+        ready = sorted((self.pending[ref][5], ref) for ref in arrived if ref in self.pending)
         if not ready:
-            now = time.monotonic()
-            for ref, (call, tag, actor, handle, due) in list(self.pending.items()):
-                if due <= now:
-                    self._forget(ref)
-                    self._fail(call, tag, actor, handle, RemoteCallTimeout(
-                        timeout_message([self.actors.who[actor]], call.doing, call.deadline_s, self.actors.setting),
-                        who=[self.actors.who[actor]]))
+            self._fail_overdue()
             return []
         finished = []
-        for future in ready:
-            ref = self._futures[future]
-            call, tag, actor, handle, _ = self.pending[ref]
-            self._forget(ref)
+        for _, ref in ready:
+            call, tag, actor, handle, _, _ = self.pending.pop(ref)
             try:
                 result = ray.get(ref, timeout=READY_GET_S)
             except (RayActorError, GetTimeoutError, ActorUnusable) as error:
@@ -281,9 +302,19 @@ class CallStream:
             self.dispatch()
         return finished
 
-    def _forget(self, ref: Any) -> None:
-        del self.pending[ref]
-        del self._futures[self._future_of.pop(ref)]
+    def _earliest_due(self) -> float:
+        while self._deadlines and self._deadlines[0][2] not in self.pending:
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else math.inf
+
+    def _fail_overdue(self) -> None:
+        now = time.monotonic()
+        while self._earliest_due() <= now:
+            _, _, ref = heapq.heappop(self._deadlines)
+            call, tag, actor, handle, _, _ = self.pending.pop(ref)
+            self._fail(call, tag, actor, handle, RemoteCallTimeout(
+                timeout_message([self.actors.who[actor]], call.doing, call.deadline_s, self.actors.setting),
+                who=[self.actors.who[actor]]))
 
     def _fail(self, call: Call, tag: Any, actor: int, handle: Any, failure: Exception) -> None:
         self.busy.discard(actor)
