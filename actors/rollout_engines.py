@@ -28,14 +28,24 @@ The two coincide at T=1 without top-k/top-p, and under greedy decoding (vLLM and
 temperature to greedy rows). In vLLM the mode is an *engine* setting, fixed at construction by
 ``logprobs_mode``; a request that asks for the other mode is refused unless the two coincide for it.
 ``sequence_logprobs`` always returns raw (T=1) log-probs: prompt tokens go through no sampler.
+
+Weights swapped under requests in flight (``rollout.partial_rollouts``)
+---------------------------------------------------------------------
+``VLLMEngine.generate`` with a ``between_steps`` hook drives the engine one step at a time and calls the
+hook between steps; a hook that loads new weights returns the new version. The reload then preempts
+every running request (vLLM's ``reset_prefix_cache(reset_running_requests=True)``): the KV cache of the
+tokens so far is recomputed by the new weights before the next token, so each token's log-prob is the
+exact one of the version that sampled it, given the whole prefix (not a mix of old KV and new weights).
+Each completion records where a version took over (``Completion.version_changes``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -43,6 +53,7 @@ import numpy as np
 import torch
 
 from rayrl.cuda_transfer import broadcast_buckets, nccl_communicator, open_ipc, unpack_bucket
+from rayrl.remote import ActorUnusable
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -51,6 +62,9 @@ LogprobsMode = Literal["processed", "raw"]
 FinishReason = Literal["stop", "length"]
 # (name, tensor) pairs of one weight bucket, Hugging Face parameter names.
 NamedTensors = Sequence[tuple[str, torch.Tensor]]
+
+# Called between two engine steps of a generate call; returns the policy version the engine holds after it.
+BetweenSteps = Callable[[], int]
 
 _VLLM_LOGPROBS_MODE = {"processed": "processed_logprobs", "raw": "raw_logprobs"}
 
@@ -108,6 +122,10 @@ class Completion:
 
     ``token_ids`` include the stop token when ``finish_reason == "stop"`` because of a stop token
     (EOS); ``text`` is the decoded completion without special tokens and without a matched stop string.
+
+    ``policy_version`` is the version that started it. ``version_changes`` lists ``(token index,
+    version)`` where new weights took over mid-way (partial rollouts): tokens from that index on were
+    sampled by that version. Empty: every token is ``policy_version``'s.
     """
 
     prompt_index: int
@@ -118,6 +136,19 @@ class Completion:
     text: str
     finish_reason: FinishReason
     policy_version: int
+    version_changes: list[tuple[int, int]] = field(default_factory=list)
+
+    def token_versions(self) -> list[int]:
+        """The policy version that sampled each token."""
+        versions, version = [], self.policy_version
+        changes = iter(self.version_changes)
+        change = next(changes, None)
+        for k in range(len(self.token_ids)):
+            while change is not None and change[0] <= k:
+                version = change[1]
+                change = next(changes, None)
+            versions.append(version)
+        return versions
 
 
 class RolloutEngine(Protocol):
@@ -132,9 +163,10 @@ class RolloutEngine(Protocol):
     def closed(self) -> bool:
         """Whether ``shutdown`` dropped the model."""
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSettings,
-                 policy_version: int) -> list[Completion]:
-        """Prompt-major completions, each stamped with ``policy_version``."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings, policy_version: int,
+                 between_steps: BetweenSteps | None = None) -> list[Completion]:
+        """Prompt-major completions, each stamped with ``policy_version``. ``between_steps`` (vLLM only):
+        called between engine steps, may load new weights (see the module doc)."""
 
     def sequence_logprobs(self, token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> list[list[float]]:
         """Raw (T=1) log-probs of ``seq[prompt_len:]`` for each sequence."""
@@ -196,6 +228,8 @@ class VLLMEngine:
         self._eos_token_ids = list(eos_token_ids)
         self._sleep_supported = enable_sleep_mode and current_platform.is_sleep_mode_available()
         self._sleep_level: int | None = None
+        self._stepping = False  # inside a stepwise generate: a reload preempts the running requests
+        self._request_ids = itertools.count()
         kwargs: dict[str, Any] = dict(
             model=model_path,
             dtype=dtype,
@@ -218,12 +252,14 @@ class VLLMEngine:
     def closed(self) -> bool:
         return self._llm is None
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSettings,
-                 policy_version: int) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings, policy_version: int,
+                 between_steps: BetweenSteps | None = None) -> list[Completion]:
         from vllm import SamplingParams  # lazy: optional, slow dependency (see __init__)
         from vllm.inputs import TokensPrompt  # lazy: optional, slow dependency
 
         self._check_logprobs_mode(sampling)
+        if between_steps is not None:
+            return self._generate_stepwise(prompts, sampling, policy_version, between_steps)
         stop_ids = sorted(set(self._eos_token_ids) | set(sampling.stop_token_ids))
         # Greedy: vLLM refuses n > 1; decode once and replicate (the n samples would be identical).
         reps = 1 if sampling.greedy else sampling.n
@@ -244,16 +280,72 @@ class VLLMEngine:
             samples = sorted(out.outputs, key=lambda o: o.index)
             if len(samples) != reps:
                 raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {i}, expected {reps}")
+            completions += [_vllm_completion(i, j, prompt, samples[j % reps], policy_version)
+                             for j in range(sampling.n)]
+        return completions
+
+    def _generate_stepwise(self, prompts: list[list[int]], sampling: SamplingSettings, policy_version: int,
+                           between_steps: BetweenSteps) -> list[Completion]:
+        """``generate`` one engine step at a time, with ``between_steps`` run before each step."""
+        from vllm import SamplingParams  # lazy: optional, slow dependency (see __init__)
+        from vllm.inputs import TokensPrompt  # lazy: optional, slow dependency
+        from vllm.sampling_params import RequestOutputKind  # lazy: optional, slow dependency
+
+        engine = self._llm.llm_engine
+        stop_ids = sorted(set(self._eos_token_ids) | set(sampling.stop_token_ids))
+        reps = 1 if sampling.greedy else sampling.n
+        # One request per sample, seeded as vLLM seeds child j of an n-sample request (seed + j): each
+        # sample's tokens so far are visible after every step (CUMULATIVE outputs).
+        samples: dict[str, tuple[int, int]] = {}
+        for i, prompt in enumerate(prompts):
+            seed = None if sampling.seed is None else _request_seed(sampling.seed, sampling.seed_offset + i)
+            for j in range(reps):
+                params = SamplingParams(
+                    n=1, temperature=sampling.temperature, top_p=sampling.top_p,
+                    top_k=sampling.top_k if sampling.top_k > 0 else 0, max_tokens=sampling.max_new_tokens,
+                    stop=list(sampling.stop) or None, stop_token_ids=stop_ids,
+                    seed=None if seed is None else seed + j, logprobs=0, output_kind=RequestOutputKind.CUMULATIVE)
+                request_id = f"rayrl-{next(self._request_ids)}"
+                engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
+                samples[request_id] = (i, j)
+        latest: dict[str, Any] = {}  # request id -> its cumulative output after the last step
+        finished: set[str] = set()
+        changes: dict[str, list[tuple[int, int]]] = {request_id: [] for request_id in samples}
+        version = policy_version
+        self._stepping = True
+        try:
+            while engine.has_unfinished_requests():
+                now = between_steps()
+                if self.broken:
+                    raise ActorUnusable(self.broken)
+                if now != version:
+                    version = now
+                    for request_id in samples.keys() - finished:
+                        done = len(latest[request_id].token_ids) if request_id in latest else 0
+                        changes[request_id].append((done, version))
+                for out in engine.step():
+                    latest[out.request_id] = out.outputs[0]
+                    if out.finished:
+                        finished.add(out.request_id)
+        except BaseException:
+            unfinished = list(samples.keys() - finished)
+            if unfinished and self._llm is not None:
+                with contextlib.suppress(Exception):
+                    engine.abort_request(unfinished)
+            raise
+        finally:
+            self._stepping = False
+        by_sample = {samples[request_id]: request_id for request_id in samples}
+        completions = []
+        for i, prompt in enumerate(prompts):
             for j in range(sampling.n):
-                sample = samples[j % reps]
-                if sample.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"vLLM finished a request with {sample.finish_reason!r}")
-                token_ids = list(sample.token_ids)
-                completions.append(Completion(
-                    prompt_index=i, sample_index=j, prompt_ids=prompt, token_ids=token_ids,
-                    logprobs=_sampled_logprobs(sample.logprobs, token_ids), text=sample.text,
-                    finish_reason=sample.finish_reason, policy_version=policy_version,
-                ))
+                request_id = by_sample[(i, j % reps)]
+                if request_id not in finished:
+                    raise RuntimeError(f"vLLM did not finish the request of prompt {i}, sample {j}")
+                sample = latest[request_id]
+                completions.append(_vllm_completion(
+                    i, j, prompt, sample, policy_version,
+                    [c for c in changes[request_id] if c[0] < len(sample.token_ids)]))
         return completions
 
     def sequence_logprobs(self, token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> list[list[float]]:
@@ -328,8 +420,9 @@ class VLLMEngine:
                 llm.collective_rpc("rayrl_finish_weight_update")
             raise
         llm.collective_rpc("rayrl_finish_weight_update")
-        # Prefix-cache trap: cached KV blocks were computed by the old weights.
-        llm.reset_prefix_cache()
+        # Prefix-cache trap: cached KV blocks were computed by the old weights. Mid-generate (partial
+        # rollouts) the running requests' blocks are dropped too: they are recomputed by the new weights.
+        llm.reset_prefix_cache(reset_running_requests=self._stepping)
         return counts
 
 
@@ -376,9 +469,13 @@ class HFEngine:
         return self.model is None
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingSettings,
-                 policy_version: int) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings, policy_version: int,
+                 between_steps: BetweenSteps | None = None) -> list[Completion]:
         from transformers import GenerationConfig  # slow: transformers
+
+        if between_steps is not None:
+            raise ValueError("the hf backend cannot load weights under a generate call in flight "
+                             "(rollout.partial_rollouts needs rollout.backend: vllm)")
 
         stop_ids = sorted(set(self._eos_token_ids) | set(sampling.stop_token_ids))
         raw = sampling.logprobs_mode == "raw"
@@ -498,6 +595,18 @@ def _request_seed(seed: int, prompt_index: int) -> int:
 def _logprob_of(position: Any, token_id: int) -> float:
     """The log-prob of ``token_id`` at one position of a vLLM logprobs list (dict or flat view)."""
     return float(position[token_id].logprob)
+
+
+def _vllm_completion(prompt_index: int, sample_index: int, prompt: list[int], sample: Any, policy_version: int,
+                     version_changes: list[tuple[int, int]] | None = None) -> Completion:
+    """A ``Completion`` of one finished vLLM sample (a ``CompletionOutput``)."""
+    if sample.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished a request with {sample.finish_reason!r}")
+    token_ids = list(sample.token_ids)
+    return Completion(prompt_index=prompt_index, sample_index=sample_index, prompt_ids=prompt, token_ids=token_ids,
+                      logprobs=_sampled_logprobs(sample.logprobs, token_ids), text=sample.text,
+                      finish_reason=sample.finish_reason, policy_version=policy_version,
+                      version_changes=list(version_changes or []))
 
 
 def _sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:

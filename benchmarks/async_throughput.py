@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from recorded import heading, publish  # benchmarks/recorded.py
+
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["eval.at_start=false", "eval.every_steps=0", "checkpoint.every_steps=0", "tracking.progress=false",
           "tracking.wandb.mode=disabled", "train.warmup_steps=0", "rollout.num_cpus=0.75", "trainer.num_cpus=1",
@@ -93,7 +95,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["tiny", "larger"], default=None)
     parser.add_argument("--out", default=None, help="append the result section to this markdown file")
     args = parser.parse_args()
-    out = [f"## {time.strftime('%Y-%m-%d')}: `python benchmarks/async_throughput.py {' '.join(sys.argv[1:])}`", "",
+    out = [heading(), "",
            f"{args.steps} steps per run, the first {args.warmup} not measured; split placement (trainer 1 CPU, "
            "rollout 0.75, verifier 0.25) on one machine; samples/s = trained completions / wall time.", ""]
     if args.only in (None, "tiny"):
@@ -110,11 +112,7 @@ def main() -> None:
                      args, str(model), [f"grpo.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
                                         f"rollout.max_new_tokens={args.new_tokens}", "train.micro_batch_size=16",
                                         "data.max_prompt_length=64"], out)
-    text = "\n".join(out)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    publish(out, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from recorded import heading, publish  # benchmarks/recorded.py
+
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["eval.at_start=false", "eval.every_steps=0", "checkpoint.every_steps=0", "tracking.progress=false",
           "tracking.wandb.mode=disabled", "train.warmup_steps=0", "rollout.num_cpus=0", "verifier.num_cpus=0",
@@ -76,7 +78,7 @@ def main() -> None:
                               for key in ("time/reference", "time/train", "time/step")}
             print(f"{label}: {results[label]} ({time.time() - started:.0f} s)", flush=True)
     base = results["1 rank x 1 CPU, separate pass"]["time/reference"]
-    out = [f"## {time.strftime('%Y-%m-%d')}: `python benchmarks/logprob_ranks.py {' '.join(sys.argv[1:])}`", "",
+    out = [heading(), "",
            f"Llama hidden {args.hidden_size}, {args.num_layers} layers (random weights), {args.prompts} prompts x "
            f"{args.group} samples x {args.new_tokens} new tokens, micro-batch 8; medians over steps "
            f"{args.warmup + 1}-{args.steps}. `log-prob pass` is `time/reference` (the old log-probs; no KL term).", "",
@@ -84,11 +86,7 @@ def main() -> None:
     for label, r in results.items():
         out.append(f"| {label} | {r['time/reference']:.3f} | {r['time/reference'] / base:.2f}x | {r['time/train']:.2f} "
                    f"| {r['time/step']:.2f} |")
-    text = "\n".join(out + [""])
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    publish(out + [""], args.out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import yaml
 
+from recorded import heading, publish  # benchmarks/recorded.py
+
 REPO = Path(__file__).resolve().parents[1]
 TRL_VERSION = "1.16.0"
 PROMPTS = 512
@@ -132,7 +134,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="append the result section to this markdown file")
     args = parser.parse_args()
     python = trl_python(args.trl_venv)
-    out = [f"## {time.strftime('%Y-%m-%d')}: `python benchmarks/trl_compare.py {' '.join(sys.argv[1:])}`", "",
+    out = [heading(), "",
            f"Medians over steps {args.warmup + 1}-{args.steps}; TRL with {args.threads} torch threads; fp32, no "
            "gradient checkpointing, no KL, lr 1e-4, one optimizer step per batch on both sides.", ""]
     if args.only in (None, "tiny"):
@@ -146,11 +148,7 @@ def main() -> None:
                             "--num-layers", "8"], check=True, cwd=REPO)
             workload("larger (29.5M-parameter Llama, hidden 512, 8 layers, random weights)", str(model), 8, 64, args,
                      python, out)
-    text = "\n".join(out)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    publish(out, args.out)
 
 
 if __name__ == "__main__":

@@ -442,8 +442,10 @@ class RolloutConfig(_Strict):
     """async: a group is started only if it will be trained by a policy at most this many versions newer
     than the one that samples it (0: exactly the sync loop)."""
     partial_rollouts: bool = False
-    """async: whether requests in flight when new weights arrive continue under the new weights. Only
-    false is built: a worker loads a push after its chunk in flight, which finishes under the old weights."""
+    """async: whether requests in flight when new weights arrive continue under the new weights (true: the
+    worker loads a push between two engine steps, recomputes the requests' KV cache with the new weights
+    and records the token where each version took over; vllm backend, object_store transport) or finish
+    under the old ones first (false: the push loads after the worker's chunk in flight)."""
     weight_transport: Literal["auto", "object_store", "ipc", "nccl"] = "auto"
     """How trainer weights reach the engines after each step. object_store: numpy buckets through Ray
     (CPU, or any layout); ipc: CUDA IPC handles of packed GPU buffers (colocated on GPUs); nccl: a
@@ -658,10 +660,18 @@ class _RLBase(_CommonBase):
             raise ValueError("rollout.mode: async overlaps generation with training, but placement: colocated puts "
                              "both on the same devices (the engines sleep while the trainer trains): use "
                              "placement: split")
-        if self.rollout.partial_rollouts:
-            raise ValueError("rollout.partial_rollouts: true (weights swapped under requests in flight) is not built; "
-                             "set it to false: a worker loads a push after its chunk in flight")
         transport = self.rollout.weight_transport
+        if self.rollout.partial_rollouts:
+            if self.rollout.mode != "async":
+                raise ValueError("rollout.partial_rollouts: true swaps weights under requests in flight, and only "
+                                 "rollout.mode: async pushes while the workers generate; set rollout.mode: async")
+            if self.rollout.backend != "vllm":
+                raise ValueError("rollout.partial_rollouts: true needs rollout.backend: vllm (hf generate cannot "
+                                 "load weights between its decoding steps)")
+            if self.resolved_weight_transport != "object_store":
+                raise ValueError("rollout.partial_rollouts: true is built for rollout.weight_transport: object_store "
+                                 "only (the CUDA transports load behind the chunk in flight); set it, or "
+                                 "partial_rollouts: false")
         on_gpus = self.trainer.num_gpus > 0 and self.rollout.num_gpus > 0
         if transport in ("ipc", "nccl") and not on_gpus:
             raise ValueError(f"rollout.weight_transport: {transport} moves CUDA buffers; it needs trainer.num_gpus "

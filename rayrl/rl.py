@@ -95,14 +95,16 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
         pusher = WeightPusher(config.resolved_weight_transport, roles.trainers.actors, roles.rollout.workers,
                               deadline_s=config.fault.timeouts.sync_s, trainer_who=roles.trainers.who,
                               worker_who=roles.rollout.who,
-                              bucket_bytes=SYNC_BUCKET_BYTES, wire_dtype=config.rollout.dtype)
+                              bucket_bytes=SYNC_BUCKET_BYTES, wire_dtype=config.rollout.dtype,
+                              concurrent_loads=config.rollout.partial_rollouts)
         roles.rollout.actors.after_restart.append(pusher.catch_up)  # a restarted worker serves the current policy
         push = roles.rollout.actors.retry  # a push that loses a worker is redone once it is replaced
         guard = SyncGuard(ProbeBatch.from_prompts(data.train, config.sync.probe_prompts),
                           tolerance=config.sync.tolerance(config.rollout.dtype), every=config.sync.verify_every,
                           trainers=roles.trainers, rollout=roles.rollout, pad_id=pad_id,
                           deadline_s=config.fault.timeouts.sync_s)
-        # Async: a load waits behind the worker's chunk in flight (up to a whole step's on one worker).
+        # Async: a load waits behind the worker's chunk in flight (up to a whole step's on one worker; with
+        # partial rollouts only its probe does).
         engine_sync = EngineSync(pusher, guard, wait_at_once=config.rollout.mode == "sync",
                                  behind_s=0.0 if config.rollout.mode == "sync" else
                                  roles.rollout.generate_deadline_s(settings.prompts_per_step, sampling.train))
@@ -250,9 +252,12 @@ def start_rollouts(config: GRPOConfig | PPOConfig, roles: RLRoles, score: Score,
 
 
 def staleness_metrics(samples: Rollout, step: int) -> dict[str, float]:
-    """How many versions older than the trainer (version ``step``) the policies that sampled them were."""
+    """How many versions older than the trainer (version ``step``) the policies that started the samples
+    were, and the fraction of samples that new weights took over mid-way (partial rollouts)."""
     lags = [step - c.policy_version for c in samples.completions]
-    return {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags))}
+    mixed = sum(1 for c in samples.completions if c.version_changes)
+    return {"async/staleness_mean": sum(lags) / len(lags), "async/staleness_max": float(max(lags)),
+            "async/mixed_version_frac": mixed / len(samples.completions)}
 
 
 def trainer_restart_allowed(config: GRPOConfig | PPOConfig, roles: RLRoles, failure: Exception, done: int) -> bool:
@@ -542,7 +547,10 @@ def log_sample_table(tracker: Tracker, config: GRPOConfig | PPOConfig, step: int
         step, [p.prompt for p in samples.prompts], [c.text for c in samples.completions], samples.scores.total,
         group_size=config.rollout.group_size, limit=config.tracking.sample_table_rows,
         per_function=samples.scores.per_function,
-        extra={"policy_version": [c.policy_version for c in samples.completions]}))
+        extra={"policy_version": [c.policy_version for c in samples.completions],
+               # partial rollouts: the version of the last token (new weights may have taken over mid-way)
+               "policy_version_last": [c.token_versions()[-1] if c.token_ids else c.policy_version
+                                       for c in samples.completions]}))
 
 
 def evaluate_policy(config: GRPOConfig | PPOConfig, roles: RLRoles, eval_prompts: list[PromptRow],

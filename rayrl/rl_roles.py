@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,14 +30,14 @@ from rayrl.actors.critic import FINAL_CRITIC_DIR
 from rayrl.actors.engine import TrainerSpec
 from rayrl.actors.reference_model import ReferenceModel
 from rayrl.actors.reward_model import RewardModel
-from rayrl.actors.rollout_worker import Completion, RolloutWorker, SamplingSettings
+from rayrl.actors.rollout_worker import WORKER_CONCURRENCY_GROUPS, Completion, RolloutWorker, SamplingSettings
 from rayrl.actors.verifier import Verifier
 from rayrl.cluster import trainer_roles
 from rayrl.config import GRPOConfig, PPOConfig, TimeoutConfig, policy_settings
 from rayrl.data.batch import RowShards, TokenBatch
 from rayrl.data.rollout import PromptRow
 from rayrl.outputs import export_final_model
-from rayrl.recovery import Call, RestartingActors
+from rayrl.recovery import Call, CallStream, RestartingActors
 from rayrl.remote import ActorIdentity, RemoteCallTimeout, RoleFailed, first_line
 from rayrl.rewards.scoring import RewardSpec, ScoreResult
 from rayrl.stage_common import trainer_spec
@@ -45,6 +47,16 @@ from rayrl.trainer_group import CriticGroup, PolicyTrainerGroup
 _log = logging.getLogger(__name__)
 
 CRITIC_CHECKPOINT_DIR = "critic"  # inside each checkpoint directory
+
+
+@dataclass(frozen=True)
+class ScoredRound:
+    """One round's completions (prompt-major) and scores, and what generating and scoring them took."""
+
+    completions: list[Completion]
+    scores: ScoreResult
+    generate_s: float  # until the last chunk was generated
+    score_s: float  # summed over the chunks' scoring calls (they overlap the generation of the others)
 
 
 class RolloutPool:
@@ -93,16 +105,49 @@ class RolloutPool:
         parts = self.actors.map([self.generate_call(prompt_ids, start, stop, sampling) for start, stop in bounds])
         return self.assemble(list(zip((start for start, _ in bounds), parts)), len(prompt_ids), sampling.n)
 
+    def generate_scored(self, prompt_ids: list[list[int]], sampling: SamplingSettings, rows: list[PromptRow],
+                        score: Callable[[list[PromptRow], list[Completion]], ScoreResult]) -> ScoredRound:
+        """``generate``, each chunk scored (``score(rows of the chunk, its completions)``, on one thread) as
+        soon as it is generated, while the other chunks generate. ``rows``: one per completion."""
+        bounds = self.chunk_bounds(len(prompt_ids))
+        per_prompt = len(rows) // len(prompt_ids)
+        stream = CallStream(self.actors)
+        for start, stop in bounds:
+            stream.add(self.generate_call(prompt_ids, start, stop, sampling), (start, stop))
+        started = time.perf_counter()
+        parts: dict[int, list[Completion]] = {}
+        scoring: dict[int, Future] = {}
+
+        def timed_score(chunk_rows: list[PromptRow], completions: list[Completion]) -> tuple[ScoreResult, float]:
+            begin = time.perf_counter()
+            return score(chunk_rows, completions), time.perf_counter() - begin
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-scoring") as scorer:
+            while stream.unfinished:
+                for (start, stop), completions in stream.wait():
+                    parts[start] = completions
+                    scoring[start] = scorer.submit(timed_score, rows[start * per_prompt:stop * per_prompt],
+                                                   completions)
+            generated = time.perf_counter()
+            scored = [scoring[start].result() for start, _ in bounds]
+        completions = self.assemble([(start, parts[start]) for start, _ in bounds], len(prompt_ids), sampling.n)
+        return ScoredRound(completions, ScoreResult.concat([result for result, _ in scored]),
+                           generate_s=generated - started, score_s=sum(seconds for _, seconds in scored))
+
     def chunk_bounds(self, num_prompts: int) -> list[tuple[int, int]]:
         """[start, stop) prompt ranges of one generate round: two chunks per worker, so a worker that
         finishes early takes more."""
         chunk = max(1, -(-num_prompts // (2 * len(self.workers))))
         return [(start, min(num_prompts, start + chunk)) for start in range(0, num_prompts, chunk)]
 
-    def generate_call(self, prompt_ids: list[list[int]], start: int, stop: int, sampling: SamplingSettings) -> Call:
+    def generate_call(self, prompt_ids: list[list[int]], start: int, stop: int, sampling: SamplingSettings,
+                      min_version: int | None = None) -> Call:
         """The call that samples prompts [start, stop) of a round; per-request seeds count from
-        ``start``, so the samples do not depend on how a round is cut into chunks or which worker runs one."""
-        return Call(lambda worker: worker.generate.remote(prompt_ids[start:stop], replace(sampling, seed_offset=start)),
+        ``start``, so the samples do not depend on how a round is cut into chunks or which worker runs one.
+        ``min_version``: the oldest policy version that may start it (``RolloutWorker.generate``)."""
+        chunk, chunk_sampling = prompt_ids[start:stop], replace(sampling, seed_offset=start)
+        oldest = {} if min_version is None else {"min_version": min_version}
+        return Call(lambda worker: worker.generate.remote(chunk, chunk_sampling, **oldest),
                     deadline_s=self.generate_deadline_s(stop - start, sampling),
                     doing=f"generating (prompts {start}...)")
 
@@ -433,9 +478,13 @@ def _rollout_worker_starter(config: GRPOConfig | PPOConfig, model_path: str,
         strategy = colocate_with.bundle_strategy(i) if colocate_with is not None else None
         if strategy is not None:
             options["scheduling_strategy"] = strategy
-        return ray.remote(RolloutWorker).options(**options).remote(
+        # Partial rollouts: pushes arrive beside a generate in flight (Ray takes the groups only here).
+        worker_class = (ray.remote(concurrency_groups=WORKER_CONCURRENCY_GROUPS)(RolloutWorker)
+                        if config.rollout.partial_rollouts else ray.remote(RolloutWorker))
+        return worker_class.options(**options).remote(
             model_path, backend=config.rollout.backend, dtype=config.rollout.dtype, seed=config.seed + i,
             kv_cache_gib=config.rollout.kv_cache_gib, num_threads=max(1, int(config.rollout.num_cpus)),
+            partial_rollouts=config.rollout.partial_rollouts,
             # Colocated on GPUs the engine gives its weights and KV cache back while the trainer trains.
             enable_sleep_mode=colocate_with is not None and config.rollout.num_gpus > 0)
 

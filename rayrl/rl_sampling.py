@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -150,15 +149,14 @@ def sample_step(settings: PolicySettings, group_size: int, seed: int, step: int,
 
 
 def run_rounds(state: StepSampling, rollout: RolloutPool, score: Score) -> StepSamples:
-    """A step's rounds, one after the other: each generated on the whole pool, then scored."""
+    """A step's rounds, one after the other: each generated on the whole pool, its chunks scored as they
+    are generated."""
     while not state.done:
-        t = time.perf_counter()
-        completions = rollout.generate([p.prompt_ids for p in state.prompts], state.round_sampling())
-        state.times["time/generate"] += time.perf_counter() - t
-        t = time.perf_counter()
-        scores = score(state.round_rows(), completions)
-        state.times["time/reward"] += time.perf_counter() - t
-        state.finish_round(completions, scores)
+        scored = rollout.generate_scored([p.prompt_ids for p in state.prompts], state.round_sampling(),
+                                         state.round_rows(), score)
+        state.times["time/generate"] += scored.generate_s
+        state.times["time/reward"] += scored.score_s
+        state.finish_round(scored.completions, scored.scores)
     return state.result()
 
 

@@ -20,8 +20,11 @@ starts after version ``s`` is published, in the same chunks, prompts and seeds a
 ``sample_step``: the same samples, bit for bit.
 
 A weight push does not wait for the workers: each loads the new weights after its chunk in flight,
-which finishes under the weights it started with (``rollout.partial_rollouts: false``), and before any
-chunk sent after the push (``rayrl.sync_guard.EngineSync``); every completion records its version.
+which finishes under the weights it started with (``rollout.partial_rollouts: false``), or between two
+engine steps of it, the requests going on under the new weights (``true``; see
+:mod:`rayrl.actors.rollout_worker`), and before any chunk sent after the push
+(``rayrl.sync_guard.EngineSync``); every completion records the version that started it (and, partial,
+where each later version took over).
 ``paused`` (no chunk running) is for what needs the workers to itself: eval, a resize.
 
 Each step's prompts are fixed by the step number (``StepBatcher``), so a resumed run re-issues the groups
@@ -77,10 +80,11 @@ class SyncRollouts:
         start = time.perf_counter()
         samples = run_rounds(self.new_step(step), self.rollout, self.score)
         end = time.perf_counter()
-        # The workers idle from the previous step's samples until these were asked for, and while they are scored.
+        # The workers idle from the previous step's samples until these were asked for, and while the last
+        # chunks are scored (the earlier ones are scored while the others generate).
         between = 0.0 if self._last_taken is None else start - self._last_taken
         self._last_taken = end
-        idle = len(self.rollout.workers) * (between + samples.times["time/reward"])
+        idle = len(self.rollout.workers) * (between + max(0.0, end - start - samples.times["time/generate"]))
         return samples, RolloutFlow(end - start, idle, 0)
 
     def publish(self, version: int) -> None:
@@ -252,7 +256,10 @@ class AsyncRollouts:
         sampling = state.round_sampling()
         bounds = self.rollout.chunk_bounds(len(prompt_ids))
         self._rounds[(state.step, state.round_index)] = _Round(len(bounds), time.perf_counter(), {}, {})
-        calls = [(self.rollout.generate_call(prompt_ids, start, stop, sampling),
+        # The oldest policy that may start a sample of this step (partial rollouts: a push published
+        # before the chunk may still be loading on the worker, which waits for it).
+        oldest = max(0, state.step - self.max_staleness)
+        calls = [(self.rollout.generate_call(prompt_ids, start, stop, sampling, min_version=oldest),
                   _Chunk(state, state.round_index, start, stop)) for start, stop in bounds]
         if first:  # a refill round of an earlier step goes before the later steps' chunks
             for call, chunk in reversed(calls):

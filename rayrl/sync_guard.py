@@ -89,7 +89,8 @@ class SyncGuard:
         started = time.perf_counter()
         trainer = self.trainers.token_logprobs(self._tokens, micro_batch_size=len(self._sequences), temperature=1.0)
         targets = list(enumerate(self.rollout.workers))
-        probes = [worker.sequence_logprobs.remote(self._sequences, [1] * len(self._sequences)) for _, worker in targets]
+        probes = [worker.sequence_logprobs.remote(self._sequences, [1] * len(self._sequences), min_version=version)
+                  for _, worker in targets]
         return PendingCheck(version, time.perf_counter() - started, trainer, targets, probes)
 
     def finish(self, pending: PendingCheck | None, repush: Callable[[], Any], behind_s: float = 0.0) -> dict[str, float]:
@@ -109,9 +110,9 @@ class SyncGuard:
             except (RoleFailed, RemoteCallTimeout) as failure:
                 if not self.rollout.actors.recover(failure):
                     raise
-                engine = self._probe_all(behind_s)
+                engine = self._probe_all(pending.version, behind_s)
         else:
-            engine = self._probe_all(behind_s)
+            engine = self._probe_all(pending.version, behind_s)
         gaps = self._gaps(pending.trainer_logps, engine)
         worst = max(gaps)
         if worst > self.tolerance:
@@ -119,7 +120,7 @@ class SyncGuard:
                          "(sync.verify_tolerance %g): pushing again", pending.version,
                          self.rollout.who[gaps.index(worst)].describe(), worst, self.tolerance)
             repush()
-            gaps = self._gaps(pending.trainer_logps, self._probe_all(behind_s))
+            gaps = self._gaps(pending.trainer_logps, self._probe_all(pending.version, behind_s))
             worst = max(gaps)
             if worst > self.tolerance:
                 who = self.rollout.who[gaps.index(worst)].describe()
@@ -129,9 +130,10 @@ class SyncGuard:
                     "the engine does not serve the trainer's weights")
         return {"sync/verify_max_abs_diff": worst, "time/sync_verify": pending.seconds + time.perf_counter() - started}
 
-    def _probe_all(self, behind_s: float = 0.0) -> list:
+    def _probe_all(self, version: int, behind_s: float = 0.0) -> list:
         return self.rollout.actors.call_all(
-            lambda worker: worker.sequence_logprobs.remote(self._sequences, [1] * len(self._sequences)),
+            lambda worker: worker.sequence_logprobs.remote(self._sequences, [1] * len(self._sequences),
+                                                           min_version=version),
             "scoring the weight-sync probe", self.deadline_s + behind_s)
 
     def _gaps(self, trainer: torch.Tensor, per_worker: list) -> list[float]:

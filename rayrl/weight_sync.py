@@ -40,6 +40,10 @@ from rayrl.remote import ActorIdentity, RoleFailed, first_line, gather
 
 _log = logging.getLogger(__name__)
 
+WEIGHT_LOAD_GROUP = "weight_loads"
+"""The rollout worker's concurrency group for pushes when it loads them under a generate in flight
+(``rollout.partial_rollouts``)."""
+
 BF16 = np.dtype([("bfloat16", "<i2")])
 """numpy dtype tag for bfloat16 payloads (raw bits, 2 bytes per element)."""
 
@@ -206,9 +210,10 @@ class WeightPusher:
     def __init__(self, transport: str, trainer_actors: Sequence[Any], workers: Sequence[Any], *,
                  bucket_bytes: int, wire_dtype: str | None = None, deadline_s: float = 900.0,
                  trainer_who: Sequence[ActorIdentity] | None = None,
-                 worker_who: Sequence[ActorIdentity] | None = None) -> None:
+                 worker_who: Sequence[ActorIdentity] | None = None, concurrent_loads: bool = False) -> None:
         """``deadline_s`` bounds each step of a push (``fault.timeouts.sync_s``); ``trainer_who`` /
-        ``worker_who`` name the actors in its errors."""
+        ``worker_who`` name the actors in its errors. ``concurrent_loads`` (partial rollouts): loads go
+        to the workers' ``WEIGHT_LOAD_GROUP``, beside a generate in flight, instead of behind it."""
         if transport not in ("object_store", "ipc", "nccl"):
             raise ValueError(f"unknown weight transport {transport!r}")
         self.transport = transport
@@ -222,6 +227,7 @@ class WeightPusher:
         self.version: int | None = None  # the last version pushed (None: the engines serve the initial weights)
         self.bucket_bytes = bucket_bytes
         self.wire_dtype = wire_dtype
+        self.concurrent_loads = concurrent_loads
         self._connected = transport != "nccl"
         self._last_export: ExportedWeights | None = None  # object_store: the last pushed version's buckets
         # catch_up may run on the async rollout scheduler's thread while the loop pushes.
@@ -259,7 +265,7 @@ class WeightPusher:
             self.version = version
             exported = self._last_export = self._export()
             targets = list(enumerate(self.workers))
-            loads = [w.update_weights.remote(version, exported.refs, exported.checksums) for _, w in targets]
+            loads = [self._in_load_group(w.update_weights).remote(version, exported.refs, exported.checksums) for _, w in targets]
             return PendingPush(version, time.perf_counter() - start, exported, targets, loads)
 
     def finish(self, pending: PendingPush, behind_s: float = 0.0) -> tuple[float, int]:
@@ -323,7 +329,7 @@ class WeightPusher:
                                      for t in self.trainers], self.trainer_who, "sharing weights over CUDA IPC")
             handles = merge_handles([[b["handles"] for b in rank] for rank in per_rank])
             shared = [{"handles": h, "layout": b["layout"]} for h, b in zip(handles, per_rank[0])]
-            loads = [w.update_weights_ipc.remote(version, shared) for w in workers]
+            loads = [self._in_load_group(w.update_weights_ipc).remote(version, shared) for w in workers]
             try:
                 self._gather(loads, worker_who, f"loading pushed weights over CUDA IPC (version {version})")
             finally:
@@ -347,8 +353,12 @@ class WeightPusher:
 
     def _load(self, version: int, exported: ExportedWeights, workers: Sequence[Any],
               worker_who: Sequence[ActorIdentity]) -> list:
-        return self._gather([w.update_weights.remote(version, exported.refs, exported.checksums) for w in workers],
+        return self._gather([self._in_load_group(w.update_weights).remote(version, exported.refs, exported.checksums) for w in workers],
                             worker_who, f"loading pushed weights (version {version})")
+
+    def _in_load_group(self, method: Any) -> Any:
+        """``method`` (a worker's load) in the concurrency group that runs beside a generate, if used."""
+        return method.options(concurrency_group=WEIGHT_LOAD_GROUP) if self.concurrent_loads else method
 
     def rewind(self, version: int) -> None:
         """The run went back to its checkpoint of ``version``: the workers accept that version next

@@ -75,3 +75,19 @@ def test_async_never_trains_a_sample_more_than_k_versions_old(ray_cluster, tmp_p
     fresh = [r["logprob_gap/sampler_trainer"] for r in steps if r["async/staleness_max"] == 0]
     stale = [r["logprob_gap/sampler_trainer"] for r in steps if r["async/staleness_mean"] > 0]
     assert fresh and stale and max(fresh) < 1e-3 < max(stale)
+
+
+def test_async_with_partial_rollouts_trains_within_staleness(ray_cluster, tmp_path, tiny_model_dir):
+    """rollout.partial_rollouts: pushes load into the workers between engine steps of the chunk in flight.
+    The bound on staleness holds for the version that started each sample, and no token was sampled by
+    weights newer than the trainer's (the worker-level test checks each token's log-prob against its
+    version: tests/integration/test_rollout_worker.py)."""
+    steps, samples = run(tmp_path, tiny_model_dir, "partial", grpo={"off_policy": "decoupled"}, mode="async",
+                         max_staleness=1, partial_rollouts=True, max_new_tokens=12)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(r["samples/trained"] == 16 for r in steps)
+    assert len(samples) == 4 * 16
+    for s in samples:  # the trainer of step s holds version s - 1
+        assert s["step"] - 1 - 1 <= s["policy_version"] <= s["policy_version_last"] <= s["step"] - 1
+    assert all(0 <= r["async/mixed_version_frac"] <= 1 for r in steps)
+    assert all(r["sync/verify_max_abs_diff"] < 1e-3 for r in steps if "sync/verify_max_abs_diff" in r)

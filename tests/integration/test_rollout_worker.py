@@ -194,6 +194,59 @@ def test_vllm_generate_structure_and_sampler_logprobs(ray_local, vllm_worker, pr
                         temperature=0.8, top_k=20)
 
 
+def test_partial_rollouts_load_pushes_between_engine_steps(ray_local, vllm_worker, prompts, tiny_model_dir):
+    """rollout.partial_rollouts: a push reaches the worker while a generate runs and loads between two
+    engine steps. Two weight sets alternate (even versions: the model on disk; odd: a perturbed one),
+    pushed back to back until the generate returns: completions carry tokens of several versions, and
+    each token's sampler log-prob is the one of the version recorded for it, given the whole prefix
+    (the requests' KV cache is recomputed by the new weights, not reused)."""
+    from rayrl.actors.rollout_worker import WORKER_CONCURRENCY_GROUPS
+    from rayrl.weight_sync import WEIGHT_LOAD_GROUP
+
+    worker = ray_local.remote(num_cpus=0.5, concurrency_groups=WORKER_CONCURRENCY_GROUPS)(RolloutWorker).remote(
+        tiny_model_dir, backend="vllm", seed=0, kv_cache_gib=0.25, max_model_len=512, partial_rollouts=True)
+    try:
+        # Without a push it samples what a plain worker samples (one request per sample, seeded as vLLM
+        # seeds an n-sample request's children): async at max_staleness 0 stays the sync loop with it on.
+        sampling = SamplingSettings(n=4, temperature=1.0, max_new_tokens=16, seed=1234)
+        plain = ray_local.get(vllm_worker.generate.remote(prompts, sampling))
+        partial = ray_local.get(worker.generate.remote(prompts, sampling))
+        assert [(c.token_ids, c.logprobs, c.text) for c in partial] == [(c.token_ids, c.logprobs, c.text) for c in plain]
+        assert all(c.version_changes == [] for c in partial)
+
+        models = [hf_model(tiny_model_dir), hf_model(tiny_model_dir, noise_seed=3, scale=0.3)]
+        weights = [[ray_local.put(b) for b in bucket_state_dict(m.state_dict().items())] for m in models]
+        long = SamplingSettings(n=8, temperature=1.0, max_new_tokens=200, seed=99)
+        generating = worker.generate.remote(prompts, long)
+        version = 0
+        while not ray_local.wait([generating], timeout=0.01)[0]:
+            version += 1
+            ray_local.get(worker.update_weights.options(concurrency_group=WEIGHT_LOAD_GROUP).remote(
+                version, weights[version % 2]))
+        completions = ray_local.get(generating)
+        # A chunk that must start with a newer version than the engine holds waits for that push, which
+        # reaches the worker on its own thread (here: sent after the chunk).
+        waiting = worker.generate.remote(prompts[:1], SamplingSettings(n=2, max_new_tokens=4), min_version=version + 1)
+        assert not ray_local.wait([waiting], timeout=0.5)[0]
+        ray_local.get(worker.update_weights.options(concurrency_group=WEIGHT_LOAD_GROUP).remote(
+            version + 1, weights[(version + 1) % 2]))
+        assert [c.policy_version for c in ray_local.get(waiting)] == [version + 1] * 2
+    finally:
+        ray_local.kill(worker)
+    check_structure(completions, prompts, long, version=0)  # the version that started each
+    mixed = 0
+    for c in completions:
+        versions = c.token_versions()
+        assert versions == sorted(versions) and versions[-1] <= version
+        mixed += len(set(versions)) > 1
+        by_weights = [hf_token_logprobs(m, c.prompt_ids, c.token_ids) for m in models]
+        expected = torch.stack([by_weights[v % 2][k] for k, v in enumerate(versions)])
+        assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4), c.version_changes
+        other = torch.stack([by_weights[1 - v % 2][k] for k, v in enumerate(versions)])
+        assert (torch.tensor(c.logprobs) - other).abs().max() > 0.05  # the other weights would not match
+    assert version >= 2 and mixed >= 1, (version, [c.version_changes for c in completions])
+
+
 def test_push_then_engine_logprobs_match_hf(ray_local, vllm_worker, prompts, tiny_model_dir):
     model = hf_model(tiny_model_dir, noise_seed=1)
     seqs = [p + [20, 21, 22, 23, 24, 25, 26, 27, 11, 12] for p in prompts]

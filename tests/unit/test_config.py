@@ -198,8 +198,15 @@ def test_async_rollout_settings_are_checked_before_anything_starts():
         build_config({"algorithm": "grpo", "rollout": {"mode": "async", "max_staleness": -1}})
     with pytest.raises(ConfigError, match="async overlaps generation with training, but placement: colocated"):
         build_config({"algorithm": "grpo", "placement": "colocated", "rollout": {"mode": "async"}})
-    with pytest.raises(ConfigError, match="partial_rollouts: true .* is not built"):
-        build_config({"algorithm": "grpo", "rollout": {"mode": "async", "partial_rollouts": True}})
+    assert build_config({"algorithm": "grpo", "rollout": {"mode": "async", "partial_rollouts": True}}
+                        ).rollout.partial_rollouts
+    with pytest.raises(ConfigError, match="partial_rollouts: true .* set rollout.mode: async"):
+        build_config({"algorithm": "grpo", "rollout": {"partial_rollouts": True}})
+    with pytest.raises(ConfigError, match="partial_rollouts: true needs rollout.backend: vllm"):
+        build_config({"algorithm": "grpo", "rollout": {"mode": "async", "backend": "hf", "partial_rollouts": True}})
+    with pytest.raises(ConfigError, match="partial_rollouts: true is built for rollout.weight_transport: object_store"):
+        build_config({"algorithm": "grpo", "trainer": {"num_gpus": 1},
+                      "rollout": {"mode": "async", "num_gpus": 1, "partial_rollouts": True}})
     with pytest.raises(ConfigError, match="rollout.mode"):
         build_config({"algorithm": "ppo", "reward_model": {"path": "rm"}, "rollout": {"mode": "overlap"}})
 

@@ -72,10 +72,13 @@ def _dynamic_sampling_setup(num_prompts):
         def __init__(self):
             self.calls = []
 
-        def generate(self, ids, sampling):
+        def generate_scored(self, ids, sampling, rows, score):  # RolloutPool's, without workers
+            from rayrl.rl_roles import ScoredRound
+
             self.calls.append(len(ids))
-            return [Completion(i, k, p, [5, 6], [-1.0, -1.0], "x", "stop", 0)
-                    for i, p in enumerate(ids) for k in range(sampling.n)]
+            completions = [Completion(i, k, p, [5, 6], [-1.0, -1.0], "x", "stop", 0)
+                           for i, p in enumerate(ids) for k in range(sampling.n)]
+            return ScoredRound(completions, score(rows, completions), 0.0, 0.0)
 
     def score(rows, completions):
         total = [float(r.fields["kind"] == 1) if r.fields["kind"] != 2 else float(c.sample_index % 2)
