@@ -106,15 +106,26 @@ class RestartingActors:
         except Exception as error:  # noqa: BLE001 - already gone is what we want
             _log.debug("ending %s: %r", self.who[index].describe(), error)
 
-    def _start_in_place(self, index: int) -> None:
-        """A new actor at ``index``, identified and brought up to date (``after_restart``)."""
+    def _start_in_place(self, index: int, catch_up: bool = True) -> None:
+        """A new actor at ``index``, identified and brought up to date (``after_restart``, unless not
+        ``catch_up``)."""
         self.actors[index] = self.start_actor(index)
         self.who[index] = ActorIdentity(self.role, index)
         (fresh,) = identify(self.role, [self.actors[index]], self.startup_s)
         self.who[index] = ActorIdentity(self.role, index, fresh.pid, fresh.node_ip)
-        for hook in self.after_restart:
+        for hook in self.after_restart if catch_up else ():
             hook(index)
         _log.warning("%s started", self.who[index].describe())
+
+    def start_all_again(self) -> None:
+        """End every actor and start a fresh one at each index, without the ``after_restart`` hooks (the
+        caller brings them up to date) and without counting restarts: for actors that went down with
+        another role (colocated rollout workers in a failed trainer group's bundles)."""
+        with self._lock:
+            for index in range(len(self.actors)):
+                self._end(index)
+            for index in range(len(self.actors)):
+                self._start_in_place(index, catch_up=False)
 
     def resize(self, count: int) -> None:
         """Grow to ``count`` actors (new ones are brought up to date by the ``after_restart`` hooks

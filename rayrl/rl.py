@@ -261,10 +261,10 @@ def staleness_metrics(samples: Rollout, step: int) -> dict[str, float]:
 
 
 def trainer_restart_allowed(config: GRPOConfig | PPOConfig, roles: RLRoles, failure: Exception, done: int) -> bool:
-    """A failure of a policy or critic rank, restarts left, and a layout whose other roles survive the
-    rebuild (colocated rollout workers live in the trainers' bundles; an NCCL broadcast group would
-    need re-forming with every worker)."""
-    return (roles.trainer_failed(failure) and done < config.fault.max_trainer_restarts and not roles.colocated
+    """A failure of a policy or critic rank, restarts left, and a transport that can take the rebuilt
+    group (an NCCL broadcast group would need re-forming with every worker). Colocated rollout workers
+    are started again with the trainers (they lived in their bundles)."""
+    return (roles.trainer_failed(failure) and done < config.fault.max_trainer_restarts
             and config.resolved_weight_transport != "nccl")
 
 

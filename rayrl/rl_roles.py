@@ -292,7 +292,8 @@ class RLRoles:
     # ---- the trainable roles' state ------------------------------------------------------------
     def restart_trainers(self) -> None:
         """End the policy (and critic) groups, one of whose ranks failed, and start fresh ones (with
-        the initial weights: the caller loads a checkpoint into them)."""
+        the initial weights: the caller loads a checkpoint into them). Colocated, the rollout workers
+        start again too, in the new group's bundles, with the initial weights (the caller pushes)."""
         for group in (self.trainers, self.critic):
             if group is not None:
                 try:
@@ -303,6 +304,8 @@ class RLRoles:
         self.trainers = self.start_trainers()
         if self.critic is not None and self.start_critic is not None:
             self.critic = self.start_critic()
+        if self.colocated:  # the workers lived in the old group's bundles: new ones in the new group's
+            self.rollout.actors.start_all_again()
 
     def trainer_failed(self, failure: Exception) -> bool:
         """Whether ``failure`` names a policy or critic rank."""
@@ -433,10 +436,9 @@ def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[Rew
 
     roles = RLRoles(start_trainers(), RolloutPool(stateless("rollout", lambda i: None, 0, ""), timeouts), colocated,
                     timeouts=timeouts, start_trainers=start_trainers)
-    trainers = roles.trainers
     try:
         roles.rollout = RolloutPool(stateless(
-            "rollout", _rollout_worker_starter(config, model_path, trainers if colocated else None),
+            "rollout", _rollout_worker_starter(config, model_path, (lambda: roles.trainers) if colocated else None),
             config.rollout.num_workers, "fault.timeouts.generate_s + generate_per_token_s"), timeouts,
             per_worker={"CPU": config.rollout.num_cpus, "GPU": config.rollout.num_gpus, **config.rollout.resources})
         if specs:
@@ -469,13 +471,14 @@ def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[Rew
 
 
 def _rollout_worker_starter(config: GRPOConfig | PPOConfig, model_path: str,
-                            colocate_with: PolicyTrainerGroup | None) -> Callable[[int], Any]:
-    """Starts rollout worker ``i`` (colocated: in trainer rank i's bundle), first or after a failure."""
+                            colocate_with: Callable[[], PolicyTrainerGroup] | None) -> Callable[[int], Any]:
+    """Starts rollout worker ``i`` (colocated: in rank i's bundle of the trainer group ``colocate_with()``
+    returns, the current one after a rebuild), first or after a failure."""
 
     def start(i: int):
         options: dict[str, Any] = {"num_cpus": config.rollout.num_cpus, "num_gpus": config.rollout.num_gpus,
                                    "resources": dict(config.rollout.resources)}
-        strategy = colocate_with.bundle_strategy(i) if colocate_with is not None else None
+        strategy = colocate_with().bundle_strategy(i) if colocate_with is not None else None
         if strategy is not None:
             options["scheduling_strategy"] = strategy
         # Partial rollouts: pushes arrive beside a generate in flight (Ray takes the groups only here).

@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from rayrl.actors.rollout_worker import Completion
+from rayrl.data.rollout import PromptRow
 from rayrl.recovery import CallStream
 from rayrl.remote import RemoteCallTimeout
 from rayrl.rewards.scoring import ScoreResult
@@ -116,6 +117,7 @@ class _Round:
     started: float
     generated: dict[int, list[Completion]]
     scored: dict[int, ScoreResult]
+    rows: list[PromptRow]  # one prompt row per completion of the round (built once: a round may have hundreds of chunks)
     last_generated: float = 0.0
 
 
@@ -255,7 +257,8 @@ class AsyncRollouts:
         prompt_ids = [p.prompt_ids for p in state.prompts]
         sampling = state.round_sampling()
         bounds = self.rollout.chunk_bounds(len(prompt_ids))
-        self._rounds[(state.step, state.round_index)] = _Round(len(bounds), time.perf_counter(), {}, {})
+        self._rounds[(state.step, state.round_index)] = _Round(len(bounds), time.perf_counter(), {}, {},
+                                                               state.round_rows())
         # The oldest policy that may start a sample of this step (partial rollouts: a push published
         # before the chunk may still be loading on the worker, which waits for it).
         oldest = max(0, state.step - self.max_staleness)
@@ -270,9 +273,10 @@ class AsyncRollouts:
 
     def _generated(self, chunk: _Chunk, completions: list[Completion]) -> None:
         state = chunk.state
-        self._rounds[(state.step, chunk.round_index)].last_generated = time.perf_counter()
-        self._rounds[(state.step, chunk.round_index)].generated[chunk.start] = completions
-        rows = state.round_rows()[chunk.start * state.group_size:chunk.stop * state.group_size]
+        round_ = self._rounds[(state.step, chunk.round_index)]
+        round_.last_generated = time.perf_counter()
+        round_.generated[chunk.start] = completions
+        rows = round_.rows[chunk.start * state.group_size:chunk.stop * state.group_size]
         self._scores.append((chunk, self._scoring.submit(self._timed_score, rows, completions)))
 
     def _timed_score(self, rows: list, completions: list[Completion]) -> tuple[ScoreResult, float]:

@@ -65,8 +65,9 @@ class Chaos(threading.Thread):
                 assert time.monotonic() < deadline, class_name
                 if self.stop.wait(0.2):
                     return
-            os.kill(max(pids), sig)  # of several (trainer ranks), the last started
-            self.done.append((class_name, pids[0], sig))
+            victim = max(pids)  # of several (trainer ranks), the last started
+            os.kill(victim, sig)
+            self.done.append((class_name, victim, sig))
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -111,34 +112,43 @@ def test_grpo_survives_dead_and_stuck_stateless_actors(ray_cluster, tmp_path, ti
     assert time.monotonic() - started < 600
 
 
-def rank_kill_config(output_dir, tiny_model_dir, mode: str):
+def rank_kill_config(output_dir, tiny_model_dir, mode: str, placement: str = "split"):
     """5 GRPO steps, two DeepSpeed ranks, a checkpoint every 2 steps; async at max_staleness 0 (the sync loop,
     bit for bit), so both modes compare with one uninterrupted sync run."""
     return grpo_config(output_dir, tiny_model_dir, train={"max_steps": 5, "micro_batch_size": 8, "lr": 1e-3},
-                       rollout={"num_workers": 1, "mode": mode, "max_staleness": 0},
+                       rollout={"num_workers": 1, "mode": mode, "max_staleness": 0}, placement=placement,
                        verifier={"num_workers": 1, "num_cpus": 0.1},
                        eval={"at_start": False}, checkpoint={"every_steps": 2})
 
 
 @pytest.fixture(scope="module")
 def calm_rank_run(ray_cluster, tmp_path_factory, tiny_model_dir):
+    """The uninterrupted sync run's steps, per placement (run once each)."""
     from rayrl.rl import run_rl
 
-    output_dir = run_rl(rank_kill_config(tmp_path_factory.mktemp("calm"), tiny_model_dir, "sync")).output_dir
-    return [r for r in read_metrics(output_dir) if "loss" in r]
+    runs: dict[str, list[dict]] = {}
+
+    def steps(placement: str) -> list[dict]:
+        if placement not in runs:
+            config = rank_kill_config(tmp_path_factory.mktemp("calm"), tiny_model_dir, "sync", placement)
+            runs[placement] = [r for r in read_metrics(run_rl(config).output_dir) if "loss" in r]
+        return runs[placement]
+
+    return steps
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode,placement", [("sync", "split"), ("async", "split"), ("sync", "colocated")])
 def test_grpo_rebuilds_its_trainer_group_when_a_rank_dies(ray_cluster, calm_rank_run, tmp_path, tiny_model_dir, capfd,
-                                                          mode):
+                                                          mode, placement):
     """One of two DeepSpeed ranks SIGKILLed after step 3: the run rebuilds the group, goes back to its
     newest checkpoint and trains the steps after it again, as an uninterrupted run does; every step is
     logged once, the restart counted. Async: the scheduler's thread (and what it sampled ahead) is
-    stopped and a new one starts from the checkpoint's step."""
+    stopped and a new one starts from the checkpoint's step. Colocated: the rollout worker, which lived
+    in the old group's bundle, starts again in the new one's."""
     from rayrl.rl import run_rl
 
     output_dir = tmp_path / "rank"
-    config = rank_kill_config(output_dir, tiny_model_dir, mode)
+    config = rank_kill_config(output_dir, tiny_model_dir, mode, placement)
     chaos = Chaos(output_dir, [(3, "PolicyTrainer", signal.SIGKILL)])
     chaos.start()
     try:
@@ -155,7 +165,8 @@ def test_grpo_rebuilds_its_trainer_group_when_a_rank_dies(ray_cluster, calm_rank
     assert "rebuilding the trainer group (1 of fault.max_trainer_restarts=1)" in capfd.readouterr().err
     # from the checkpoint on, the steps are the uninterrupted run's
     for key in ("loss", "reward/mean", "grad_norm", "logprob_gap/sampler_trainer"):
-        assert [r[key] for r in steps] == pytest.approx([r[key] for r in calm_rank_run], rel=1e-5, abs=1e-6), key
+        assert [r[key] for r in steps] == pytest.approx([r[key] for r in calm_rank_run(placement)], rel=1e-5,
+                                                        abs=1e-6), key
     assert not psutil.pid_exists(chaos.done[0][1]) or psutil.Process(chaos.done[0][1]).status() == "zombie"
 
 
