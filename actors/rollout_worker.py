@@ -124,6 +124,8 @@ class _QueuedLoad(Generic[T]):
             self.done.set()
 
     def result(self) -> T:
+        # No deadline here: the engine's thread runs it by the end of its call at the latest, and the
+        # controller's deadline on the push (fault.timeouts.sync_s) replaces a worker stuck in a call.
         self.done.wait()
         if self.error is not None:
             raise self.error
@@ -299,10 +301,7 @@ class RolloutWorker:
         prompts = [[int(t) for t in p] for p in prompts]
         if not self.partial_rollouts:
             return self._engine.generate(prompts, sampling, self._version)
-        wanted = -1 if min_version is None else min_version
-        with self._loads.engine_call(lambda: self._version >= wanted or self._engine.broken is not None,
-                                     waiting_for=f"the push of policy version {wanted}"):
-            self._check_ready()
+        with self._engine_holding(min_version):
             return self._engine.generate(prompts, sampling, self._version, between_steps=self._load_queued)
 
     def sequence_logprobs(self, token_ids: list[list[int]], prompt_lens: list[int],
@@ -320,10 +319,7 @@ class RolloutWorker:
         for seq, plen in zip(token_ids, prompt_lens):
             if not 1 <= plen <= len(seq):
                 raise ValueError(f"prompt_len must be in [1, len(seq)], got {plen} for a sequence of {len(seq)}")
-        wanted = -1 if min_version is None else min_version
-        with self._loads.engine_call(lambda: self._version >= wanted or self._engine.broken is not None,
-                                     waiting_for=f"the push of policy version {wanted}"):
-            self._check_ready()
+        with self._engine_holding(min_version):
             return self._engine.sequence_logprobs(token_ids, prompt_lens)
 
     def update_weights(self, version: int, buckets: list, checksums: list[dict[str, int]] | None = None) -> SyncStats:
@@ -422,6 +418,20 @@ class RolloutWorker:
         self._engine.shutdown()
 
     # ------------------------------------------------------------------ checks and bookkeeping
+
+    @contextmanager
+    def _engine_holding(self, min_version: int | None) -> Iterator[None]:
+        """Own the engine once it holds ``min_version`` (partial rollouts: pushes arrive on their own
+        thread). Without partial rollouts Ray runs a call after every push sent before it: nothing to
+        wait for, and nothing could arrive while this waited."""
+        if not self.partial_rollouts:
+            yield
+            return
+        wanted = -1 if min_version is None else min_version
+        with self._loads.engine_call(lambda: self._version >= wanted or self._engine.broken is not None,
+                                     waiting_for=f"the push of policy version {wanted}"):
+            self._check_ready()
+            yield
 
     def _load_queued(self) -> int:
         """Between two engine steps of a generate: load the pushes that arrived; the version now held."""

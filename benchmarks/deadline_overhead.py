@@ -42,13 +42,14 @@ def per_call_us(rounds: int, block: int = 100) -> dict[str, float]:
     from rayrl.remote import ActorIdentity, gather
 
     actors = [ray.remote(num_cpus=0)(Echo).remote() for _ in range(2)]
-    ray.get([a.echo.remote(0) for a in actors])
+    ray.get([a.echo.remote(0) for a in actors], timeout=120)
     who = [ActorIdentity("bench", i) for i in range(2)]
     pool = RestartingActors("bench", lambda i: actors[i], 0, max_restarts=0, startup_s=60, setting="bench")
     pool.actors.extend(actors)
     pool.who.extend(who)
     calls = [Call(lambda actor, k=k: actor.echo.remote(k), 60.0, "echoing") for k in range(16)]
 
+    # The baselines wait without a deadline on purpose: they are what the deadlines are measured against.
     def plain_pair():
         ray.get([a.echo.remote(1) for a in actors])
 

@@ -549,7 +549,7 @@ def log_sample_table(tracker: Tracker, config: GRPOConfig | PPOConfig, step: int
         per_function=samples.scores.per_function,
         extra={"policy_version": [c.policy_version for c in samples.completions],
                # partial rollouts: the version of the last token (new weights may have taken over mid-way)
-               "policy_version_last": [c.token_versions()[-1] if c.token_ids else c.policy_version
+               "policy_version_last": [c.version_changes[-1][1] if c.version_changes else c.policy_version
                                        for c in samples.completions]}))
 
 

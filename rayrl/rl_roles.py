@@ -59,6 +59,13 @@ class ScoredRound:
     score_s: float  # summed over the chunks' scoring calls (they overlap the generation of the others)
 
 
+def timed_score(score: Callable[[list[PromptRow], list[Completion]], ScoreResult], rows: list[PromptRow],
+                completions: list[Completion]) -> tuple[ScoreResult, float]:
+    """``score(rows, completions)`` and the seconds it took (a chunk's scoring, on a scoring thread)."""
+    start = time.perf_counter()
+    return score(rows, completions), time.perf_counter() - start
+
+
 class RolloutPool:
     """Rollout workers; prompts are handed out in chunks to whichever worker is free (balanced by
     pending work), and weights are pushed to all of them. Every call has a deadline
@@ -117,16 +124,11 @@ class RolloutPool:
         started = time.perf_counter()
         parts: dict[int, list[Completion]] = {}
         scoring: dict[int, Future] = {}
-
-        def timed_score(chunk_rows: list[PromptRow], completions: list[Completion]) -> tuple[ScoreResult, float]:
-            begin = time.perf_counter()
-            return score(chunk_rows, completions), time.perf_counter() - begin
-
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-scoring") as scorer:
             while stream.unfinished:
                 for (start, stop), completions in stream.wait():
                     parts[start] = completions
-                    scoring[start] = scorer.submit(timed_score, rows[start * per_prompt:stop * per_prompt],
+                    scoring[start] = scorer.submit(timed_score, score, rows[start * per_prompt:stop * per_prompt],
                                                    completions)
             generated = time.perf_counter()
             scored = [scoring[start].result() for start, _ in bounds]

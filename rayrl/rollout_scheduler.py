@@ -46,7 +46,7 @@ from rayrl.data.rollout import PromptRow
 from rayrl.recovery import CallStream
 from rayrl.remote import RemoteCallTimeout
 from rayrl.rewards.scoring import ScoreResult
-from rayrl.rl_roles import RolloutPool
+from rayrl.rl_roles import RolloutPool, timed_score
 from rayrl.rl_sampling import Score, StepSampling, StepSamples, run_rounds
 
 _log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class _Round:
     started: float
     generated: dict[int, list[Completion]]
     scored: dict[int, ScoreResult]
-    rows: list[PromptRow]  # one prompt row per completion of the round (built once: a round may have hundreds of chunks)
+    rows: list[PromptRow]  # one per completion of the round (built once: a round may have hundreds of chunks)
     last_generated: float = 0.0
 
 
@@ -277,11 +277,7 @@ class AsyncRollouts:
         round_.last_generated = time.perf_counter()
         round_.generated[chunk.start] = completions
         rows = round_.rows[chunk.start * state.group_size:chunk.stop * state.group_size]
-        self._scores.append((chunk, self._scoring.submit(self._timed_score, rows, completions)))
-
-    def _timed_score(self, rows: list, completions: list[Completion]) -> tuple[ScoreResult, float]:
-        start = time.perf_counter()
-        return self.score(rows, completions), time.perf_counter() - start
+        self._scores.append((chunk, self._scoring.submit(timed_score, self.score, rows, completions)))
 
     def _collect_scores(self) -> None:
         while self._scores and self._scores[0][1].done():  # one scoring thread: they finish in order

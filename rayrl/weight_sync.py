@@ -265,7 +265,8 @@ class WeightPusher:
             self.version = version
             exported = self._last_export = self._export()
             targets = list(enumerate(self.workers))
-            loads = [self._in_load_group(w.update_weights).remote(version, exported.refs, exported.checksums) for _, w in targets]
+            loads = [self._in_load_group(w.update_weights).remote(version, exported.refs, exported.checksums)
+                     for _, w in targets]
             return PendingPush(version, time.perf_counter() - start, exported, targets, loads)
 
     def finish(self, pending: PendingPush, behind_s: float = 0.0) -> tuple[float, int]:
@@ -353,8 +354,8 @@ class WeightPusher:
 
     def _load(self, version: int, exported: ExportedWeights, workers: Sequence[Any],
               worker_who: Sequence[ActorIdentity]) -> list:
-        return self._gather([self._in_load_group(w.update_weights).remote(version, exported.refs, exported.checksums) for w in workers],
-                            worker_who, f"loading pushed weights (version {version})")
+        return self._gather([self._in_load_group(w.update_weights).remote(version, exported.refs, exported.checksums)
+                             for w in workers], worker_who, f"loading pushed weights (version {version})")
 
     def _in_load_group(self, method: Any) -> Any:
         """``method`` (a worker's load) in the concurrency group that runs beside a generate, if used."""
