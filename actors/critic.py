@@ -18,6 +18,7 @@ from rayrl.actors.engine import TrainerRank, TrainerSpec
 from rayrl.algorithms.ppo import clipped_value_loss
 from rayrl.config import PeftConfig
 from rayrl.data.batch import TokenBatch
+from rayrl.data.packing import RowPacking
 from rayrl.data.rollout import ValueBatch
 
 
@@ -78,15 +79,10 @@ class Critic(TrainerRank):
 
     def _values(self, tokens: TokenBatch) -> torch.Tensor:
         """(B, T-1): the head's scalar at every position but the last."""
-        device = self.train_engine.device
-        inputs = {"input_ids": tokens.input_ids.to(device)}
-        if tokens.is_packed:
-            inputs["attention_mask"] = tokens.block_causal_mask(None).to(device)
-            inputs["position_ids"] = tokens.position_ids.to(device)
-        else:
-            inputs["attention_mask"] = tokens.padding_mask().to(device)
-        logits = self.train_engine.forward(**inputs).logits
-        return logits[:, :-1, 0].float()
+        packing = RowPacking.of(tokens) if self.spec.packing else None
+        forward = tokens if packing is None else packing.packed
+        values = self.train_engine.forward(**forward.model_inputs(self.train_engine.device)).logits[:, :-1, 0].float()
+        return values if packing is None else packing.unpack(values)
 
     @torch.no_grad()
     def values(self, micro_batches: list[TokenBatch]) -> list[torch.Tensor]:

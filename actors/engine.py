@@ -48,6 +48,9 @@ class TrainerSpec:
     peft: PeftConfig | None = None
     seed: int = 0
     num_threads: int = 1
+    # RL: forwards pack each micro-batch's rows (rayrl.data.packing), and a step takes however many
+    # micro-batches its token budget cut (the same count on every rank)
+    packing: bool = False
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -160,13 +163,16 @@ class TrainingEngine:
         ranks, so the share is scaled by the world size, and gradient accumulation must not divide
         again (scale_wrt_gas=False): the gradient is then exactly that of the global-batch mean.
         """
-        assert len(micro_batches) == self.spec.grad_accum_steps, "micro-batch count != grad_accum_steps"
+        if not self.spec.packing:
+            assert len(micro_batches) == self.spec.grad_accum_steps, "micro-batch count != grad_accum_steps"
         started = time.perf_counter()
         self.engine.train()
         lr = self.engine.get_lr()[0]
         totals: dict[str, float] = {"loss": 0.0}
         grad_norm = float("nan")
         for index, batch in enumerate(micro_batches):
+            # Token-budget micro-batches vary in number: the boundary is the last one, not a fixed count.
+            self.engine.set_gradient_accumulation_boundary(index == len(micro_batches) - 1)
             loss_share, stats = loss_fn(batch)
             self.engine.backward(loss_share * self.spec.world_size, scale_wrt_gas=False)
             totals["loss"] += float(loss_share.detach())

@@ -111,3 +111,18 @@ def merged_named_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]
     model = copy.deepcopy(module).to(device)
     model.load_state_dict(state)
     return list(model.merge_and_unload().state_dict().items())
+
+
+def lora_adapter(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """A PEFT LoRA model's adapter as its ``save_pretrained`` writes it: the adapter tensors of ``state``
+    (the module's state dict, e.g. gathered under ZeRO-3) under PEFT's file names, and the
+    ``adapter_config.json`` contents. What an inference engine's LoRA loader reads."""
+    from peft import get_peft_model_state_dict  # slow: peft
+
+    tensors = {name: tensor.detach().cpu().contiguous()
+               for name, tensor in get_peft_model_state_dict(module, state_dict=state).items()}
+    config = module.peft_config["default"].to_dict()
+    for key, value in config.items():  # as save_pretrained writes it: sets as lists
+        if isinstance(value, set):
+            config[key] = sorted(value)
+    return tensors, config

@@ -12,10 +12,11 @@ from typing import Iterator
 import torch
 
 from rayrl.actors.engine import TrainerRank, TrainerSpec, rendezvous_address
-from rayrl.actors.models import load_model, merged_named_weights, virtual_token_count
-from rayrl.algorithms import sft_loss, token_logprobs
+from rayrl.actors.models import load_model, lora_adapter, merged_named_weights, virtual_token_count
+from rayrl.algorithms import entropy_from_logits, sft_loss, token_logprobs
 from rayrl.cuda_transfer import broadcast_buckets, nccl_communicator, pack_bucket, plan_buckets, share_ipc
 from rayrl.data.batch import TokenBatch
+from rayrl.data.packing import RowPacking
 from rayrl.data.preference import KTOBatch, PreferenceBatch
 from rayrl.data.rollout import RolloutBatch
 from rayrl.objectives import (PolicyGradientObjective, PreferenceObjective, ResponseLogprobs,
@@ -57,24 +58,32 @@ class PolicyTrainer(TrainerRank):
     def _token_logprobs(self, batch: TokenBatch, model=None, temperature: float = 1.0) -> torch.Tensor:
         """(B, T-1) log-probs of each next token (the policy, or ``model`` if given) under
         ``softmax(logits / temperature)``."""
-        return self._logps_from_logits(self._logits(batch, model), batch, temperature)
+        return self._next_token_outputs(batch, model, temperature)[0]
 
-    def _logps_from_logits(self, logits: torch.Tensor, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
-        input_ids = batch.input_ids.to(logits.device)
-        return token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature=temperature)
+    def _next_token_outputs(self, batch: TokenBatch, model=None, temperature: float = 1.0,
+                            with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T-1) log-probs of each next token under ``softmax(logits / temperature)`` and, if asked, the
+        (detached) entropy of that distribution at each position. With ``spec.packing`` the forward runs
+        on the rows packed (``RowPacking``) and both come back in ``batch``'s own layout."""
+        packing = RowPacking.of(batch) if self.spec.packing and not batch.is_packed else None
+        forward = batch if packing is None else packing.packed
+        logits = self._logits(forward, model)
+        logps = token_logprobs(logits[:, :-1], forward.input_ids.to(logits.device)[:, 1:], temperature=temperature)
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits[:, :-1].detach(), temperature=temperature)
+        if packing is not None:
+            logps = packing.unpack(logps)
+            entropy = None if entropy is None else packing.unpack(entropy)
+        return logps, entropy
 
     def _logits(self, batch: TokenBatch, model=None) -> torch.Tensor:
         """(B, T, V) logits of the policy (or ``model``), virtual prompt-tuning tokens cut off."""
         engine = self.train_engine
-        device = engine.device
-        inputs = {"input_ids": batch.input_ids.to(device), "use_cache": False}
-        if batch.is_packed:
-            dtype = None if self.spec.attn_implementation == "sdpa" else self._compute_dtype()
-            inputs["attention_mask"] = batch.block_causal_mask(dtype).to(device)
-            inputs["position_ids"] = batch.position_ids.to(device)
-        else:
-            inputs["attention_mask"] = batch.padding_mask().to(device)
-        logits = (model or engine.forward)(**inputs).logits
+        mask_dtype = None if self.spec.attn_implementation == "sdpa" else self._compute_dtype()
+        inputs = batch.model_inputs(engine.device, mask_dtype)
+        logits = (model or engine.forward)(**inputs, use_cache=False).logits
         return logits[:, virtual_token_count(self.spec.peft):]
 
     def _compute_dtype(self) -> torch.dtype:
@@ -171,9 +180,9 @@ class PolicyTrainer(TrainerRank):
         optimizer step's global token (or sequence) count over all ranks and micro-batches."""
 
         def loss_fn(batch: RolloutBatch):
-            logits = self._logits(batch.tokens)
-            logps = self._logps_from_logits(logits, batch.tokens, objective.temperature)
-            return policy_gradient_objective_loss(objective, logits, logps, batch, global_num_tokens=global_num_tokens,
+            logps, entropy = self._next_token_outputs(batch.tokens, temperature=objective.temperature,
+                                                      with_entropy=True)
+            return policy_gradient_objective_loss(objective, logps, entropy, batch, global_num_tokens=global_num_tokens,
                                                   global_num_seqs=global_num_seqs)
 
         return self.train_engine.optimizer_step(micro_batches, loss_fn)
@@ -202,6 +211,22 @@ class PolicyTrainer(TrainerRank):
                 exported.refs.append(ray.put(bucket))
         self.train_engine.barrier()
         return exported
+
+    def export_adapter_buckets(self, bucket_bytes: int) -> ExportedWeights:
+        """The LoRA adapter alone (``rollout.lora_sync: adapter``) as object-store refs of numpy buckets
+        under PEFT's file names, with checksums and the adapter's config, from rank 0 (all ranks must
+        call: ZeRO-3 gathers). Other ranks return none."""
+        import ray  # slow import (Ray)
+
+        refs, checksums, adapter_config = [], [], None
+        with self.train_engine.gathered_state() as state:
+            if self.rank == 0:
+                tensors, adapter_config = lora_adapter(self.train_engine.module, state)
+                for bucket in bucket_state_dict(tensors.items(), bucket_bytes=bucket_bytes):
+                    checksums.append(tensor_checksums(bucket))  # before the put: what was sent
+                    refs.append(ray.put(bucket))
+        self.train_engine.barrier()
+        return ExportedWeights(refs, checksums, adapter_config)
 
     # ---- GPU weight transports (rayrl.cuda_transfer) ------------------------------------------
     def _engine_weights(self, state: dict[str, torch.Tensor], bucket_bytes: int, wire_dtype: str | None):

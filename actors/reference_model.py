@@ -10,10 +10,13 @@ import torch
 
 from rayrl.algorithms import token_logprobs
 from rayrl.data.batch import TokenBatch
+from rayrl.data.packing import RowPacking
 
 
 class ReferenceModel:
-    def __init__(self, model_path: str, *, num_threads: int = 1, attn_implementation: str = "sdpa"):
+    def __init__(self, model_path: str, *, num_threads: int = 1, attn_implementation: str = "sdpa",
+                 packing: bool = False):
+        """``packing``: each micro-batch's rows are packed for the forward (``rayrl.data.packing``)."""
         from transformers import AutoModelForCausalLM  # slow: transformers; the driver imports this module
 
         torch.set_num_threads(max(1, num_threads))
@@ -21,13 +24,17 @@ class ReferenceModel:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                           attn_implementation=attn_implementation)
         self.model.to(self.device).eval().requires_grad_(False)
+        self.packing = packing
 
     @torch.no_grad()
     def token_logprobs(self, micro_batches: list[TokenBatch], temperature: float = 1.0) -> list[torch.Tensor]:
         """Per micro-batch, (B, T-1) log-probs of each next token under ``softmax(logits / temperature)``."""
         out = []
         for batch in micro_batches:
-            input_ids = batch.input_ids.to(self.device)
-            logits = self.model(input_ids=input_ids, attention_mask=batch.padding_mask().to(self.device)).logits
-            out.append(token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature=temperature).cpu())
+            packing = RowPacking.of(batch) if self.packing else None
+            forward = batch if packing is None else packing.packed
+            inputs = forward.model_inputs(self.device)
+            logits = self.model(**inputs).logits
+            logps = token_logprobs(logits[:, :-1], inputs["input_ids"][:, 1:], temperature=temperature)
+            out.append((logps if packing is None else packing.unpack(logps)).cpu())
         return out

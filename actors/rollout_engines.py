@@ -44,7 +44,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -52,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 import torch
 
+from rayrl.config import vllm_max_lora_rank
 from rayrl.cuda_transfer import broadcast_buckets, nccl_communicator, open_ipc, unpack_bucket
 from rayrl.remote import ActorUnusable
 
@@ -174,6 +178,9 @@ class RolloutEngine(Protocol):
     def load_weights(self, buckets: Sequence[NamedTensors]) -> None:
         """Load buckets of ``(hf_name, tensor)`` pairs (any subset of the model)."""
 
+    def load_adapter(self, tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any]) -> None:
+        """Serve this LoRA adapter (PEFT's file names and config) over the base weights from now on."""
+
     def load_weights_ipc(self, shared: Sequence[Mapping[str, Any]]) -> None:
         """Load buckets a colocated trainer packed on this GPU (``{"handles", "layout"}`` each)."""
 
@@ -196,6 +203,18 @@ class RolloutEngine(Protocol):
 # ---------------------------------------------------------------------- vLLM
 
 
+def all_linear_modules(model_path: str) -> list[str]:
+    """The names of a causal LM's linear layers but its output head (what PEFT's "all-linear" targets),
+    read from a copy of the architecture on the meta device (no weights are loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # slow: transformers
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    head = model.get_output_embeddings()
+    return sorted({name.rpartition(".")[2] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head})
+
+
 class VLLMEngine:
     """A ``vllm.LLM`` in this process (see the module doc); weights reload layerwise through
     :class:`rayrl.vllm_ext.WeightSyncExtension`."""
@@ -213,7 +232,12 @@ class VLLMEngine:
         enable_prefix_caching: bool,
         enable_sleep_mode: bool,
         extra_engine_args: Mapping[str, Any],
+        lora_rank: int | None = None,
+        lora_target_modules: Sequence[str] | None = None,
     ) -> None:
+        """``lora_rank``: serve a LoRA adapter of up to this rank over the base weights (``load_adapter``), on
+        the modules ``lora_target_modules`` (None: every linear layer but the output head, as PEFT's
+        "all-linear")."""
         # Must be set before vLLM reads its environment (the import below is the first in this process
         # when running as a Ray actor). In-process engine: tensors in collective_rpc pass by reference.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -230,6 +254,8 @@ class VLLMEngine:
         self._sleep_level: int | None = None
         self._stepping = False  # inside a stepwise generate: a reload preempts the running requests
         self._request_ids = itertools.count()
+        self._lora: Any = None  # the LoRARequest of the adapter served, once one is loaded
+        self._adapter_dir: str | None = None
         kwargs: dict[str, Any] = dict(
             model=model_path,
             dtype=dtype,
@@ -245,6 +271,12 @@ class VLLMEngine:
             kwargs["max_model_len"] = max_model_len
         if not current_platform.is_cpu():  # sleep mode is GPU-only
             kwargs["enable_sleep_mode"] = self._sleep_supported
+        if lora_rank is not None:
+            # The targets, named: left to vLLM, the output head would be wrapped too, and vLLM's LoRA logits
+            # path fails on prompt log-probs (the sync guard's probe), vllm-project/vllm#29955.
+            targets = list(lora_target_modules) if lora_target_modules is not None else all_linear_modules(model_path)
+            kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora_rank), max_loras=1,
+                          lora_target_modules=targets)
         kwargs.update(extra_engine_args)
         self._llm: Any = LLM(**kwargs)
 
@@ -274,7 +306,8 @@ class VLLMEngine:
                 top_k=sampling.top_k if sampling.top_k > 0 else 0, max_tokens=sampling.max_new_tokens,
                 stop=list(sampling.stop) or None, stop_token_ids=stop_ids, seed=seed, logprobs=0,
             ))
-        outputs = self._llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outputs = self._llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                                     lora_request=self._lora)
         completions = []
         for i, (prompt, out) in enumerate(zip(prompts, outputs)):
             samples = sorted(out.outputs, key=lambda o: o.index)
@@ -306,7 +339,7 @@ class VLLMEngine:
                     stop=list(sampling.stop) or None, stop_token_ids=stop_ids,
                     seed=None if seed is None else seed + j, logprobs=0, output_kind=RequestOutputKind.CUMULATIVE)
                 request_id = f"rayrl-{next(self._request_ids)}"
-                engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params)
+                engine.add_request(request_id, TokensPrompt(prompt_token_ids=prompt), params, lora_request=self._lora)
                 samples[request_id] = (i, j)
         latest: dict[str, Any] = {}  # request id -> its cumulative output after the last step
         finished: set[str] = set()
@@ -354,7 +387,7 @@ class VLLMEngine:
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=list(map(int, s))) for s in token_ids],
-                                     params, use_tqdm=False)
+                                     params, use_tqdm=False, lora_request=self._lora)
         result = []
         for seq, plen, out in zip(token_ids, prompt_lens, outputs):
             # prompt_logprobs[0] is None (nothing predicts the first token); entry k scores seq[k].
@@ -363,6 +396,33 @@ class VLLMEngine:
 
     def load_weights(self, buckets: Sequence[NamedTensors]) -> None:
         self._reload([("rayrl_load_weights", (list(pairs),)) for pairs in buckets])
+
+    def load_adapter(self, tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any]) -> None:
+        """Serve the LoRA adapter ``tensors`` (PEFT's file names) with ``adapter_config`` from now on, over
+        the base weights, replacing the one served. vLLM loads adapters from a directory: it is written
+        to a fresh one, which replaces the last."""
+        from safetensors.torch import save_file  # lazy: with vllm (see __init__)
+        from vllm.lora.request import LoRARequest  # lazy: optional, slow dependency
+
+        if self._stepping:
+            raise RuntimeError("an adapter cannot replace the one served under requests in flight")
+        directory = tempfile.mkdtemp(prefix="rayrl-adapter-")
+        try:
+            save_file(dict(tensors), os.path.join(directory, "adapter_model.safetensors"))
+            with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+                json.dump(dict(adapter_config), f)
+            # One id, reloaded in place: the engine holds one adapter, the policy's current one.
+            request = LoRARequest("policy", 1, directory, load_inplace=True)
+            if not self._llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM did not load the pushed LoRA adapter from {directory}")
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        if self._adapter_dir is not None:
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+        self._adapter_dir, self._lora = directory, request
+        # The prefix cache keys blocks by adapter id, which stays: the old adapter's blocks must go.
+        self._llm.reset_prefix_cache()
 
     def load_weights_ipc(self, shared: Sequence[Mapping[str, Any]]) -> None:
         # The extension opens the handles inside vLLM's worker, next to the model.
@@ -388,6 +448,8 @@ class VLLMEngine:
 
     def shutdown(self) -> None:
         self._llm = None
+        if self._adapter_dir is not None:
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
         gc.collect()
         try:
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # lazy: optional dependency
@@ -550,6 +612,9 @@ class HFEngine:
 
     def load_weights(self, buckets: Iterable[NamedTensors]) -> None:
         self._load(buckets)
+
+    def load_adapter(self, tensors: Mapping[str, torch.Tensor], adapter_config: Mapping[str, Any]) -> None:
+        raise NotImplementedError("the hf backend serves merged weights only (rollout.lora_sync: merged)")
 
     def load_weights_ipc(self, shared: Sequence[Mapping[str, Any]]) -> None:
         self._load(unpack_bucket(open_ipc(b["handles"]), b["layout"]) for b in shared)

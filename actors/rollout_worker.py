@@ -221,6 +221,9 @@ class RolloutWorker:
         enable_sleep_mode: GPU only: let ``sleep(level>=1)`` offload/discard weights and KV cache.
         partial_rollouts: vLLM only: load pushes between engine steps of a generate in flight (start
             the actor with ``concurrency_groups=WORKER_CONCURRENCY_GROUPS``; see the module doc).
+        lora_rank: vLLM only: serve pushed LoRA adapters up to this rank over the base weights of
+            ``model_path`` (``rollout.lora_sync: adapter``), on ``lora_target_modules`` (None: every
+            linear layer but the output head).
         extra_engine_args: further ``vllm.LLM`` keyword arguments.
     """
 
@@ -240,12 +243,16 @@ class RolloutWorker:
         num_threads: int | None = None,
         enable_sleep_mode: bool = False,
         partial_rollouts: bool = False,
+        lora_rank: int | None = None,
+        lora_target_modules: list[str] | None = None,
         extra_engine_args: Mapping[str, Any] | None = None,
     ) -> None:
         if backend not in ("vllm", "hf"):
             raise ValueError(f"backend must be 'vllm' or 'hf', got {backend!r}")
         if partial_rollouts and backend != "vllm":
             raise ValueError("partial_rollouts needs the vllm backend: hf generate cannot load weights mid-call")
+        if lora_rank is not None and backend != "vllm":
+            raise ValueError("lora_rank needs the vllm backend: the hf backend serves merged weights only")
         if logprobs_mode not in ("processed", "raw"):
             raise ValueError(f"logprobs_mode must be 'processed' or 'raw', got {logprobs_mode!r}")
         self.backend: Backend = backend
@@ -270,7 +277,8 @@ class RolloutWorker:
                 model_path, self.eos_token_ids, dtype=dtype, seed=seed, kv_cache_gib=kv_cache_gib,
                 max_model_len=max_model_len, logprobs_mode=logprobs_mode,
                 enable_prefix_caching=enable_prefix_caching, enable_sleep_mode=enable_sleep_mode,
-                extra_engine_args=dict(extra_engine_args or {}))
+                extra_engine_args=dict(extra_engine_args or {}), lora_rank=lora_rank,
+                lora_target_modules=lora_target_modules)
         else:
             self._engine = HFEngine(
                 model_path, self.tokenizer, self.pad_token_id, self.eos_token_ids, dtype=dtype, seed=seed,
@@ -322,8 +330,11 @@ class RolloutWorker:
         with self._engine_holding(min_version):
             return self._engine.sequence_logprobs(token_ids, prompt_lens)
 
-    def update_weights(self, version: int, buckets: list, checksums: list[dict[str, int]] | None = None) -> SyncStats:
-        """Load new weights (HF names, any subset of the model) and set the policy version.
+    def update_weights(self, version: int, buckets: list, checksums: list[dict[str, int]] | None = None,
+                       adapter_config: dict | None = None) -> SyncStats:
+        """Load new weights (HF names, any subset of the model) and set the policy version. With
+        ``adapter_config`` the buckets are a LoRA adapter (PEFT's file names), served from now on over the
+        base weights instead (the worker needs ``lora_rank``).
 
         ``buckets``: a list of ``{hf_name: numpy array}`` dicts or of ObjectRefs to them (the
         controller passes refs *inside a list*, so this actor fetches them itself, zero-copy from the
@@ -345,7 +356,10 @@ class RolloutWorker:
 
         def load() -> SyncStats:
             self._check_push(version)  # again: the engine may have broken while this waited
-            self._engine.load_weights([bucket_to_tensors(b) for b in resolved])
+            if adapter_config is not None:
+                self._engine.load_adapter(dict(pair for b in resolved for pair in bucket_to_tensors(b)), adapter_config)
+            else:
+                self._engine.load_weights([bucket_to_tensors(b) for b in resolved])
             return self._pushed(version, start, fetched, nbytes, len(resolved), ntensors)
 
         return self._loads.load(load)

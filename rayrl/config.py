@@ -119,6 +119,14 @@ class RLTrainConfig(OptimConfig):
     micro_batch_size: int = Field(default=32, gt=0)
     lr: float = Field(default=1e-4, gt=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    packing: bool = False
+    """Padding-free forwards: each micro-batch's sequences are packed into rows as long as its longest one
+    (position ids restart per sequence, attention stays within it), in training and in the log-prob and
+    value passes; each optimizer step is cut into micro-batches by token count
+    (``max_tokens_per_micro_batch``), balanced over the ranks. The loss and its normalisation are unchanged."""
+    max_tokens_per_micro_batch: int | None = Field(default=None, gt=0)
+    """With packing: the most tokens (prompt + completion) one rank trains on per forward/backward.
+    Default: micro_batch_size x (data.max_prompt_length + rollout.max_new_tokens)."""
 
 
 class TrainerConfig(_Strict):
@@ -446,11 +454,25 @@ class RolloutConfig(_Strict):
     worker loads a push between two engine steps, recomputes the requests' KV cache with the new weights
     and records the token where each version took over; vllm backend, object_store transport) or finish
     under the old ones first (false: the push loads after the worker's chunk in flight)."""
+    lora_sync: Literal["merged", "adapter"] = "merged"
+    """With a LoRA policy (model.peft.method: lora): what a push sends. merged: the adapter merged into the
+    full weights (the engine needs no LoRA support); adapter: the adapter alone, which the engines serve
+    over the base weights of model.path with vLLM's LoRA support (a fraction of the bytes per push;
+    vllm backend, object_store transport)."""
     weight_transport: Literal["auto", "object_store", "ipc", "nccl"] = "auto"
     """How trainer weights reach the engines after each step. object_store: numpy buckets through Ray
     (CPU, or any layout); ipc: CUDA IPC handles of packed GPU buffers (colocated on GPUs); nccl: a
     broadcast from trainer rank 0 (split on GPUs). auto: object_store without GPUs, else ipc when
     colocated and nccl when split."""
+
+
+# The LoRA ranks a vLLM engine can be built for (its max_lora_rank); an adapter's rank may be lower.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest rank a vLLM engine can be built for that serves adapters of rank ``rank``."""
+    return next(allowed for allowed in VLLM_LORA_RANKS if allowed >= rank)
 
 
 class VerifierConfig(_Strict):
@@ -646,6 +668,15 @@ class _RLBase(_CommonBase):
         if self.placement == "colocated" and self.rollout.num_workers > self.trainer.world_size:
             raise ValueError(f"placement: colocated puts each rollout worker beside a trainer rank: rollout.num_workers "
                              f"({self.rollout.num_workers}) must be <= trainer.world_size ({self.trainer.world_size})")
+        longest = self.data.max_prompt_length + self.rollout.max_new_tokens
+        if self.train.max_tokens_per_micro_batch is not None:
+            if not self.train.packing:
+                raise ValueError("train.max_tokens_per_micro_batch cuts micro-batches by token count, which only "
+                                 "train.packing: true does; set it, or use train.micro_batch_size")
+            if self.train.max_tokens_per_micro_batch < longest:
+                raise ValueError(f"train.max_tokens_per_micro_batch ({self.train.max_tokens_per_micro_batch}) is "
+                                 f"under one sequence's longest (data.max_prompt_length + rollout.max_new_tokens = "
+                                 f"{longest})")
         peft = self.model.peft
         if peft is not None and peft.method in ("prefix", "prompt"):
             raise ValueError(f"model.peft.method={peft.method!r}: RL stages sync merged weights into the rollout "
@@ -672,6 +703,24 @@ class _RLBase(_CommonBase):
                 raise ValueError("rollout.partial_rollouts: true is built for rollout.weight_transport: object_store "
                                  "only (the CUDA transports load behind the chunk in flight); set it, or "
                                  "partial_rollouts: false")
+        if self.rollout.lora_sync == "adapter":
+            method = None if peft is None else peft.method
+            if method != "lora":
+                raise ValueError(f"rollout.lora_sync: adapter pushes a LoRA adapter, and model.peft.method is "
+                                 f"{method!r}: use lora (vLLM serves neither DoRA nor a 4-bit base), or "
+                                 "lora_sync: merged")
+            if self.rollout.backend != "vllm":
+                raise ValueError("rollout.lora_sync: adapter needs rollout.backend: vllm (its LoRA support serves "
+                                 "the adapter); use lora_sync: merged with the hf backend")
+            if self.resolved_weight_transport != "object_store":
+                raise ValueError("rollout.lora_sync: adapter is built for rollout.weight_transport: object_store "
+                                 "(an adapter is a few MB); set it, or lora_sync: merged")
+            if self.rollout.partial_rollouts:
+                raise ValueError("rollout.lora_sync: adapter cannot swap an adapter under requests in flight; set "
+                                 "rollout.partial_rollouts: false, or lora_sync: merged")
+            if peft.r > max(VLLM_LORA_RANKS):
+                raise ValueError(f"model.peft.r={peft.r}: vLLM serves LoRA ranks up to {max(VLLM_LORA_RANKS)}; "
+                                 "use lora_sync: merged")
         on_gpus = self.trainer.num_gpus > 0 and self.rollout.num_gpus > 0
         if transport in ("ipc", "nccl") and not on_gpus:
             raise ValueError(f"rollout.weight_transport: {transport} moves CUDA buffers; it needs trainer.num_gpus "
@@ -683,6 +732,14 @@ class _RLBase(_CommonBase):
             raise ValueError("rollout.weight_transport: nccl cannot join two ranks on one GPU (placement: "
                              "colocated); use ipc")
         return self
+
+    @property
+    def max_tokens_per_micro_batch(self) -> int | None:
+        """The token budget of a training micro-batch with packing (None without: micro-batches count rows)."""
+        if not self.train.packing:
+            return None
+        return self.train.max_tokens_per_micro_batch or self.train.micro_batch_size * (
+            self.data.max_prompt_length + self.rollout.max_new_tokens)
 
     @property
     def eval_max_new_tokens(self) -> int:

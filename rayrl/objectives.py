@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rayrl.algorithms import (dpo_loss, entropy_from_logits, kto_loss, kto_reference_point, orpo_loss, overlong_mask,
+from rayrl.algorithms import (dpo_loss, kto_loss, kto_reference_point, orpo_loss, overlong_mask,
                               off_policy_weights, policy_gradient_loss, simpo_loss)
 from rayrl.data.rollout import RolloutBatch
 
@@ -40,12 +40,13 @@ class PolicyGradientObjective:
     temperature: float = 1.0
 
 
-def policy_gradient_objective_loss(objective: PolicyGradientObjective, logits: torch.Tensor, logps: torch.Tensor,
+def policy_gradient_objective_loss(objective: PolicyGradientObjective, logps: torch.Tensor, entropy: torch.Tensor,
                                    batch: RolloutBatch, *, global_num_tokens: int,
                                    global_num_seqs: int) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch's share of an optimizer step's policy-gradient loss and its token-mean stats.
 
-    ``logits`` (B, T, V) and ``logps`` (B, T-1) are the current policy's at ``objective.temperature``;
+    ``logps`` (B, T-1) and the detached ``entropy`` (B, T-1) are the current policy's next-token
+    log-probs and entropies at ``objective.temperature``;
     the loss is normalised by the optimizer step's global token (or sequence) count over all ranks and
     micro-batches, and each stat is weighted by this micro-batch's share of the step's loss tokens, so
     summing over micro-batches and ranks gives the step's token means."""
@@ -66,7 +67,6 @@ def policy_gradient_objective_loss(objective: PolicyGradientObjective, logits: t
         global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
         norm_constant=objective.norm_constant)
     with torch.no_grad():
-        entropy = entropy_from_logits(logits[:, :-1].detach(), temperature=objective.temperature)
         stats["entropy"] = (entropy * mask).sum() / mask.sum().clamp_min(1)
         if on_policy:  # no separate log-prob pass gave it: the gap is the training forward's
             stats[SAMPLER_TRAINER_GAP] = ((batch.sampler_logps.to(device) - old).abs() * mask).sum() / mask.sum().clamp_min(1)

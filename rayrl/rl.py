@@ -42,7 +42,8 @@ from rayrl.checkpoint import CheckpointManager
 from rayrl.cluster import describe_placement, record_placement
 from rayrl.config import ConfigError, GRPOConfig, PolicySettings, PPOConfig, policy_settings
 from rayrl.data.batching import StepBatcher
-from rayrl.data.rollout import PromptRow, RolloutBatch, load_prompts
+from rayrl.data.packing import balanced_micro_batches
+from rayrl.data.rollout import PromptRow, RolloutBatch, ValueBatch, load_prompts
 from rayrl.evaluation import pass_at_k_metrics
 from rayrl.objectives import SAMPLER_TRAINER_GAP, PolicyGradientObjective
 from rayrl.rewards.registry import RewardSpecError, check_import_finishes
@@ -96,7 +97,8 @@ def run_rl(config: GRPOConfig | PPOConfig) -> StageResult:
                               deadline_s=config.fault.timeouts.sync_s, trainer_who=roles.trainers.who,
                               worker_who=roles.rollout.who,
                               bucket_bytes=SYNC_BUCKET_BYTES, wire_dtype=config.rollout.dtype,
-                              concurrent_loads=config.rollout.partial_rollouts)
+                              concurrent_loads=config.rollout.partial_rollouts,
+                              adapter_only=config.rollout.lora_sync == "adapter")
         roles.rollout.actors.after_restart.append(pusher.catch_up)  # a restarted worker serves the current policy
         push = roles.rollout.actors.retry  # a push that loses a worker is redone once it is replaced
         guard = SyncGuard(ProbeBatch.from_prompts(data.train, config.sync.probe_prompts),
@@ -416,11 +418,31 @@ def stop_on_broken_rewards(score: Score, config: GRPOConfig | PPOConfig) -> Scor
 
 
 # ---- 5. train ------------------------------------------------------------------------------------
-def rank_micro_batches(rows: torch.Tensor, world_size: int, micro_batch_size: int) -> list[list[torch.Tensor]]:
-    """An optimizer step's row indices split over ranks, then into micro-batches of ``micro_batch_size`` rows."""
-    per_rank = len(rows) // world_size
-    return [[rank_rows[m:m + micro_batch_size] for m in range(0, len(rank_rows), micro_batch_size)]
-            for rank_rows in (rows[r * per_rank:(r + 1) * per_rank] for r in range(world_size))]
+@dataclass(frozen=True)
+class MicroBatching:
+    """How an optimizer step's sequences become each rank's micro-batches: ``micro_batch_size`` rows each,
+    or with packing (``max_tokens`` set) token-budget micro-batches balanced over the ranks."""
+
+    micro_batch_size: int
+    max_tokens: int | None = None
+
+    def split(self, rows: torch.Tensor, lengths: torch.Tensor, world_size: int) -> list[list[torch.Tensor]]:
+        """Per rank, per micro-batch, the row indices (of ``rows``; ``lengths[i]``: row i's tokens). With
+        packing every rank gets the same number of micro-batches, and one may be empty (its rank runs a
+        forward that trains on nothing: ZeRO-3 needs every rank in every forward)."""
+        if self.max_tokens is None:
+            per_rank = len(rows) // world_size
+            return [[rank_rows[m:m + self.micro_batch_size] for m in range(0, len(rank_rows), self.micro_batch_size)]
+                    for rank_rows in (rows[r * per_rank:(r + 1) * per_rank] for r in range(world_size))]
+        parts = balanced_micro_batches(lengths[rows].tolist(), world_size, self.max_tokens)
+        return [[rows[torch.tensor(part, dtype=torch.long)] for part in rank] for rank in parts]
+
+
+def micro_batch_rows(batch: RolloutBatch | ValueBatch, rows: torch.Tensor):
+    """The micro-batch of ``batch``'s ``rows`` cut to its longest; no rows: row 0 training on nothing."""
+    if len(rows) == 0:
+        return batch.select(torch.zeros(1, dtype=torch.long)).trimmed().without_targets()
+    return batch.select(rows).trimmed()
 
 
 @dataclass(frozen=True)
@@ -431,14 +453,15 @@ class UpdatePlan:
     mini_batches: int  # optimizer steps per pass
     sequences_per_step: int  # sequences per optimizer step (the batch / mini_batches)
     world_size: int  # policy trainer ranks
-    micro_batch_size: int
+    micro_batching: MicroBatching
     seed: int  # with the step number, seeds the shuffle of each pass
 
 
 def update_plan(config: GRPOConfig | PPOConfig) -> UpdatePlan:
     return UpdatePlan(epochs=policy_settings(config).epochs, mini_batches=policy_settings(config).mini_batches,
                       sequences_per_step=config.sequences_per_optimizer_step,
-                      world_size=config.trainer.world_size, micro_batch_size=config.train.micro_batch_size,
+                      world_size=config.trainer.world_size,
+                      micro_batching=MicroBatching(config.train.micro_batch_size, config.max_tokens_per_micro_batch),
                       seed=config.seed)
 
 
@@ -456,6 +479,7 @@ def train_on_rollout(plan: UpdatePlan, trainers: PolicyTrainerGroup, objective: 
     (PPO), each mini-batch also takes one critic step of the clipped value loss towards the returns,
     alongside the policy's: the two need nothing from each other, so both groups train at once."""
     total = batch.num_examples
+    lengths = batch.tokens.row_lengths()
     generator = torch.Generator().manual_seed(plan.seed * 1_000_003 + step)
     sums: dict[str, float] = {}
     count = 0
@@ -468,13 +492,13 @@ def train_on_rollout(plan: UpdatePlan, trainers: PolicyTrainerGroup, objective: 
             if objective.overlong_filter:
                 targets = targets & ~batch.overlong[rows][:, None]
             policy_step = trainers.start_policy_gradient_step(
-                [[batch.select(micro).trimmed() for micro in rank]
-                 for rank in rank_micro_batches(rows, plan.world_size, plan.micro_batch_size)],
+                [[micro_batch_rows(batch, micro) for micro in rank]
+                 for rank in plan.micro_batching.split(rows, lengths, plan.world_size)],
                 # max(1, .): a step whose every completion is filtered out trains on nothing (loss 0), not NaN
                 global_num_tokens=max(1, int(targets.sum())), global_num_seqs=max(1, int((targets.sum(-1) > 0).sum())),
                 objective=objective)
             critic_start = time.perf_counter()
-            critic_step = start_critic_step(critic_update, rows, plan.micro_batch_size)
+            critic_step = start_critic_step(critic_update, rows, lengths, plan.micro_batching)
             metrics = policy_step.wait()
             if critic_step is not None:
                 metrics.update(critic_metrics(critic_step.wait()))
@@ -488,14 +512,15 @@ def train_on_rollout(plan: UpdatePlan, trainers: PolicyTrainerGroup, objective: 
     return out
 
 
-def start_critic_step(update: CriticUpdate | None, rows: torch.Tensor, micro_batch_size: int):
+def start_critic_step(update: CriticUpdate | None, rows: torch.Tensor, lengths: torch.Tensor,
+                      micro_batching: MicroBatching):
     """The critic's optimizer step on the mini-batch ``rows``, started (not waited for); None without a critic."""
     if update is None:
         return None
     targets = update.targets
     return update.critic.start_value_step(
-        [[targets.select(micro).trimmed() for micro in rank]
-         for rank in rank_micro_batches(rows, update.world_size, micro_batch_size)],
+        [[micro_batch_rows(targets, micro) for micro in rank]
+         for rank in micro_batching.split(rows, lengths, update.world_size)],
         global_num_tokens=max(1, int(targets.tokens.loss_mask[rows][:, 1:].sum())))
 
 

@@ -412,7 +412,8 @@ def critic_spec(config: PPOConfig, model_path: str, optimizer_steps: int) -> Tra
     return replace(trainer_spec(config, model_path, optimizer_steps), world_size=config.critic.world_size,
                    grad_accum_steps=config.critic_grad_accum_steps, lr=config.critic.lr,
                    zero_stage=config.critic.zero_stage, deepspeed_overrides=config.critic.deepspeed,
-                   peft=config.critic.peft, num_threads=max(1, int(config.critic.num_cpus)))
+                   peft=config.critic.peft, num_threads=max(1, int(config.critic.num_cpus)),
+                   packing=config.train.packing)
 
 
 def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[RewardSpec], pad_id: int) -> RLRoles:
@@ -427,7 +428,7 @@ def start_roles(config: GRPOConfig | PPOConfig, model_path: str, specs: list[Rew
         return RestartingActors(role, start_actor, count, max_restarts=config.fault.max_restarts,
                                 startup_s=timeouts.startup_s, setting=setting)
 
-    spec = trainer_spec(config, model_path, optimizer_steps)
+    spec = replace(trainer_spec(config, model_path, optimizer_steps), packing=config.train.packing)
     if colocated:  # the rank and its bundle's rollout worker take turns: the rank trains on all the bundle's CPUs
         spec = replace(spec, num_threads=max(1, int(config.trainer.num_cpus + config.rollout.num_cpus)))
 
@@ -490,6 +491,9 @@ def _rollout_worker_starter(config: GRPOConfig | PPOConfig, model_path: str,
             model_path, backend=config.rollout.backend, dtype=config.rollout.dtype, seed=config.seed + i,
             kv_cache_gib=config.rollout.kv_cache_gib, num_threads=max(1, int(config.rollout.num_cpus)),
             partial_rollouts=config.rollout.partial_rollouts,
+            lora_rank=config.model.peft.r if config.rollout.lora_sync == "adapter" else None,
+            lora_target_modules=(config.model.peft.target_modules if config.rollout.lora_sync == "adapter"
+                                 and isinstance(config.model.peft.target_modules, list) else None),
             # Colocated on GPUs the engine gives its weights and KV cache back while the trainer trains.
             enable_sleep_mode=colocate_with is not None and config.rollout.num_gpus > 0)
 
@@ -512,4 +516,4 @@ def _reference_model(config: GRPOConfig | PPOConfig, model_path: str):
     section = config.reference
     return ray.remote(ReferenceModel).options(num_cpus=section.num_cpus, num_gpus=section.num_gpus,
                                               resources=dict(section.resources)).remote(
-        model_path, num_threads=max(1, int(section.num_cpus)))
+        model_path, num_threads=max(1, int(section.num_cpus)), packing=config.train.packing)

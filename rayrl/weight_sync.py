@@ -132,10 +132,13 @@ def check_checksums(buckets: Sequence[Mapping[str, np.ndarray]], checksums: Sequ
 @dataclass(frozen=True)
 class ExportedWeights:
     """A trainer's weights in the object store: refs of ``{hf_name: numpy}`` buckets and, per bucket,
-    the CRC-32 of each tensor taken before the put (empty on ranks other than 0)."""
+    the CRC-32 of each tensor taken before the put (empty on ranks other than 0). An adapter push
+    (``rollout.lora_sync: adapter``) holds the LoRA adapter's tensors under PEFT's file names and its
+    ``adapter_config.json`` as a dict."""
 
     refs: list
     checksums: list[dict[str, int]]
+    adapter_config: dict | None = None
 
 
 def bucket_nbytes(buckets: Sequence[Mapping[str, np.ndarray]]) -> int:
@@ -210,12 +213,17 @@ class WeightPusher:
     def __init__(self, transport: str, trainer_actors: Sequence[Any], workers: Sequence[Any], *,
                  bucket_bytes: int, wire_dtype: str | None = None, deadline_s: float = 900.0,
                  trainer_who: Sequence[ActorIdentity] | None = None,
-                 worker_who: Sequence[ActorIdentity] | None = None, concurrent_loads: bool = False) -> None:
+                 worker_who: Sequence[ActorIdentity] | None = None, concurrent_loads: bool = False,
+                 adapter_only: bool = False) -> None:
         """``deadline_s`` bounds each step of a push (``fault.timeouts.sync_s``); ``trainer_who`` /
         ``worker_who`` name the actors in its errors. ``concurrent_loads`` (partial rollouts): loads go
-        to the workers' ``WEIGHT_LOAD_GROUP``, beside a generate in flight, instead of behind it."""
+        to the workers' ``WEIGHT_LOAD_GROUP``, beside a generate in flight, instead of behind it.
+        ``adapter_only`` (``rollout.lora_sync: adapter``, object_store): push the LoRA adapter alone."""
         if transport not in ("object_store", "ipc", "nccl"):
             raise ValueError(f"unknown weight transport {transport!r}")
+        if adapter_only and transport != "object_store":
+            raise ValueError(f"adapter-only pushes go over the object store, not {transport!r}")
+        self.adapter_only = adapter_only
         self.transport = transport
         self.trainers = list(trainer_actors)
         # Not copied: a rollout pool replaces a failed worker in these lists (``rayrl.recovery``).
@@ -265,7 +273,8 @@ class WeightPusher:
             self.version = version
             exported = self._last_export = self._export()
             targets = list(enumerate(self.workers))
-            loads = [self._in_load_group(w.update_weights).remote(version, exported.refs, exported.checksums)
+            loads = [self._in_load_group(w.update_weights).remote(version, exported.refs, exported.checksums,
+                                                                  exported.adapter_config)
                      for _, w in targets]
             return PendingPush(version, time.perf_counter() - start, exported, targets, loads)
 
@@ -349,12 +358,16 @@ class WeightPusher:
         return time.perf_counter() - start, nbytes
 
     def _export(self) -> ExportedWeights:
+        if self.adapter_only:
+            return self._gather([t.export_adapter_buckets.remote(self.bucket_bytes) for t in self.trainers],
+                                self.trainer_who, "exporting the LoRA adapter for a push")[0]
         return self._gather([t.export_weight_buckets.remote(self.bucket_bytes) for t in self.trainers],
                             self.trainer_who, "exporting weights for a push")[0]
 
     def _load(self, version: int, exported: ExportedWeights, workers: Sequence[Any],
               worker_who: Sequence[ActorIdentity]) -> list:
-        return self._gather([self._in_load_group(w.update_weights).remote(version, exported.refs, exported.checksums)
+        return self._gather([self._in_load_group(w.update_weights).remote(version, exported.refs, exported.checksums,
+                                                                          exported.adapter_config)
                              for w in workers], worker_who, f"loading pushed weights (version {version})")
 
     def _in_load_group(self, method: Any) -> Any:

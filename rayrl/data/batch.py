@@ -34,6 +34,14 @@ class TokenBatch:
         """The rows ``rows`` (an index tensor or a slice), every field alike."""
         return TokenBatch(self.input_ids[rows], self.loss_mask[rows], self.position_ids[rows], self.segment_ids[rows])
 
+    def row_lengths(self) -> torch.Tensor:
+        """(B,) each row's real tokens."""
+        return (self.segment_ids > 0).sum(-1)
+
+    def without_targets(self) -> TokenBatch:
+        """The same rows with no training target (a forward that contributes nothing to the loss)."""
+        return TokenBatch(self.input_ids, torch.zeros_like(self.loss_mask), self.position_ids, self.segment_ids)
+
     @property
     def width(self) -> int:
         """The longest row's real length: the columns after it are padding in every row."""
@@ -47,6 +55,17 @@ class TokenBatch:
     def padding_mask(self) -> torch.Tensor:
         """(B, T) int64 HF-style attention mask: 1 for real tokens, 0 for padding."""
         return (self.segment_ids > 0).long()
+
+    def model_inputs(self, device: torch.device, mask_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Keyword inputs of an HF model's forward: ids and the padding mask, or, for packed rows, the
+        block-causal mask (``mask_dtype`` as in ``block_causal_mask``) and the restarting position ids."""
+        inputs = {"input_ids": self.input_ids.to(device)}
+        if self.is_packed:
+            inputs["attention_mask"] = self.block_causal_mask(mask_dtype).to(device)
+            inputs["position_ids"] = self.position_ids.to(device)
+        else:
+            inputs["attention_mask"] = self.padding_mask().to(device)
+        return inputs
 
     def block_causal_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(B, 1, T, T) mask: causal within each packed example, nothing across examples.

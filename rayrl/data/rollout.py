@@ -42,6 +42,11 @@ class RolloutBatch:
                             self.sampler_logps[rows], None if self.ref_logps is None else self.ref_logps[rows],
                             self.overlong[rows])
 
+    def without_targets(self) -> RolloutBatch:
+        """The same rows training on nothing (all targets masked): a rank's filler micro-batch."""
+        return RolloutBatch(self.tokens.without_targets(), self.advantages, self.old_logps, self.sampler_logps,
+                            self.ref_logps, self.overlong)
+
     def trimmed(self) -> RolloutBatch:
         """Cut to the longest row's length (the padding columns cost a forward and carry no loss)."""
         width = self.tokens.width
@@ -67,6 +72,10 @@ class ValueBatch:
 
     def select(self, rows: torch.Tensor) -> ValueBatch:
         return ValueBatch(self.tokens.select(rows), self.old_values[rows], self.returns[rows])
+
+    def without_targets(self) -> ValueBatch:
+        """The same rows training on nothing (all targets masked): a rank's filler micro-batch."""
+        return ValueBatch(self.tokens.without_targets(), self.old_values, self.returns)
 
     def trimmed(self) -> ValueBatch:
         """Cut to the longest row's length, as ``RolloutBatch.trimmed``."""

@@ -47,9 +47,13 @@ def test_grpo_runs_in_both_layouts(ray_cluster, tmp_path, tiny_model_dir, placem
     passk = {"samples": 4} if placement == "split" else {}
     # Split samples at T=0.7: the trainer's and reference's log-probs must be taken at the same T.
     temperature = 0.7 if placement == "split" else 1.0
+    # Split packs its forwards, in micro-batches of at most 40 tokens (several per rank, of ~13-token rows)
+    packing = ({"train": {"max_steps": 2, "micro_batch_size": 8, "lr": 1e-3, "packing": True,
+                          "max_tokens_per_micro_batch": 40}, "data": {"max_prompt_length": 16}}
+               if placement == "split" else {})
     result = run_rl(grpo_config(tmp_path / placement, tiny_model_dir, placement=placement,
                                   grpo={"prompts_per_step": 4, **extra}, eval=passk,
-                                  rollout={"num_workers": 2, "temperature": temperature}))
+                                  rollout={"num_workers": 2, "temperature": temperature}, **packing))
     steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
     assert [r["policy_version"] for r in steps] == [1, 2]
     assert all(REQUIRED <= set(r) for r in steps)
@@ -57,7 +61,8 @@ def test_grpo_runs_in_both_layouts(ray_cluster, tmp_path, tiny_model_dir, placem
         assert all("kl" in r for r in steps)
         # step 1 trains the reference's own weights: zero KL, if both sides use the sampling temperature
         assert steps[0]["kl"] < 1e-6
-    # sampler (vLLM) and trainer (DeepSpeed) agree on the sampled tokens' log-probs after every sync
+    # sampler (vLLM) and trainer (DeepSpeed) agree on the sampled tokens' log-probs after every sync (split:
+    # the trainer's from its packed forward)
     assert all(r["logprob_gap/sampler_trainer"] < 1e-3 for r in steps)
     assert (result.final_model / "model.safetensors").exists()
     evals = [r for r in read_metrics(result.output_dir) if "eval/accuracy" in r]
@@ -113,6 +118,47 @@ def test_post_sync_engine_logprobs_match_trainer(ray_cluster, tiny_model_dir, to
     finally:
         ray.kill(worker)
         trainers.shutdown()
+
+
+def test_a_packed_token_budget_step_on_deepspeed_equals_the_padded_step(ray_cluster, tiny_model_dir, tokenizer):
+    """train.packing on 2 real DeepSpeed ranks: each rank packs its rows, and takes as many micro-batches as
+    the token budget cut (more than the one its DeepSpeed config counts), with the optimizer step at the
+    last. The loss, and the weights after the step, are the padded step's."""
+    from dataclasses import replace
+
+    from rayrl.actors.engine import TrainerSpec
+    from rayrl.data.rollout import RolloutBatch, completion_tokens
+    from rayrl.objectives import PolicyGradientObjective
+    from rayrl.rl import MicroBatching, UpdatePlan, train_on_rollout
+    from rayrl.trainer_group import PolicyTrainerGroup
+
+    prompts = [tokenizer(f"{a}+{a + 7}=")["input_ids"] for a in range(3, 11)]
+    completions = [tokenizer("9" * n)["input_ids"][:n] for n in (1, 12, 3, 9, 2, 14, 5, 7)]
+    tokens, sampler = completion_tokens(prompts, completions, [[0.0] * len(c) for c in completions],
+                                        tokenizer.pad_token_id)
+    batch = RolloutBatch(tokens, torch.linspace(-1, 1, 8), None, sampler, None, torch.zeros(8, dtype=torch.bool))
+    budget = MicroBatching(4, max_tokens=24)
+    rows = torch.arange(8)
+    assert all(len(rank) >= 3 for rank in budget.split(rows, tokens.row_lengths(), 2))
+    spec = TrainerSpec(model_path=tiny_model_dir, world_size=2, micro_batch_size=4, grad_accum_steps=1,
+                       total_steps=2, lr=1e-3, lr_schedule="constant")
+    mask = tokens.loss_mask[:, 1:]
+    results = {}
+    for packing, micro_batching in [(False, MicroBatching(4)), (True, budget)]:
+        group = PolicyTrainerGroup(replace(spec, packing=packing), num_cpus=0.25, num_gpus=0, timeouts=TimeoutConfig())
+        try:
+            before = group.token_logprobs(tokens, micro_batch_size=8)
+            metrics = train_on_rollout(UpdatePlan(1, 1, 8, 2, micro_batching, 0), group, PolicyGradientObjective(),
+                                       batch, 0)
+            results[packing] = (before, metrics, group.token_logprobs(tokens, micro_batch_size=8))
+        finally:
+            group.shutdown()
+    (before, padded, padded_after), (packed_before, packed, packed_after) = results[False], results[True]
+    torch.testing.assert_close(packed_before * mask, before * mask, atol=1e-5, rtol=1e-5)
+    assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-6)
+    assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
+    assert ((padded_after - before).abs() * mask).max() > 1e-3  # the step changed the weights
+    torch.testing.assert_close(packed_after * mask, padded_after * mask, atol=1e-4, rtol=1e-4)
 
 
 def check_sync_guard(trainers, worker, exported, tokenizer):
@@ -264,6 +310,33 @@ def test_grpo_variants_run(ray_cluster, tmp_path, tiny_model_dir, variant):
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     if variant["grpo"].get("dynamic_sampling"):
         assert all("groups/unfilled" in r and "reward/overlong_penalty/mean" in r for r in steps)
+
+
+def test_grpo_with_lora_pushes_only_the_adapter(ray_cluster, tmp_path, tiny_model_dir):
+    """rollout.lora_sync: adapter through the config: the engine serves the base weights and each push
+    carries the LoRA adapter alone; the engine's log-probs of the sampled tokens equal the trainer's after
+    every push (the gap and the sync guard's probe), so the adapter it serves is the trained one."""
+    from pathlib import Path
+
+    from rayrl.rl import run_rl
+
+    rewards = tmp_path / "easy.py"  # varies within groups from the start: the adapter learns from step 1
+    rewards.write_text("def digit_first(prompt, completion, **fields):\n    return float(completion[:1].isdigit())\n")
+    config = grpo_config(tmp_path / "lora", tiny_model_dir, model={"peft": {"method": "lora", "r": 8}},
+                         rewards=[{"fn": f"{rewards}:digit_first", "name": "digit"}],
+                         rollout={"lora_sync": "adapter", "group_size": 8}, grpo={"prompts_per_step": 4}, train={"max_steps": 3, "micro_batch_size": 8, "lr": 1e-2},
+                         trainer={"world_size": 1, "num_cpus": 0.5}, eval={"at_start": False, "every_steps": 0})
+    result = run_rl(config)
+    steps = [r for r in read_metrics(result.output_dir) if "loss" in r]
+    model_bytes = (Path(tiny_model_dir) / "model.safetensors").stat().st_size
+    assert len(steps) == 3
+    assert all(0 < r["sync/bytes"] < model_bytes / 5 for r in steps)
+    assert all(r["logprob_gap/sampler_trainer"] < 1e-3 for r in steps[1:])  # sampled after a push
+    assert steps[-1]["sync/verify_max_abs_diff"] < 1e-3
+    from safetensors.torch import load_file
+
+    adapter = load_file(result.final_model / "adapter" / "adapter_model.safetensors")
+    assert any(name.endswith("lora_B.weight") and tensor.abs().max() > 0 for name, tensor in adapter.items())
 
 
 def test_roles_that_do_not_fit_the_cluster_fail_before_work(ray_cluster, tmp_path, tiny_model_dir):

@@ -142,9 +142,11 @@ def test_ppo_runs_in_both_layouts(ray_cluster, tmp_path, tiny_model_dir, tiny_re
                             rewards=[{"fn": "math_answer", "name": "correct"}],
                             rollout={"mode": "async", "max_staleness": 1}, ppo={"off_policy": "decoupled"})
     else:
-        # adaptive KL as a loss term; a 2-rank LoRA critic started from the reward model; policy on 1 rank
+        # adaptive KL as a loss term; a 2-rank LoRA critic started from the reward model; policy on 1 rank;
+        # packed forwards (policy, reference, critic)
         config = ppo_config(tmp_path / placement, tiny_model_dir, tiny_reward_model, placement=placement,
                             ppo={"kl_in": "loss", "adaptive_kl": True, "kl_target": 0.01, "kl_horizon": 10},
+                            train={"packing": True},
                             critic={"world_size": 2, "num_cpus": 0.2, "init": "reward_model",
                                     "peft": {"method": "lora", "r": 4}},
                             trainer={"world_size": 1, "num_cpus": 0.5}, rollout={"num_workers": 1},

@@ -317,6 +317,61 @@ def test_greedy_after_push_equals_hf_despite_prefix_cache(ray_local, vllm_worker
     assert np.allclose(new.logprobs, ref.numpy(), atol=1e-4, rtol=0)
 
 
+def lora_policy(model_dir, noise_seed):
+    """The tiny model with the trainer's LoRA (r=8, every linear layer), the adapter's weights random."""
+    from rayrl.actors.models import apply_peft
+    from rayrl.config import PeftConfig
+
+    model = apply_peft(hf_model(model_dir), PeftConfig(method="lora", r=8, alpha=16), "causal_lm").eval()
+    gen = torch.Generator().manual_seed(noise_seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def test_lora_adapter_push_serves_the_trainers_adapter(ray_local, tiny_model_dir, long_prompt, prompts):
+    """rollout.lora_sync: adapter. The engine serves the base weights and receives only the adapter, as the
+    trainer exports it (``lora_adapter``): its log-probs then equal the PEFT model's, and before the push
+    they do not. A second adapter replaces the first (same id, loaded in place), and greedy generation of
+    a prompt cached under the first one follows the second (the prefix cache is reset)."""
+    from rayrl.actors.models import lora_adapter
+    from rayrl.weight_sync import tensor_checksums
+
+    worker = ray_local.remote(num_cpus=0)(RolloutWorker).remote(tiny_model_dir, backend="vllm", kv_cache_gib=0.25,
+                                                                 max_model_len=512, lora_rank=8)
+    try:
+        greedy = SamplingSettings(n=1, temperature=0.0, max_new_tokens=12)
+        seqs = [p + [20, 21, 22, 23, 24, 25, 26, 27, 11, 12] for p in prompts]
+        plens = [len(p) for p in prompts]
+        for version, seed in [(1, 4), (2, 5)]:
+            model = lora_policy(tiny_model_dir, seed)
+            refs = [hf_token_logprobs(model, s[:n], s[n:]).numpy() for s, n in zip(seqs, plens)]
+            before = ray_local.get(worker.sequence_logprobs.remote(seqs, plens))
+            assert max(np.abs(np.array(b) - r).max() for b, r in zip(before, refs)) > 1e-2  # the check can fail
+            (cached,) = ray_local.get(worker.generate.remote([long_prompt], greedy))  # fills the prefix cache
+
+            tensors, config = lora_adapter(model, model.state_dict())
+            assert config["r"] == 8 and {name.rpartition(".")[2] for name in config["target_modules"]} >= {
+                "q_proj", "down_proj"}
+            buckets = bucket_state_dict(tensors.items(), bucket_bytes=64 << 10)
+            stats = ray_local.get(worker.update_weights.remote(version, buckets, [tensor_checksums(b) for b in buckets],
+                                                               config))
+            assert stats.version == version and stats.num_buckets == len(buckets) > 1
+            full_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" not in n)
+            assert stats.bytes == sum(t.numel() * 4 for t in tensors.values()) < full_bytes / 5
+
+            after = ray_local.get(worker.sequence_logprobs.remote(seqs, plens))
+            for a, r in zip(after, refs):
+                assert np.allclose(a, r, atol=1e-4, rtol=0)
+            (new,) = ray_local.get(worker.generate.remote([long_prompt], greedy))
+            expected = hf_greedy(model, long_prompt, greedy.max_new_tokens)
+            assert new.token_ids == expected and cached.token_ids != expected and new.policy_version == version
+    finally:
+        ray_local.kill(worker)
+
+
 def test_hf_backend_same_structure_and_matching_logprobs(ray_local, hf_worker, vllm_worker, prompts,
                                                           long_prompt, tiny_model_dir):
     sampling = SamplingSettings(n=8, temperature=1.0, max_new_tokens=16, seed=1234)

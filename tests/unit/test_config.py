@@ -211,6 +211,49 @@ def test_async_rollout_settings_are_checked_before_anything_starts():
         build_config({"algorithm": "ppo", "reward_model": {"path": "rm"}, "rollout": {"mode": "overlap"}})
 
 
+def test_rl_packing_settings():
+    from builtin_configs import build_config
+
+    packed = build_config({"algorithm": "grpo", "train": {"packing": True, "micro_batch_size": 4},
+                           "data": {"max_prompt_length": 20}, "rollout": {"max_new_tokens": 12}})
+    assert packed.max_tokens_per_micro_batch == 4 * (20 + 12)  # micro_batch_size sequences at full length
+    assert build_config({"algorithm": "grpo", "train": {"packing": True, "max_tokens_per_micro_batch": 300}}
+                        ).max_tokens_per_micro_batch == 300
+    assert build_config({"algorithm": "grpo"}).max_tokens_per_micro_batch is None
+    with pytest.raises(ConfigError, match="train.max_tokens_per_micro_batch cuts micro-batches by token count, "
+                                          "which only train.packing: true does"):
+        build_config({"algorithm": "grpo", "train": {"max_tokens_per_micro_batch": 300}})
+    with pytest.raises(ConfigError, match=r"train.max_tokens_per_micro_batch \(100\) is under one sequence's longest "
+                                          r"\(data.max_prompt_length \+ rollout.max_new_tokens = 256\)"):
+        build_config({"algorithm": "ppo", "reward_model": {"path": "rm"}, "data": {"max_prompt_length": 128},
+                      "rollout": {"max_new_tokens": 128}, "train": {"packing": True, "max_tokens_per_micro_batch": 100}})
+
+
+def test_lora_adapter_sync_settings():
+    from builtin_configs import build_config
+
+    from rayrl.config import vllm_max_lora_rank
+
+    lora = {"peft": {"method": "lora", "r": 8}}
+    assert build_config({"algorithm": "grpo", "model": lora, "rollout": {"lora_sync": "adapter"}}).rollout.lora_sync == "adapter"
+    assert build_config({"algorithm": "grpo", "model": lora}).rollout.lora_sync == "merged"
+    with pytest.raises(ConfigError, match="lora_sync: adapter pushes a LoRA adapter, and model.peft.method is None"):
+        build_config({"algorithm": "grpo", "rollout": {"lora_sync": "adapter"}})
+    with pytest.raises(ConfigError, match="model.peft.method is 'dora'"):
+        build_config({"algorithm": "grpo", "model": {"peft": {"method": "dora"}}, "rollout": {"lora_sync": "adapter"}})
+    with pytest.raises(ConfigError, match="lora_sync: adapter needs rollout.backend: vllm"):
+        build_config({"algorithm": "grpo", "model": lora, "rollout": {"lora_sync": "adapter", "backend": "hf"}})
+    with pytest.raises(ConfigError, match="lora_sync: adapter is built for rollout.weight_transport: object_store"):
+        build_config({"algorithm": "grpo", "model": lora, "trainer": {"num_gpus": 1},
+                      "rollout": {"lora_sync": "adapter", "num_gpus": 1}})
+    with pytest.raises(ConfigError, match="cannot swap an adapter under requests in flight"):
+        build_config({"algorithm": "grpo", "model": lora,
+                      "rollout": {"lora_sync": "adapter", "mode": "async", "partial_rollouts": True}})
+    with pytest.raises(ConfigError, match="model.peft.r=1024: vLLM serves LoRA ranks up to 512"):
+        build_config({"algorithm": "grpo", "model": {"peft": {"r": 1024}}, "rollout": {"lora_sync": "adapter"}})
+    assert [vllm_max_lora_rank(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
+
+
 def test_off_policy_correction_settings():
     from builtin_configs import build_config
 

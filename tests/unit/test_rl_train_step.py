@@ -11,7 +11,7 @@ from rayrl.actors.policy_trainer import PolicyTrainer
 from rayrl.algorithms import entropy_from_logits, token_logprobs
 from rayrl.data.rollout import RolloutBatch, completion_tokens
 from rayrl.objectives import PolicyGradientObjective
-from rayrl.rl import UpdatePlan, train_on_rollout
+from rayrl.rl import MicroBatching, UpdatePlan, train_on_rollout
 from rayrl.trainer_group import combine_rank_metrics
 
 VOCAB = 11
@@ -22,16 +22,19 @@ class _Output:
         self.logits = logits
 
 
-class _InProcessEngine:
-    """Stands in for DeepSpeed: forward, and an optimizer step that only accumulates gradients."""
+class InProcessEngine:
+    """Stands in for DeepSpeed: forward, and an optimizer step that only accumulates gradients. An HF
+    model gets every forward input (masks, position ids); a bare module only the ids."""
 
     device = torch.device("cpu")
 
     def __init__(self, model):
         self.model = model
 
-    def forward(self, input_ids, **_):
-        return _Output(self.model(input_ids))
+    def forward(self, input_ids, use_cache=False, **inputs):
+        if isinstance(self.model, torch.nn.Sequential):
+            return _Output(self.model(input_ids))
+        return self.model(input_ids=input_ids, use_cache=use_cache, **inputs)
 
     def optimizer_step(self, micro_batches, loss_fn):
         totals = {"loss": 0.0}
@@ -44,13 +47,15 @@ class _InProcessEngine:
         return {**totals, "grad_norm": 0.0, "lr": 0.0, "peak_rss_mb": 0.0}
 
 
-class _InProcessGroup:
-    def __init__(self, model, world):
+class InProcessGroup:
+    """``world`` policy ranks in this process over one model (their gradients add up in it)."""
+
+    def __init__(self, model, world, packing=False):
         self.ranks = []
         for _ in range(world):
             rank = object.__new__(PolicyTrainer)
-            rank.spec = SimpleNamespace(peft=None, attn_implementation="sdpa")
-            rank.train_engine = _InProcessEngine(model)
+            rank.spec = SimpleNamespace(peft=None, attn_implementation="sdpa", packing=packing)
+            rank.train_engine = InProcessEngine(model)
             self.ranks.append(rank)
 
     def start_policy_gradient_step(self, per_rank, **kwargs):
@@ -74,12 +79,13 @@ def rollout():
 def _step(rollout, world, micro, old_logps, *, overlong_filter, temperature, sampler_logps=None):
     model, tokens, advantages, overlong = rollout
     model.zero_grad()
-    plan = UpdatePlan(epochs=1, mini_batches=1, sequences_per_step=8, world_size=world, micro_batch_size=micro, seed=0)
+    plan = UpdatePlan(epochs=1, mini_batches=1, sequences_per_step=8, world_size=world,
+                      micro_batching=MicroBatching(micro), seed=0)
     objective = PolicyGradientObjective(overlong_filter=overlong_filter, eps_low=0.2, eps_high=0.28,
                                         temperature=temperature)
     sampler_logps = old_logps.clone() if sampler_logps is None else sampler_logps
     batch = RolloutBatch(tokens, advantages, old_logps, sampler_logps, None, overlong)
-    metrics = train_on_rollout(plan, _InProcessGroup(model, world), objective, batch, 0)
+    metrics = train_on_rollout(plan, InProcessGroup(model, world), objective, batch, 0)
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
     return metrics, grad
 
@@ -152,7 +158,9 @@ def test_the_separate_old_log_prob_pass_runs_only_where_it_is_needed():
 
     group = GroupAdvantages(group_size=4, advantage="group", scale="group")
     ppo = object.__new__(GAEAdvantages)  # the class attribute is what is asked
-    plan = UpdatePlan(epochs=1, mini_batches=1, sequences_per_step=8, world_size=1, micro_batch_size=8, seed=0)
+    plan = UpdatePlan(epochs=1, mini_batches=1, sequences_per_step=8, world_size=1, micro_batching=MicroBatching(8),
+                      seed=0)
     assert not needs_old_logprobs(plan, group)
     assert needs_old_logprobs(plan, ppo)  # PPO's KL-penalised rewards read them before the update
-    assert needs_old_logprobs(UpdatePlan(2, 1, 8, 1, 8, 0), group) and needs_old_logprobs(UpdatePlan(1, 2, 4, 1, 4, 0), group)
+    assert needs_old_logprobs(UpdatePlan(2, 1, 8, 1, MicroBatching(8), 0), group)
+    assert needs_old_logprobs(UpdatePlan(1, 2, 4, 1, MicroBatching(4), 0), group)
