@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from recorded import heading, publish  # benchmarks/recorded.py
+
 REPO = Path(__file__).resolve().parents[1]
 PLAN = (("RolloutWorker", signal.SIGKILL), ("Verifier", signal.SIGKILL), ("RolloutWorker", signal.SIGSTOP))
 ROLE = {"RolloutWorker": "rollout", "Verifier": "verifier"}
@@ -151,12 +153,7 @@ def main() -> None:
     lines += ["", f"weight-sync guard per push (undisturbed run): probe check median {statistics.median(verify) * 1e3:.0f} ms "
               f"(push median {statistics.median(sync) * 1e3:.0f} ms); checksums {crc_gb_s:.1f} GB/s on each side "
               f"(Qwen2.5-0.5B in bf16, 0.99 GB: about {0.99 / crc_gb_s:.2f} s per push on the trainer and on each worker)"]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(f"\n## {time.strftime('%Y-%m-%d')}: `python benchmarks/fault_recovery.py --steps {args.steps} "
-                    f"--kill-every {args.kill_every}`\n\n{report}\n")
+    publish(["", heading(), "", *lines], args.out)
 
 
 if __name__ == "__main__":

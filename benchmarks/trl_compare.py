@@ -14,7 +14,9 @@ Workloads: ``tiny`` (the built-in tiny model, 8 prompts x 8 samples x 16 new tok
 (a 29.5M-parameter Llama from ``rayrl init-model --hidden-size 512 --num-layers 8``, 8 x 8 x 64).
 rayrl layouts: ``default`` (no resource keys: the CPU requests fitted to the machine), ``split`` (the
 examples': trainer 1 CPU, rollout 0.5, verifier 0.25) and ``colocated`` (trainer 2 CPUs, rollout and
-verifier 0). Step time is the median over the steps after ``--warmup``.
+verifier 0), and ``colocated-packed`` (the same with ``train.packing: true``: no compute on padding;
+completions end at EOS at mixed lengths even from random weights). Step time is the median over the
+steps after ``--warmup``.
 
 Run:  python benchmarks/trl_compare.py [--steps 8] [--only tiny|larger] [--out benchmarks/results/trl_compare.md]
 """
@@ -43,6 +45,8 @@ LAYOUTS = {
     "split": {"trainer": {"num_cpus": 1}, "rollout": {"num_cpus": 0.5}, "verifier": {"num_cpus": 0.25}},
     "colocated": {"placement": "colocated", "trainer": {"num_cpus": 2}, "rollout": {"num_cpus": 0},
                   "verifier": {"num_cpus": 0}},
+    "colocated-packed": {"placement": "colocated", "trainer": {"num_cpus": 2}, "rollout": {"num_cpus": 0},
+                         "verifier": {"num_cpus": 0}, "train": {"packing": True}},
 }
 PHASES = ("time/generate", "time/reward", "time/reference", "time/train", "time/sync")
 
@@ -111,14 +115,16 @@ def workload(name: str, model: str, group: int, new_tokens: int, args, python: P
         for label in args.layouts:
             started = time.time()
             steps = run_rayrl(model, prompts, work / label, args, group, new_tokens, LAYOUTS[label])[args.warmup:]
-            results[label] = {key: statistics.median(r.get(key, 0.0) for r in steps) for key in ("time/step", *PHASES)}
+            results[label] = {key: statistics.median(r.get(key, 0.0) for r in steps)
+                              for key in ("time/step", *PHASES, "completion/length_mean")}
             print(f"{name} rayrl {label}: {results[label]} ({time.time() - started:.0f} s)", flush=True)
     out += [f"### {name}: {args.prompts_per_step} prompts x {group} samples x <= {new_tokens} new tokens", "",
-            "| run | s per step | TRL / run (>1: faster than TRL) | generate | reward | old/ref log-probs | train | sync |",
-            "|---|---|---|---|---|---|---|---|", f"| TRL {TRL_VERSION} GRPOTrainer | {trl:.3f} | 1.00x | | | | | |"]
+            "| run | s per step | TRL / run (>1: faster than TRL) | generate | reward | old/ref log-probs | train | sync "
+            "| completion tokens (mean) |",
+            "|---|---|---|---|---|---|---|---|---|", f"| TRL {TRL_VERSION} GRPOTrainer | {trl:.3f} | 1.00x | | | | | | |"]
     for label, r in results.items():
         out.append(f"| rayrl, {label} layout | {r['time/step']:.3f} | {trl / r['time/step']:.2f}x | "
-                   + " | ".join(f"{r[key]:.3f}" for key in PHASES) + " |")
+                   + " | ".join(f"{r[key]:.3f}" for key in PHASES) + f" | {r['completion/length_mean']:.1f} |")
     out.append("")
 
 

@@ -65,10 +65,9 @@ class RowPacking:
                 dst_r += [packed_row] * (n - 1)
                 dst_c += range(offset, offset + n - 1)
             rows.append((ids, mask, pos, seg))
-        as_index = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
         # Padding holds token 0: any valid id does, it is attended by nothing and its outputs are dropped.
-        return cls(collate(rows, 0), tuple(source.input_ids.shape), as_index(src_r), as_index(src_c),
-                   as_index(dst_r), as_index(dst_c))
+        src_r, src_c, dst_r, dst_c = (torch.tensor(index, dtype=torch.long) for index in (src_r, src_c, dst_r, dst_c))
+        return cls(collate(rows, 0), tuple(source.input_ids.shape), src_r, src_c, dst_r, dst_c)
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         """(R, W-1, ...) per-position outputs of the packed forward (position t: about token t+1) as
