@@ -18,7 +18,7 @@ from rayrl.actors.engine import TrainerRank, TrainerSpec
 from rayrl.algorithms.ppo import clipped_value_loss
 from rayrl.config import PeftConfig
 from rayrl.data.batch import TokenBatch
-from rayrl.data.packing import RowPacking
+from rayrl.data.packing import forward_maybe_packed
 from rayrl.data.rollout import ValueBatch
 
 
@@ -79,10 +79,10 @@ class Critic(TrainerRank):
 
     def _values(self, tokens: TokenBatch) -> torch.Tensor:
         """(B, T-1): the head's scalar at every position but the last."""
-        packing = RowPacking.of(tokens) if self.spec.packing else None
-        forward = tokens if packing is None else packing.packed
-        values = self.train_engine.forward(**forward.model_inputs(self.train_engine.device)).logits[:, :-1, 0].float()
-        return values if packing is None else packing.unpack(values)
+        def values(forward: TokenBatch) -> tuple[torch.Tensor]:
+            return (self.train_engine.forward(**forward.model_inputs(self.train_engine.device)).logits[:, :-1, 0].float(),)
+
+        return forward_maybe_packed(tokens, self.spec.packing, values)[0]
 
     @torch.no_grad()
     def values(self, micro_batches: list[TokenBatch]) -> list[torch.Tensor]:

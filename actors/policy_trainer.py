@@ -16,12 +16,12 @@ from rayrl.actors.models import load_model, lora_adapter, merged_named_weights, 
 from rayrl.algorithms import entropy_from_logits, sft_loss, token_logprobs
 from rayrl.cuda_transfer import broadcast_buckets, nccl_communicator, pack_bucket, plan_buckets, share_ipc
 from rayrl.data.batch import TokenBatch
-from rayrl.data.packing import RowPacking
+from rayrl.data.packing import forward_maybe_packed
 from rayrl.data.preference import KTOBatch, PreferenceBatch
 from rayrl.data.rollout import RolloutBatch
 from rayrl.objectives import (PolicyGradientObjective, PreferenceObjective, ResponseLogprobs,
                               policy_gradient_objective_loss, preference_loss)
-from rayrl.weight_sync import ExportedWeights, bucket_state_dict, tensor_checksums
+from rayrl.weight_sync import ExportedWeights
 
 __all__ = ["PolicyTrainer", "TrainerSpec"]
 
@@ -65,18 +65,15 @@ class PolicyTrainer(TrainerRank):
         """(B, T-1) log-probs of each next token under ``softmax(logits / temperature)`` and, if asked, the
         (detached) entropy of that distribution at each position. With ``spec.packing`` the forward runs
         on the rows packed (``RowPacking``) and both come back in ``batch``'s own layout."""
-        packing = RowPacking.of(batch) if self.spec.packing and not batch.is_packed else None
-        forward = batch if packing is None else packing.packed
-        logits = self._logits(forward, model)
-        logps = token_logprobs(logits[:, :-1], forward.input_ids.to(logits.device)[:, 1:], temperature=temperature)
-        entropy = None
-        if with_entropy:
+        def outputs(forward: TokenBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+            logits = self._logits(forward, model)
+            logps = token_logprobs(logits[:, :-1], forward.input_ids.to(logits.device)[:, 1:], temperature=temperature)
+            if not with_entropy:
+                return logps, None
             with torch.no_grad():
-                entropy = entropy_from_logits(logits[:, :-1].detach(), temperature=temperature)
-        if packing is not None:
-            logps = packing.unpack(logps)
-            entropy = None if entropy is None else packing.unpack(entropy)
-        return logps, entropy
+                return logps, entropy_from_logits(logits[:, :-1].detach(), temperature=temperature)
+
+        return forward_maybe_packed(batch, self.spec.packing, outputs)
 
     def _logits(self, batch: TokenBatch, model=None) -> torch.Tensor:
         """(B, T, V) logits of the policy (or ``model``), virtual prompt-tuning tokens cut off."""
@@ -200,15 +197,11 @@ class PolicyTrainer(TrainerRank):
         """The policy's full weights (LoRA merged in) as object-store refs of numpy buckets with their
         tensors' checksums, from rank 0 (all ranks must call: ZeRO-3 gathers). Other ranks return
         none."""
-        import ray  # slow import (Ray)
-
         state = self.train_engine.full_state_dict(self.rank)
         exported = ExportedWeights([], [])
         if self.rank == 0:
-            named = merged_named_weights(self.train_engine.module, state, self.spec.peft)
-            for bucket in bucket_state_dict(named, bucket_bytes=bucket_bytes):
-                exported.checksums.append(tensor_checksums(bucket))  # before the put: what was sent
-                exported.refs.append(ray.put(bucket))
+            exported = ExportedWeights.put(merged_named_weights(self.train_engine.module, state, self.spec.peft),
+                                           bucket_bytes)
         self.train_engine.barrier()
         return exported
 
@@ -216,17 +209,13 @@ class PolicyTrainer(TrainerRank):
         """The LoRA adapter alone (``rollout.lora_sync: adapter``) as object-store refs of numpy buckets
         under PEFT's file names, with checksums and the adapter's config, from rank 0 (all ranks must
         call: ZeRO-3 gathers). Other ranks return none."""
-        import ray  # slow import (Ray)
-
-        refs, checksums, adapter_config = [], [], None
+        exported = ExportedWeights([], [])
         with self.train_engine.gathered_state() as state:
             if self.rank == 0:
                 tensors, adapter_config = lora_adapter(self.train_engine.module, state)
-                for bucket in bucket_state_dict(tensors.items(), bucket_bytes=bucket_bytes):
-                    checksums.append(tensor_checksums(bucket))  # before the put: what was sent
-                    refs.append(ray.put(bucket))
+                exported = ExportedWeights.put(tensors.items(), bucket_bytes, adapter_config)
         self.train_engine.barrier()
-        return ExportedWeights(refs, checksums, adapter_config)
+        return exported
 
     # ---- GPU weight transports (rayrl.cuda_transfer) ------------------------------------------
     def _engine_weights(self, state: dict[str, torch.Tensor], bucket_bytes: int, wire_dtype: str | None):

@@ -10,7 +10,7 @@ import torch
 
 from rayrl.algorithms import token_logprobs
 from rayrl.data.batch import TokenBatch
-from rayrl.data.packing import RowPacking
+from rayrl.data.packing import forward_maybe_packed
 
 
 class ReferenceModel:
@@ -29,12 +29,9 @@ class ReferenceModel:
     @torch.no_grad()
     def token_logprobs(self, micro_batches: list[TokenBatch], temperature: float = 1.0) -> list[torch.Tensor]:
         """Per micro-batch, (B, T-1) log-probs of each next token under ``softmax(logits / temperature)``."""
-        out = []
-        for batch in micro_batches:
-            packing = RowPacking.of(batch) if self.packing else None
-            forward = batch if packing is None else packing.packed
+        def logprobs(forward: TokenBatch) -> tuple[torch.Tensor]:
             inputs = forward.model_inputs(self.device)
             logits = self.model(**inputs).logits
-            logps = token_logprobs(logits[:, :-1], inputs["input_ids"][:, 1:], temperature=temperature)
-            out.append((logps if packing is None else packing.unpack(logps)).cpu())
-        return out
+            return (token_logprobs(logits[:, :-1], inputs["input_ids"][:, 1:], temperature=temperature),)
+
+        return [forward_maybe_packed(batch, self.packing, logprobs)[0].cpu() for batch in micro_batches]

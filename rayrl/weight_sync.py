@@ -140,6 +140,19 @@ class ExportedWeights:
     checksums: list[dict[str, int]]
     adapter_config: dict | None = None
 
+    @classmethod
+    def put(cls, named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+            adapter_config: dict | None = None) -> ExportedWeights:
+        """``named_tensors`` in numpy buckets, each checksummed (before the put: what was sent) and put
+        into the object store once."""
+        import ray  # slow: ray
+
+        refs, checksums = [], []
+        for bucket in bucket_state_dict(named_tensors, bucket_bytes=bucket_bytes):
+            checksums.append(tensor_checksums(bucket))
+            refs.append(ray.put(bucket))
+        return cls(refs, checksums, adapter_config)
+
 
 def bucket_nbytes(buckets: Sequence[Mapping[str, np.ndarray]]) -> int:
     return sum(int(a.nbytes) for b in buckets for a in b.values())

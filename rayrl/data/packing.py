@@ -13,6 +13,7 @@ variable-length attention kernel (CPU) attention over a packed row costs its len
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,18 @@ class RowPacking:
         out = values.new_zeros((self.source_shape[0], self.source_shape[1] - 1, *values.shape[2:]))
         return out.index_put((self.source_rows.to(values.device), self.source_columns.to(values.device)),
                              values[index])
+
+
+def forward_maybe_packed(batch: TokenBatch, pack: bool,
+                         forward: Callable[[TokenBatch], tuple[torch.Tensor | None, ...]]
+                         ) -> tuple[torch.Tensor | None, ...]:
+    """``forward``'s per-position outputs ((rows, width - 1, ...) tensors, or None) for ``batch``: run on its
+    rows packed if ``pack`` (and they are not packed already), and put back in ``batch``'s own layout."""
+    packing = RowPacking.of(batch) if pack and not batch.is_packed else None
+    outputs = forward(batch if packing is None else packing.packed)
+    if packing is None:
+        return outputs
+    return tuple(None if output is None else packing.unpack(output) for output in outputs)
 
 
 def balanced_micro_batches(lengths: list[int], world_size: int, max_tokens: int) -> list[list[list[int]]]:
